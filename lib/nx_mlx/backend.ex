@@ -1,0 +1,458 @@
+defmodule NxMlx.Backend do
+  @moduledoc """
+  An `Nx.Backend` that runs on MLX.
+
+      Nx.global_default_backend(NxMlx.Backend)
+      Nx.global_default_backend({NxMlx.Backend, device: :cpu})
+
+  Options: `device: :cpu | :gpu` (default: `NxMlx.default_device/0`).
+
+  ## What runs on MLX
+
+  Creation (`constant`, `from_binary`), read-back (`to_binary`, `inspect`), transfers,
+  `as_type`, `reshape`, `squeeze`, `transpose`, `broadcast`, `dot` on floating-point types
+  (batched too), element-wise `add`, `subtract`, `multiply`, `divide`, `pow` (floats), `min`,
+  `max`, the comparisons, the floating-point unary functions, `abs`, `negate`, `sign`, and the
+  reductions `sum`, `product`, `reduce_max`, `reduce_min`, `all`, `any`.
+
+  ## Fallbacks
+
+  Every other callback runs on `Nx.BinaryBackend`: the inputs are copied off the device, the
+  result is copied back. Each such call emits `[:nx_mlx, :fallback, :start | :stop |
+  :exception]` telemetry with `%{op: name}`, and `config :nx_mlx, fallback: :silent | :warn |
+  :raise` (default `:silent`) makes it silent, log a warning once per op, or raise.
+
+  ## Types
+
+  u8–u64, s8–s64, f16, bf16, f32, f64 (CPU device only in MLX) and c64. Other types raise
+  `ArgumentError`.
+  """
+
+  @behaviour Nx.Backend
+
+  defstruct [:ref, :device]
+
+  alias Nx.Tensor, as: T
+  alias NxMlx.{Runtime, Types}
+
+  @type t :: %__MODULE__{ref: reference(), device: :cpu | :gpu}
+
+  ## Options and devices
+
+  @impl true
+  def init(opts) do
+    Keyword.validate!(opts, [:device])
+
+    case Keyword.get(opts, :device) do
+      nil -> [device: NxMlx.default_device()]
+      device when device in [:cpu, :gpu] -> [device: device]
+      other -> raise ArgumentError, "NxMlx.Backend: unknown device #{inspect(other)}"
+    end
+  end
+
+  defp device_of(opts), do: Keyword.get(opts, :device) || NxMlx.default_device()
+
+  # The device an op on these tensors runs on: the first NxMlx tensor's.
+  defp op_device(tensors) do
+    Enum.find_value(tensors, fn
+      %T{data: %__MODULE__{device: d}} -> d
+      _ -> nil
+    end) || NxMlx.default_device()
+  end
+
+  ## Plumbing: calling the NIF with errors that name the op, shapes and types
+
+  defp call(device, fun, args, op, tensors) do
+    Runtime.call(fun, [Runtime.worker(device) | args], fn -> describe(op, tensors) end)
+  end
+
+  defp describe(op, tensors) do
+    shapes = Enum.map_join(tensors, ", ", &inspect(&1.shape))
+    types = Enum.map_join(tensors, ", ", &inspect(&1.type))
+    "NxMlx.Backend.#{op} failed for shapes #{shapes} and types #{types}"
+  end
+
+  defp wrap(%T{} = out, ref, device), do: %{out | data: %__MODULE__{ref: ref, device: device}}
+
+  # The MLX array of `t` on `device`, copying it there if it lives elsewhere.
+  defp ref!(%T{data: %__MODULE__{ref: ref, device: device}}, device), do: ref
+
+  defp ref!(%T{} = t, device) do
+    %T{data: %__MODULE__{ref: ref}} = backend_transfer_in(t, device)
+    ref
+  end
+
+  defp backend_transfer_in(%T{data: %__MODULE__{}} = t, device) do
+    from_binary(t, to_binary(t, Nx.size(t)), device: device)
+  end
+
+  defp backend_transfer_in(%T{} = t, device) do
+    from_binary(t, Nx.to_binary(t), device: device)
+  end
+
+  # The array of `t` converted to `type` (no-op when it already has it).
+  defp ref_as(%T{type: type} = t, type, device), do: ref!(t, device)
+
+  defp ref_as(%T{} = t, type, device) do
+    call(device, :astype, [ref!(t, device), Types.to_mlx(type)], :as_type, [t])
+  end
+
+  defp check_device_type!(device, type) do
+    if device == :gpu and type == {:f, 64} do
+      raise ArgumentError,
+            "NxMlx.Backend: MLX has no float64 on the GPU; use {:f, 32} or the :cpu device"
+    end
+
+    if type == {:c, 128} do
+      raise ArgumentError, "NxMlx.Backend: MLX has no complex128; use {:c, 64}"
+    end
+  end
+
+  ## Creation
+
+  @impl true
+  def constant(%T{shape: shape, type: type} = out, number, opts) do
+    device = device_of(opts)
+    check_device_type!(device, type)
+
+    if exact_float?(number, type) do
+      ref =
+        call(device, :full, [Tuple.to_list(shape), number / 1, Types.to_mlx(type)], :constant, [
+          out
+        ])
+
+      wrap(out, ref, device)
+    else
+      scalar = Nx.BinaryBackend.constant(%{out | shape: {}, names: []}, number, [])
+      t = from_binary(%{out | shape: {}, names: []}, Nx.to_binary(scalar), device: device)
+      broadcast(out, t, shape, [])
+    end
+  end
+
+  # Numbers that survive the trip through a double exactly (MLX's `full` takes a double).
+  defp exact_float?(n, {kind, _}) when is_integer(n) and kind in [:s, :u],
+    do: abs(n) <= 9_007_199_254_740_992
+
+  defp exact_float?(n, {kind, _}) when is_number(n) and kind in [:f, :bf], do: true
+  defp exact_float?(_, _), do: false
+
+  @impl true
+  def from_binary(%T{shape: shape, type: type} = out, binary, opts) do
+    device = device_of(opts)
+    check_device_type!(device, type)
+    dtype = Types.to_mlx(type)
+    ref = call(device, :from_binary, [binary, Tuple.to_list(shape), dtype], :from_binary, [out])
+    wrap(out, ref, device)
+  end
+
+  ## Read-back and transfers
+
+  @impl true
+  def to_binary(%T{data: %__MODULE__{ref: ref, device: device}, type: {_, bits}} = t, limit) do
+    binary = call(device, :to_binary, [ref], :to_binary, [t])
+    bytes = div(limit * bits, 8)
+    if bytes < byte_size(binary), do: binary_part(binary, 0, bytes), else: binary
+  end
+
+  @impl true
+  def inspect(%T{} = tensor, inspect_opts) do
+    limit = inspect_opts.limit
+    binary = to_binary(tensor, if(limit == :infinity, do: Nx.size(tensor), else: limit + 1))
+    Nx.Backend.inspect(tensor, binary, inspect_opts)
+  end
+
+  @impl true
+  def backend_copy(%T{} = tensor, backend, opts), do: backend_transfer(tensor, backend, opts)
+
+  @impl true
+  def backend_transfer(%T{data: %__MODULE__{device: device}} = tensor, __MODULE__, opts) do
+    case device_of(opts) do
+      ^device -> tensor
+      other -> backend_transfer_in(tensor, other)
+    end
+  end
+
+  def backend_transfer(%T{} = tensor, Nx.Tensor, _opts), do: tensor
+
+  def backend_transfer(%T{} = tensor, backend, opts) do
+    backend.from_binary(tensor, to_binary(tensor, Nx.size(tensor)), opts)
+  end
+
+  @impl true
+  def backend_deallocate(%T{data: %__MODULE__{}}) do
+    # The array is freed (on its worker) when the last reference to it is garbage collected.
+    :ok
+  end
+
+  ## Shape
+
+  @impl true
+  def as_type(%T{type: type} = out, %T{} = t) do
+    device = op_device([t])
+    check_device_type!(device, type)
+    wrap(out, ref_as(t, type, device), device)
+  end
+
+  @impl true
+  def reshape(%T{shape: shape} = out, %T{} = t) do
+    device = op_device([t])
+
+    wrap(
+      out,
+      call(device, :reshape, [ref!(t, device), Tuple.to_list(shape)], :reshape, [t]),
+      device
+    )
+  end
+
+  @impl true
+  def squeeze(out, t, _axes), do: reshape(out, t)
+
+  @impl true
+  def transpose(out, %T{} = t, axes) do
+    device = op_device([t])
+    wrap(out, call(device, :transpose, [ref!(t, device), axes], :transpose, [t]), device)
+  end
+
+  @impl true
+  def broadcast(%T{shape: shape} = out, %T{} = t, shape, axes) do
+    device = op_device([t])
+    # Place t's dimensions at `axes` (size 1 elsewhere), then broadcast.
+    rank = tuple_size(shape)
+    dims = List.duplicate(1, rank)
+
+    dims =
+      t.shape
+      |> Tuple.to_list()
+      |> Enum.zip(axes)
+      |> Enum.reduce(dims, fn {d, axis}, acc -> List.replace_at(acc, axis, d) end)
+
+    ref = ref!(t, device)
+    ref = call(device, :reshape, [ref, dims], :broadcast, [t])
+    wrap(out, call(device, :broadcast_to, [ref, Tuple.to_list(shape)], :broadcast, [t]), device)
+  end
+
+  ## dot
+
+  @impl true
+  def dot(%T{type: {kind, _}} = out, left, c1, b1, right, c2, b2) when kind in [:f, :bf, :c] do
+    device = op_device([left, right])
+    l = ref_as(left, out.type, device)
+    r = ref_as(right, out.type, device)
+
+    ref =
+      if b1 == [] do
+        call(device, :tensordot, [l, r, c1, c2], :dot, [left, right])
+      else
+        batched_dot(device, out, {l, left, c1, b1}, {r, right, c2, b2})
+      end
+
+    wrap(out, ref, device)
+  end
+
+  def dot(out, left, c1, b1, right, c2, b2) do
+    NxMlx.Fallback.run(:dot, [out, left, c1, b1, right, c2, b2], op_device([left, right]))
+  end
+
+  # Batched dot as one matmul: left -> [batch..., free..., contract...] reshaped to
+  # [B, M, K]; right -> [batch..., contract..., free...] reshaped to [B, K, N]. Nx orders the
+  # output as batch, then left's free axes, then right's.
+  defp batched_dot(device, out, {l, left, c1, b1}, {r, right, c2, b2}) do
+    free1 = axes_except(left, c1 ++ b1)
+    free2 = axes_except(right, c2 ++ b2)
+    size = fn t, axes -> Enum.reduce(axes, 1, &(elem(t.shape, &1) * &2)) end
+    b = size.(left, b1)
+    m = size.(left, free1)
+    k = size.(left, c1)
+    n = size.(right, free2)
+    tensors = [left, right]
+
+    l = call(device, :transpose, [l, b1 ++ free1 ++ c1], :dot, tensors)
+    l = call(device, :reshape, [l, [b, m, k]], :dot, tensors)
+    r = call(device, :transpose, [r, b2 ++ c2 ++ free2], :dot, tensors)
+    r = call(device, :reshape, [r, [b, k, n]], :dot, tensors)
+    p = call(device, :matmul, [l, r], :dot, tensors)
+    call(device, :reshape, [p, Tuple.to_list(out.shape)], :dot, tensors)
+  end
+
+  defp axes_except(t, axes), do: Enum.reject(0..(Nx.rank(t) - 1)//1, &(&1 in axes))
+
+  ## Element-wise
+
+  # Nx op => MLX op, for ops whose semantics agree for every type: inputs are cast to the
+  # output type first.
+  @same_type_binary [
+    add: :add,
+    subtract: :subtract,
+    multiply: :multiply,
+    min: :minimum,
+    max: :maximum
+  ]
+
+  for {nx_op, mlx_op} <- @same_type_binary do
+    @impl true
+    def unquote(nx_op)(out, a, b), do: binary_op(out, a, b, unquote(nx_op), unquote(mlx_op))
+  end
+
+  # Defined only for floating-point outputs; integer semantics differ (fallback).
+  @float_binary [divide: :divide, pow: :power, atan2: :arctan2]
+
+  for {nx_op, mlx_op} <- @float_binary do
+    @impl true
+    def unquote(nx_op)(%T{type: {kind, _}} = out, a, b) when kind in [:f, :bf] do
+      binary_op(out, a, b, unquote(nx_op), unquote(mlx_op))
+    end
+
+    def unquote(nx_op)(out, a, b),
+      do: NxMlx.Fallback.run(unquote(nx_op), [out, a, b], op_device([a, b]))
+  end
+
+  @comparisons [
+    equal: :equal,
+    not_equal: :not_equal,
+    greater: :greater,
+    less: :less,
+    greater_equal: :greater_equal,
+    less_equal: :less_equal
+  ]
+
+  for {nx_op, mlx_op} <- @comparisons do
+    @impl true
+    def unquote(nx_op)(out, a, b) do
+      # Compare in the merged input type; Nx returns u8 (MLX returns bool).
+      device = op_device([a, b])
+      type = Nx.Type.merge(a.type, b.type)
+      ar = ref_as(a, type, device)
+      br = ref_as(b, type, device)
+      r = call(device, :binary, [unquote(mlx_op), ar, br], unquote(nx_op), [a, b])
+
+      wrap(
+        out,
+        call(device, :astype, [r, Types.to_mlx(out.type)], unquote(nx_op), [a, b]),
+        device
+      )
+    end
+  end
+
+  defp binary_op(out, a, b, nx_op, mlx_op) do
+    device = op_device([a, b])
+    ar = ref_as(a, out.type, device)
+    br = ref_as(b, out.type, device)
+    wrap(out, call(device, :binary, [mlx_op, ar, br], nx_op, [a, b]), device)
+  end
+
+  @float_unary [
+    exp: :exp,
+    expm1: :expm1,
+    log: :log,
+    log1p: :log1p,
+    sigmoid: :sigmoid,
+    cos: :cos,
+    sin: :sin,
+    tan: :tan,
+    cosh: :cosh,
+    sinh: :sinh,
+    tanh: :tanh,
+    acos: :arccos,
+    asin: :arcsin,
+    atan: :arctan,
+    acosh: :arccosh,
+    asinh: :arcsinh,
+    atanh: :arctanh,
+    sqrt: :sqrt,
+    rsqrt: :rsqrt,
+    erf: :erf,
+    erf_inv: :erfinv
+  ]
+
+  for {nx_op, mlx_op} <- @float_unary do
+    @impl true
+    def unquote(nx_op)(%T{type: {kind, _}} = out, t) when kind in [:f, :bf] do
+      unary_op(out, t, unquote(nx_op), unquote(mlx_op))
+    end
+
+    def unquote(nx_op)(out, t), do: NxMlx.Fallback.run(unquote(nx_op), [out, t], op_device([t]))
+  end
+
+  @any_unary [abs: :abs, negate: :negative, sign: :sign]
+
+  for {nx_op, mlx_op} <- @any_unary do
+    @impl true
+    def unquote(nx_op)(out, t), do: unary_op(out, t, unquote(nx_op), unquote(mlx_op))
+  end
+
+  defp unary_op(out, t, nx_op, mlx_op) do
+    device = op_device([t])
+    r = ref_as(t, out.type, device)
+    wrap(out, call(device, :unary, [mlx_op, r], nx_op, [t]), device)
+  end
+
+  ## Reductions
+
+  for {nx_op, mlx_op} <- [sum: :sum, product: :prod] do
+    @impl true
+    def unquote(nx_op)(out, t, opts),
+      do: reduction(out, t, opts, unquote(nx_op), unquote(mlx_op), true)
+  end
+
+  for {nx_op, mlx_op} <- [reduce_max: :max, reduce_min: :min, all: :all, any: :any] do
+    @impl true
+    def unquote(nx_op)(out, t, opts),
+      do: reduction(out, t, opts, unquote(nx_op), unquote(mlx_op), false)
+  end
+
+  defp reduction(out, t, opts, nx_op, mlx_op, cast_first?) do
+    device = op_device([t])
+    axes = opts[:axes] || Enum.to_list(0..(Nx.rank(t) - 1)//1)
+    keep = Keyword.get(opts, :keep_axes, false)
+    r = if cast_first?, do: ref_as(t, out.type, device), else: ref!(t, device)
+    r = call(device, :reduce, [mlx_op, r, axes, keep], nx_op, [t])
+
+    r =
+      if cast_first?,
+        do: r,
+        else: call(device, :astype, [r, Types.to_mlx(out.type)], nx_op, [t])
+
+    wrap(out, r, device)
+  end
+
+  ## Block
+
+  @impl true
+  def block(struct, _output, args, fun), do: apply(fun, [struct | args])
+
+  ## Everything else runs on Nx.BinaryBackend (see "Fallbacks" above).
+
+  @impl true
+  def to_batched(out, %T{} = t, opts) do
+    NxMlx.Fallback.run(:to_batched, [out, t, opts], op_device([t]))
+  end
+
+  @impl true
+  def eye(out, opts), do: creation_fallback(:eye, [out, []], device_of(opts))
+
+  @impl true
+  def iota(out, axis, opts), do: creation_fallback(:iota, [out, axis, []], device_of(opts))
+
+  defp creation_fallback(op, args, device), do: NxMlx.Fallback.run(op, args, device)
+
+  @impl true
+  def from_pointer(_pointer, _type, _shape, _opts, _keyword) do
+    raise ArgumentError, "NxMlx.Backend.from_pointer is not supported"
+  end
+
+  @impl true
+  def to_pointer(_tensor, _opts) do
+    raise ArgumentError, "NxMlx.Backend.to_pointer is not supported"
+  end
+
+  for {name, arity} <- Nx.Backend.behaviour_info(:callbacks),
+      not Module.defines?(__MODULE__, {name, arity}) do
+    args = Macro.generate_arguments(arity, __MODULE__)
+
+    @impl true
+    def unquote(name)(unquote_splicing(args)) do
+      [_out | inputs] = unquote(args)
+      NxMlx.Fallback.run(unquote(name), unquote(args), op_device(List.flatten(inputs)))
+    end
+  end
+end

@@ -1,0 +1,321 @@
+#include "mlx-bind/cxx/shim.h"
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <dlfcn.h>
+
+#include "mlx-bind/src/ffi.rs.h"
+#include "mlx/mlx.h"
+
+namespace mx = mlx::core;
+
+namespace nxmlx {
+
+namespace {
+
+mx::Dtype to_mx(Dtype d) {
+  switch (d) {
+    case Dtype::Bool: return mx::bool_;
+    case Dtype::U8: return mx::uint8;
+    case Dtype::U16: return mx::uint16;
+    case Dtype::U32: return mx::uint32;
+    case Dtype::U64: return mx::uint64;
+    case Dtype::I8: return mx::int8;
+    case Dtype::I16: return mx::int16;
+    case Dtype::I32: return mx::int32;
+    case Dtype::I64: return mx::int64;
+    case Dtype::F16: return mx::float16;
+    case Dtype::F32: return mx::float32;
+    case Dtype::F64: return mx::float64;
+    case Dtype::BF16: return mx::bfloat16;
+    case Dtype::C64: return mx::complex64;
+  }
+  throw std::invalid_argument("unknown dtype code");
+}
+
+Dtype from_mx(mx::Dtype d) {
+  // Dtype mirrors mx::Dtype::Val in order (checked by a static_assert below).
+  return static_cast<Dtype>(static_cast<int32_t>(d.val()));
+}
+
+static_assert(static_cast<int32_t>(mx::Dtype::Val::complex64) == 13, "Dtype order changed");
+static_assert(static_cast<int32_t>(mx::Dtype::Val::bfloat16) == 12, "Dtype order changed");
+
+mx::Device to_mx(DeviceKind d) {
+  return d == DeviceKind::Gpu ? mx::Device(mx::Device::gpu, 0) : mx::Device(mx::Device::cpu, 0);
+}
+
+mx::Stream to_mx(StreamRef s) {
+  return mx::Stream(s.index, to_mx(s.device));
+}
+
+mx::Shape to_shape(rust::Slice<const int32_t> shape) {
+  return mx::Shape(shape.begin(), shape.end());
+}
+
+std::vector<int> to_ints(rust::Slice<const int32_t> v) {
+  return std::vector<int>(v.begin(), v.end());
+}
+
+std::unique_ptr<array> boxed(array a) {
+  return std::make_unique<array>(std::move(a));
+}
+
+std::string path_of(const void* addr) {
+  Dl_info info;
+  if (addr != nullptr && dladdr(addr, &info) != 0 && info.dli_fname != nullptr) {
+    return info.dli_fname;
+  }
+  return "";
+}
+
+} // namespace
+
+rust::String version() {
+  return rust::String(mx::version());
+}
+
+bool is_available(DeviceKind device) {
+  return mx::is_available(to_mx(device));
+}
+
+StreamRef new_stream(DeviceKind device) {
+  auto d = to_mx(device);
+  // Creating a stream on a device that is not available terminates the process inside MLX.
+  if (!mx::is_available(d)) {
+    throw std::runtime_error(
+        std::string("device ") + (device == DeviceKind::Gpu ? "gpu" : "cpu") +
+        " is not available in this build of MLX");
+  }
+  auto s = mx::new_stream(d);
+  return StreamRef{s.index, device};
+}
+
+void synchronize(StreamRef stream) {
+  mx::synchronize(to_mx(stream));
+}
+
+rust::String library_path() {
+  return rust::String(path_of(reinterpret_cast<const void*>(&mx::version)));
+}
+
+// Which shared object provides `cblas_sgemm` to libmlx. The lookup goes through the handle
+// of the object this shim is linked into, so it follows the same dependency order (breadth
+// first from that object) that the dynamic loader used when it bound libmlx's references.
+rust::String blas_library_path() {
+  std::string self = path_of(reinterpret_cast<const void*>(&blas_library_path));
+  void* handle = dlopen(self.empty() ? nullptr : self.c_str(), RTLD_LAZY | RTLD_NOLOAD);
+  if (handle == nullptr) {
+    handle = dlopen(nullptr, RTLD_LAZY);
+  }
+  void* sym = handle ? dlsym(handle, "cblas_sgemm") : nullptr;
+  std::string path = path_of(sym);
+  if (handle != nullptr) {
+    dlclose(handle);
+  }
+  return rust::String(path);
+}
+
+std::unique_ptr<array> from_bytes(
+    rust::Slice<const uint8_t> data, rust::Slice<const int32_t> shape, Dtype dtype) {
+  auto dt = to_mx(dtype);
+  auto sh = to_shape(shape);
+  size_t count = 1;
+  for (auto d : sh) {
+    if (d < 0) {
+      throw std::invalid_argument("negative dimension in shape");
+    }
+    count *= static_cast<size_t>(d);
+  }
+  if (count * dt.size() != data.size()) {
+    throw std::invalid_argument(
+        "binary of " + std::to_string(data.size()) + " bytes does not match shape of " +
+        std::to_string(count) + " elements of " + std::to_string(dt.size()) + " bytes");
+  }
+  auto buffer = mx::allocator::malloc(data.size());
+  if (data.size() > 0) {
+    std::memcpy(buffer.buffer().raw_ptr(), data.data(), data.size());
+  }
+  return boxed(array(std::move(buffer), std::move(sh), dt));
+}
+
+std::unique_ptr<array> clone_array(const array& a) {
+  return std::make_unique<array>(a);
+}
+
+rust::Vec<int32_t> shape(const array& a) {
+  rust::Vec<int32_t> out;
+  out.reserve(a.ndim());
+  for (auto d : a.shape()) {
+    out.push_back(d);
+  }
+  return out;
+}
+
+Dtype dtype(const array& a) {
+  return from_mx(a.dtype());
+}
+
+size_t nbytes(const array& a) {
+  return a.nbytes();
+}
+
+void eval(const array& a) {
+  mx::eval({a});
+}
+
+void async_eval(const array& a) {
+  mx::async_eval({a});
+}
+
+void copy_to(const array& a, StreamRef s, rust::Slice<uint8_t> out) {
+  if (out.size() != a.nbytes()) {
+    throw std::invalid_argument("output buffer size does not match the array");
+  }
+  array src = a;
+  mx::eval({src});
+  if (!src.flags().row_contiguous) {
+    src = mx::contiguous(src, false, to_mx(s));
+    mx::eval({src});
+  }
+  if (out.size() > 0) {
+    std::memcpy(out.data(), src.data<uint8_t>(), out.size());
+  }
+}
+
+std::unique_ptr<array> full_scalar(
+    rust::Slice<const int32_t> shape, double value, Dtype dtype, StreamRef s) {
+  auto dt = to_mx(dtype);
+  return boxed(mx::full(to_shape(shape), array(value, dt), dt, to_mx(s)));
+}
+
+std::unique_ptr<array> arange(double start, double stop, double step, Dtype dtype, StreamRef s) {
+  return boxed(mx::arange(start, stop, step, to_mx(dtype), to_mx(s)));
+}
+
+std::unique_ptr<array> random_uniform(
+    rust::Slice<const int32_t> shape, Dtype dtype, uint64_t seed, StreamRef s) {
+  auto key = mx::random::key(seed);
+  return boxed(mx::random::uniform(to_shape(shape), to_mx(dtype), key, to_mx(s)));
+}
+
+std::unique_ptr<array> unary(UnaryOp op, const array& a, StreamRef s) {
+  auto st = to_mx(s);
+  switch (op) {
+    case UnaryOp::Abs: return boxed(mx::abs(a, st));
+    case UnaryOp::Ceil: return boxed(mx::ceil(a, st));
+    case UnaryOp::Floor: return boxed(mx::floor(a, st));
+    case UnaryOp::Round: return boxed(mx::round(a, st));
+    case UnaryOp::Negative: return boxed(mx::negative(a, st));
+    case UnaryOp::Sign: return boxed(mx::sign(a, st));
+    case UnaryOp::Exp: return boxed(mx::exp(a, st));
+    case UnaryOp::Expm1: return boxed(mx::expm1(a, st));
+    case UnaryOp::Log: return boxed(mx::log(a, st));
+    case UnaryOp::Log1p: return boxed(mx::log1p(a, st));
+    case UnaryOp::Sqrt: return boxed(mx::sqrt(a, st));
+    case UnaryOp::Rsqrt: return boxed(mx::rsqrt(a, st));
+    case UnaryOp::Sin: return boxed(mx::sin(a, st));
+    case UnaryOp::Cos: return boxed(mx::cos(a, st));
+    case UnaryOp::Tan: return boxed(mx::tan(a, st));
+    case UnaryOp::Asin: return boxed(mx::arcsin(a, st));
+    case UnaryOp::Acos: return boxed(mx::arccos(a, st));
+    case UnaryOp::Atan: return boxed(mx::arctan(a, st));
+    case UnaryOp::Sinh: return boxed(mx::sinh(a, st));
+    case UnaryOp::Cosh: return boxed(mx::cosh(a, st));
+    case UnaryOp::Tanh: return boxed(mx::tanh(a, st));
+    case UnaryOp::Asinh: return boxed(mx::arcsinh(a, st));
+    case UnaryOp::Acosh: return boxed(mx::arccosh(a, st));
+    case UnaryOp::Atanh: return boxed(mx::arctanh(a, st));
+    case UnaryOp::Sigmoid: return boxed(mx::sigmoid(a, st));
+    case UnaryOp::Erf: return boxed(mx::erf(a, st));
+    case UnaryOp::ErfInv: return boxed(mx::erfinv(a, st));
+    case UnaryOp::LogicalNot: return boxed(mx::logical_not(a, st));
+    case UnaryOp::BitwiseNot: return boxed(mx::bitwise_invert(a, st));
+    case UnaryOp::IsNan: return boxed(mx::isnan(a, st));
+    case UnaryOp::IsInf: return boxed(mx::isinf(a, st));
+    case UnaryOp::Real: return boxed(mx::real(a, st));
+    case UnaryOp::Imag: return boxed(mx::imag(a, st));
+    case UnaryOp::Conjugate: return boxed(mx::conjugate(a, st));
+  }
+  throw std::invalid_argument("unknown unary op code");
+}
+
+std::unique_ptr<array> binary(BinaryOp op, const array& a, const array& b, StreamRef s) {
+  auto st = to_mx(s);
+  switch (op) {
+    case BinaryOp::Add: return boxed(mx::add(a, b, st));
+    case BinaryOp::Subtract: return boxed(mx::subtract(a, b, st));
+    case BinaryOp::Multiply: return boxed(mx::multiply(a, b, st));
+    case BinaryOp::Divide: return boxed(mx::divide(a, b, st));
+    case BinaryOp::FloorDivide: return boxed(mx::floor_divide(a, b, st));
+    case BinaryOp::Remainder: return boxed(mx::remainder(a, b, st));
+    case BinaryOp::Power: return boxed(mx::power(a, b, st));
+    case BinaryOp::Maximum: return boxed(mx::maximum(a, b, st));
+    case BinaryOp::Minimum: return boxed(mx::minimum(a, b, st));
+    case BinaryOp::Atan2: return boxed(mx::arctan2(a, b, st));
+    case BinaryOp::Equal: return boxed(mx::equal(a, b, st));
+    case BinaryOp::NotEqual: return boxed(mx::not_equal(a, b, st));
+    case BinaryOp::Less: return boxed(mx::less(a, b, st));
+    case BinaryOp::LessEqual: return boxed(mx::less_equal(a, b, st));
+    case BinaryOp::Greater: return boxed(mx::greater(a, b, st));
+    case BinaryOp::GreaterEqual: return boxed(mx::greater_equal(a, b, st));
+    case BinaryOp::LogicalAnd: return boxed(mx::logical_and(a, b, st));
+    case BinaryOp::LogicalOr: return boxed(mx::logical_or(a, b, st));
+    case BinaryOp::BitwiseAnd: return boxed(mx::bitwise_and(a, b, st));
+    case BinaryOp::BitwiseOr: return boxed(mx::bitwise_or(a, b, st));
+    case BinaryOp::BitwiseXor: return boxed(mx::bitwise_xor(a, b, st));
+    case BinaryOp::LeftShift: return boxed(mx::left_shift(a, b, st));
+    case BinaryOp::RightShift: return boxed(mx::right_shift(a, b, st));
+  }
+  throw std::invalid_argument("unknown binary op code");
+}
+
+std::unique_ptr<array> reduce(
+    ReduceOp op, const array& a, rust::Slice<const int32_t> axes, bool keep_dims, StreamRef s) {
+  auto st = to_mx(s);
+  auto ax = to_ints(axes);
+  switch (op) {
+    case ReduceOp::Sum: return boxed(mx::sum(a, ax, keep_dims, st));
+    case ReduceOp::Prod: return boxed(mx::prod(a, ax, keep_dims, st));
+    case ReduceOp::Max: return boxed(mx::max(a, ax, keep_dims, st));
+    case ReduceOp::Min: return boxed(mx::min(a, ax, keep_dims, st));
+    case ReduceOp::All: return boxed(mx::all(a, ax, keep_dims, st));
+    case ReduceOp::Any: return boxed(mx::any(a, ax, keep_dims, st));
+    case ReduceOp::Mean: return boxed(mx::mean(a, ax, keep_dims, st));
+  }
+  throw std::invalid_argument("unknown reduce op code");
+}
+
+std::unique_ptr<array> astype(const array& a, Dtype dtype, StreamRef s) {
+  return boxed(mx::astype(a, to_mx(dtype), to_mx(s)));
+}
+
+std::unique_ptr<array> reshape(const array& a, rust::Slice<const int32_t> shape, StreamRef s) {
+  return boxed(mx::reshape(a, to_shape(shape), to_mx(s)));
+}
+
+std::unique_ptr<array> transpose(const array& a, rust::Slice<const int32_t> axes, StreamRef s) {
+  return boxed(mx::transpose(a, to_ints(axes), to_mx(s)));
+}
+
+std::unique_ptr<array> broadcast_to(const array& a, rust::Slice<const int32_t> shape, StreamRef s) {
+  return boxed(mx::broadcast_to(a, to_shape(shape), to_mx(s)));
+}
+
+std::unique_ptr<array> matmul(const array& a, const array& b, StreamRef s) {
+  return boxed(mx::matmul(a, b, to_mx(s)));
+}
+
+std::unique_ptr<array> tensordot(
+    const array& a,
+    const array& b,
+    rust::Slice<const int32_t> axes_a,
+    rust::Slice<const int32_t> axes_b,
+    StreamRef s) {
+  return boxed(mx::tensordot(a, b, to_ints(axes_a), to_ints(axes_b), to_mx(s)));
+}
+
+} // namespace nxmlx

@@ -1,0 +1,61 @@
+// C++ side of the binding: thin functions over mlx::core with the stream as the last argument.
+// Exceptions thrown by MLX propagate to cxx, which turns them into Rust `Err`s.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "mlx/array.h"
+#include "rust/cxx.h"
+
+namespace nxmlx {
+
+enum class Dtype : int32_t;
+enum class DeviceKind : int32_t;
+enum class UnaryOp : int32_t;
+enum class BinaryOp : int32_t;
+enum class ReduceOp : int32_t;
+struct StreamRef;
+
+using mlx::core::array;
+
+rust::String version();
+bool is_available(DeviceKind device);
+StreamRef new_stream(DeviceKind device);
+void synchronize(StreamRef stream);
+rust::String library_path();
+rust::String blas_library_path();
+
+std::unique_ptr<array> from_bytes(
+    rust::Slice<const uint8_t> data, rust::Slice<const int32_t> shape, Dtype dtype);
+std::unique_ptr<array> clone_array(const array& a);
+rust::Vec<int32_t> shape(const array& a);
+Dtype dtype(const array& a);
+size_t nbytes(const array& a);
+void eval(const array& a);
+void async_eval(const array& a);
+void copy_to(const array& a, StreamRef s, rust::Slice<uint8_t> out);
+
+std::unique_ptr<array> full_scalar(
+    rust::Slice<const int32_t> shape, double value, Dtype dtype, StreamRef s);
+std::unique_ptr<array> arange(double start, double stop, double step, Dtype dtype, StreamRef s);
+std::unique_ptr<array> random_uniform(
+    rust::Slice<const int32_t> shape, Dtype dtype, uint64_t seed, StreamRef s);
+
+std::unique_ptr<array> unary(UnaryOp op, const array& a, StreamRef s);
+std::unique_ptr<array> binary(BinaryOp op, const array& a, const array& b, StreamRef s);
+std::unique_ptr<array> reduce(
+    ReduceOp op, const array& a, rust::Slice<const int32_t> axes, bool keep_dims, StreamRef s);
+std::unique_ptr<array> astype(const array& a, Dtype dtype, StreamRef s);
+std::unique_ptr<array> reshape(const array& a, rust::Slice<const int32_t> shape, StreamRef s);
+std::unique_ptr<array> transpose(const array& a, rust::Slice<const int32_t> axes, StreamRef s);
+std::unique_ptr<array> broadcast_to(const array& a, rust::Slice<const int32_t> shape, StreamRef s);
+std::unique_ptr<array> matmul(const array& a, const array& b, StreamRef s);
+std::unique_ptr<array> tensordot(
+    const array& a,
+    const array& b,
+    rust::Slice<const int32_t> axes_a,
+    rust::Slice<const int32_t> axes_b,
+    StreamRef s);
+
+} // namespace nxmlx

@@ -1,0 +1,191 @@
+//! The cxx bridge: the only place that names C++ items. Everything here is re-exported in a
+//! safe shape by the rest of the crate; callers never touch `ffi` directly.
+
+#[cxx::bridge(namespace = "nxmlx")]
+pub(crate) mod bridge {
+    /// Mirrors `mlx::core::Dtype::Val`, in the same order.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    #[repr(i32)]
+    enum Dtype {
+        Bool,
+        U8,
+        U16,
+        U32,
+        U64,
+        I8,
+        I16,
+        I32,
+        I64,
+        F16,
+        F32,
+        F64,
+        BF16,
+        C64,
+    }
+
+    /// Mirrors `mlx::core::Device::DeviceType`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    #[repr(i32)]
+    enum DeviceKind {
+        Cpu,
+        Gpu,
+    }
+
+    /// A plain copy of `mlx::core::Stream` (an index and a device).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    struct StreamRef {
+        index: i32,
+        device: DeviceKind,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    #[repr(i32)]
+    enum UnaryOp {
+        Abs,
+        Ceil,
+        Floor,
+        Round,
+        Negative,
+        Sign,
+        Exp,
+        Expm1,
+        Log,
+        Log1p,
+        Sqrt,
+        Rsqrt,
+        Sin,
+        Cos,
+        Tan,
+        Asin,
+        Acos,
+        Atan,
+        Sinh,
+        Cosh,
+        Tanh,
+        Asinh,
+        Acosh,
+        Atanh,
+        Sigmoid,
+        Erf,
+        ErfInv,
+        LogicalNot,
+        BitwiseNot,
+        IsNan,
+        IsInf,
+        Real,
+        Imag,
+        Conjugate,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    #[repr(i32)]
+    enum BinaryOp {
+        Add,
+        Subtract,
+        Multiply,
+        Divide,
+        FloorDivide,
+        Remainder,
+        Power,
+        Maximum,
+        Minimum,
+        Atan2,
+        Equal,
+        NotEqual,
+        Less,
+        LessEqual,
+        Greater,
+        GreaterEqual,
+        LogicalAnd,
+        LogicalOr,
+        BitwiseAnd,
+        BitwiseOr,
+        BitwiseXor,
+        LeftShift,
+        RightShift,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    #[repr(i32)]
+    enum ReduceOp {
+        Sum,
+        Prod,
+        Max,
+        Min,
+        All,
+        Any,
+        Mean,
+    }
+
+    unsafe extern "C++" {
+        include!("mlx-bind/cxx/shim.h");
+
+        #[namespace = "mlx::core"]
+        #[cxx_name = "array"]
+        type Array;
+
+        fn version() -> String;
+        fn is_available(device: DeviceKind) -> bool;
+        fn new_stream(device: DeviceKind) -> Result<StreamRef>;
+        fn synchronize(stream: StreamRef) -> Result<()>;
+        fn library_path() -> String;
+        fn blas_library_path() -> String;
+
+        fn from_bytes(data: &[u8], shape: &[i32], dtype: Dtype) -> Result<UniquePtr<Array>>;
+        fn clone_array(a: &Array) -> UniquePtr<Array>;
+        fn shape(a: &Array) -> Vec<i32>;
+        fn dtype(a: &Array) -> Dtype;
+        fn nbytes(a: &Array) -> usize;
+        fn eval(a: &Array) -> Result<()>;
+        fn async_eval(a: &Array) -> Result<()>;
+        fn copy_to(a: &Array, stream: StreamRef, out: &mut [u8]) -> Result<()>;
+
+        fn full_scalar(
+            shape: &[i32],
+            value: f64,
+            dtype: Dtype,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+        fn arange(
+            start: f64,
+            stop: f64,
+            step: f64,
+            dtype: Dtype,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+        fn random_uniform(
+            shape: &[i32],
+            dtype: Dtype,
+            seed: u64,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+
+        fn unary(op: UnaryOp, a: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn binary(op: BinaryOp, a: &Array, b: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn reduce(
+            op: ReduceOp,
+            a: &Array,
+            axes: &[i32],
+            keep_dims: bool,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+        fn astype(a: &Array, dtype: Dtype, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn reshape(a: &Array, shape: &[i32], s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn transpose(a: &Array, axes: &[i32], s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn broadcast_to(a: &Array, shape: &[i32], s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn matmul(a: &Array, b: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn tensordot(
+            a: &Array,
+            b: &Array,
+            axes_a: &[i32],
+            axes_b: &[i32],
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+    }
+}
+
+// SAFETY: an `mlx::core::array` is a handle around a `shared_ptr` to its descriptor; copying and
+// dropping handles is thread safe. Evaluation, which mutates descriptors, is confined by the
+// callers of this crate to the thread that owns the array's stream (see the crate docs).
+unsafe impl Send for bridge::Array {}
+unsafe impl Sync for bridge::Array {}

@@ -1,0 +1,286 @@
+//! A safe Rust binding over MLX's C++ API (`mlx::core`), through the `cxx` crate.
+//!
+//! Why not mlx-rs / mlx-sys: every mlx-sys release links `framework=Foundation`
+//! unconditionally (rejected off Apple) and builds MLX from a GitHub checkout, so it cannot be
+//! used on Linux. This crate instead compiles a small C++ shim against the headers of a
+//! provisioned libmlx (`MLX_DIR`) and links that library.
+//!
+//! Shape of the API (mirrors `mlx/ops.h`): one function per op, the [`Stream`] as the last
+//! argument, every fallible call returning [`Result`]. C++ exceptions thrown by MLX become
+//! [`Error`]s; nothing here panics on bad input.
+//!
+//! Threading: since MLX 0.32 a stream may only be *evaluated* on the thread that created it.
+//! Callers must create a [`Stream`] and evaluate arrays built on it from the same thread. Array
+//! handles themselves may be moved and dropped on any thread.
+//!
+//! This crate knows nothing of the BEAM.
+
+mod ffi;
+
+pub use ffi::bridge::{BinaryOp, DeviceKind, Dtype, ReduceOp, UnaryOp};
+
+use cxx::UniquePtr;
+use ffi::bridge;
+
+/// An error raised by MLX (a C++ exception) or by argument checks in this crate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    pub message: String,
+}
+
+impl From<cxx::Exception> for Error {
+    fn from(e: cxx::Exception) -> Self {
+        Error {
+            message: e.what().to_string(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The MLX version string of the loaded libmlx, e.g. `"0.32.4"`.
+pub fn version() -> String {
+    bridge::version()
+}
+
+/// Whether MLX in this process can run on `device`.
+pub fn is_available(device: DeviceKind) -> bool {
+    bridge::is_available(device)
+}
+
+/// The path of the loaded libmlx shared library.
+pub fn library_path() -> String {
+    bridge::library_path()
+}
+
+/// The path of the shared library that provides `cblas_sgemm` to libmlx (empty when none is
+/// visible, e.g. on macOS where Accelerate is linked inside libmlx).
+pub fn blas_library_path() -> String {
+    bridge::blas_library_path()
+}
+
+/// The BLAS the crate was linked for: `"openblas"`, `"reference"` or `"system"`.
+pub const LINKED_BLAS: &str = env!("MLX_BIND_BLAS");
+
+/// The folder of the libmlx the crate was linked against.
+pub const LINKED_LIB_DIR: &str = env!("MLX_BIND_LIB_DIR");
+
+impl DeviceKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Gpu => "gpu",
+            _ => "cpu",
+        }
+    }
+}
+
+impl Dtype {
+    /// Size of one element in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::Bool | Dtype::U8 | Dtype::I8 => 1,
+            Dtype::U16 | Dtype::I16 | Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::U32 | Dtype::I32 | Dtype::F32 => 4,
+            _ => 8,
+        }
+    }
+}
+
+/// An MLX stream: a queue of work on one device. Evaluate only on the creating thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Stream(bridge::StreamRef);
+
+impl Stream {
+    /// A new stream on `device`. Fails (instead of terminating the process, as MLX would) when
+    /// the device is not available.
+    pub fn new(device: DeviceKind) -> Result<Stream> {
+        Ok(Stream(bridge::new_stream(device)?))
+    }
+
+    pub fn device(&self) -> DeviceKind {
+        self.0.device
+    }
+
+    pub fn index(&self) -> i32 {
+        self.0.index
+    }
+
+    /// Blocks until every operation queued on this stream has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(bridge::synchronize(self.0)?)
+    }
+}
+
+/// An MLX array handle (lazy until evaluated).
+pub struct Array(UniquePtr<bridge::Array>);
+
+impl Clone for Array {
+    fn clone(&self) -> Self {
+        Array(bridge::clone_array(self.inner()))
+    }
+}
+
+impl std::fmt::Debug for Array {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Array({:?}, {:?})", self.dtype(), self.shape())
+    }
+}
+
+fn wrap(r: std::result::Result<UniquePtr<bridge::Array>, cxx::Exception>) -> Result<Array> {
+    match r {
+        Ok(p) if !p.is_null() => Ok(Array(p)),
+        Ok(_) => Err(Error {
+            message: "MLX returned no array".to_string(),
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn check_shape(shape: &[i64]) -> Result<Vec<i32>> {
+    shape
+        .iter()
+        .map(|&d| {
+            i32::try_from(d)
+                .ok()
+                .filter(|d| *d >= 0)
+                .ok_or_else(|| Error {
+                    message: format!("dimension {d} is out of MLX's range (0..2^31)"),
+                })
+        })
+        .collect()
+}
+
+fn check_axes(axes: &[i64]) -> Result<Vec<i32>> {
+    axes.iter()
+        .map(|&a| {
+            i32::try_from(a).map_err(|_| Error {
+                message: format!("axis {a} is out of range"),
+            })
+        })
+        .collect()
+}
+
+impl Array {
+    fn inner(&self) -> &bridge::Array {
+        // A `UniquePtr` built by `wrap` is never null.
+        self.0.as_ref().expect("non-null array")
+    }
+
+    /// An array holding a copy of `data`, laid out row-major with `shape` and `dtype`.
+    pub fn from_bytes(data: &[u8], shape: &[i64], dtype: Dtype) -> Result<Array> {
+        let shape = check_shape(shape)?;
+        wrap(bridge::from_bytes(data, &shape, dtype))
+    }
+
+    pub fn shape(&self) -> Vec<i64> {
+        bridge::shape(self.inner())
+            .into_iter()
+            .map(i64::from)
+            .collect()
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        bridge::dtype(self.inner())
+    }
+
+    pub fn nbytes(&self) -> usize {
+        bridge::nbytes(self.inner())
+    }
+
+    /// Evaluates the array (and its lazy inputs) and waits for the result.
+    pub fn eval(&self) -> Result<()> {
+        Ok(bridge::eval(self.inner())?)
+    }
+
+    /// Starts evaluating the array without waiting.
+    pub fn async_eval(&self) -> Result<()> {
+        Ok(bridge::async_eval(self.inner())?)
+    }
+
+    /// Evaluates the array and copies its elements, row-major, into `out` (which must hold
+    /// exactly [`Array::nbytes`] bytes). A non-contiguous result is made contiguous on `stream`.
+    pub fn copy_to(&self, stream: &Stream, out: &mut [u8]) -> Result<()> {
+        Ok(bridge::copy_to(self.inner(), stream.0, out)?)
+    }
+
+    /// Evaluates the array and returns its elements as bytes, row-major.
+    pub fn to_bytes(&self, stream: &Stream) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.nbytes()];
+        self.copy_to(stream, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// An array of `shape` filled with `value` converted to `dtype`.
+pub fn full(shape: &[i64], value: f64, dtype: Dtype, s: &Stream) -> Result<Array> {
+    let shape = check_shape(shape)?;
+    wrap(bridge::full_scalar(&shape, value, dtype, s.0))
+}
+
+/// `[start, stop)` by `step`, as `dtype`.
+pub fn arange(start: f64, stop: f64, step: f64, dtype: Dtype, s: &Stream) -> Result<Array> {
+    wrap(bridge::arange(start, stop, step, dtype, s.0))
+}
+
+/// Uniform samples in `[0, 1)` from MLX's counter-based generator keyed by `seed`.
+pub fn random_uniform(shape: &[i64], dtype: Dtype, seed: u64, s: &Stream) -> Result<Array> {
+    let shape = check_shape(shape)?;
+    wrap(bridge::random_uniform(&shape, dtype, seed, s.0))
+}
+
+pub fn unary(op: UnaryOp, a: &Array, s: &Stream) -> Result<Array> {
+    wrap(bridge::unary(op, a.inner(), s.0))
+}
+
+pub fn binary(op: BinaryOp, a: &Array, b: &Array, s: &Stream) -> Result<Array> {
+    wrap(bridge::binary(op, a.inner(), b.inner(), s.0))
+}
+
+/// Reduces `a` over `axes` (all of them: pass every axis; an empty list reduces nothing).
+pub fn reduce(op: ReduceOp, a: &Array, axes: &[i64], keep_dims: bool, s: &Stream) -> Result<Array> {
+    let axes = check_axes(axes)?;
+    wrap(bridge::reduce(op, a.inner(), &axes, keep_dims, s.0))
+}
+
+pub fn astype(a: &Array, dtype: Dtype, s: &Stream) -> Result<Array> {
+    wrap(bridge::astype(a.inner(), dtype, s.0))
+}
+
+pub fn reshape(a: &Array, shape: &[i64], s: &Stream) -> Result<Array> {
+    let shape = check_shape(shape)?;
+    wrap(bridge::reshape(a.inner(), &shape, s.0))
+}
+
+pub fn transpose(a: &Array, axes: &[i64], s: &Stream) -> Result<Array> {
+    let axes = check_axes(axes)?;
+    wrap(bridge::transpose(a.inner(), &axes, s.0))
+}
+
+pub fn broadcast_to(a: &Array, shape: &[i64], s: &Stream) -> Result<Array> {
+    let shape = check_shape(shape)?;
+    wrap(bridge::broadcast_to(a.inner(), &shape, s.0))
+}
+
+pub fn matmul(a: &Array, b: &Array, s: &Stream) -> Result<Array> {
+    wrap(bridge::matmul(a.inner(), b.inner(), s.0))
+}
+
+/// Contracts `axes_a` of `a` with `axes_b` of `b`; the result has `a`'s free axes, then `b`'s.
+pub fn tensordot(
+    a: &Array,
+    b: &Array,
+    axes_a: &[i64],
+    axes_b: &[i64],
+    s: &Stream,
+) -> Result<Array> {
+    let axes_a = check_axes(axes_a)?;
+    let axes_b = check_axes(axes_b)?;
+    wrap(bridge::tensordot(
+        a.inner(),
+        b.inner(),
+        &axes_a,
+        &axes_b,
+        s.0,
+    ))
+}

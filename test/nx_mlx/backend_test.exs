@@ -1,0 +1,214 @@
+defmodule NxMlx.BackendTest do
+  use ExUnit.Case, async: true
+
+  @mlx {NxMlx.Backend, device: :cpu}
+
+  defp mlx(data, opts \\ []), do: Nx.tensor(data, Keyword.put(opts, :backend, @mlx))
+  defp ref(data, opts \\ []), do: Nx.tensor(data, Keyword.put(opts, :backend, Nx.BinaryBackend))
+
+  describe "the first end-to-end computation" do
+    test "dot |> add |> sum gives Nx's answer" do
+      t = mlx([[1.0, 2.0], [3.0, 4.0]])
+      r = t |> Nx.dot(t) |> Nx.add(1) |> Nx.sum()
+      assert %NxMlx.Backend{device: :cpu} = r.data
+
+      b = ref([[1.0, 2.0], [3.0, 4.0]])
+      expected = b |> Nx.dot(b) |> Nx.add(1) |> Nx.sum()
+      assert Nx.to_binary(r) == Nx.to_binary(expected)
+      assert Nx.to_number(r) == 58.0
+    end
+
+    test "inspect prints like the reference backend" do
+      t = mlx([[1.0, 2.0], [3.0, 4.0]])
+      r = Nx.dot(t, t)
+      b = ref([[1.0, 2.0], [3.0, 4.0]])
+      assert inspect(r) == inspect(Nx.dot(b, b))
+
+      assert inspect(mlx([1, 2, 3], type: :s64, names: [:x])) ==
+               inspect(ref([1, 2, 3], type: :s64, names: [:x]))
+
+      assert inspect(Nx.iota({100}, backend: @mlx)) == inspect(Nx.iota({100}))
+    end
+
+    test "to_binary honours a limit" do
+      t = mlx([1, 2, 3, 4], type: :s32)
+      assert Nx.to_binary(t, limit: 2) == <<1::32-native, 2::32-native>>
+    end
+
+    test "work runs on a worker thread, not on the calling scheduler" do
+      worker = NxMlx.Runtime.worker(:cpu)
+      %{id: id, device: :cpu} = NxMlx.Native.worker_info(worker)
+      assert id > 0
+
+      seen =
+        NxMlx.Runtime.call(:current_worker_id, [worker], fn -> "current_worker_id" end)
+
+      assert seen == id
+    end
+  end
+
+  describe "native ops match Nx.BinaryBackend" do
+    test "element-wise with broadcasting and type promotion" do
+      a = [[1, -2, 3], [4, 5, -6]]
+      b = [0.5, -1.5, 2.0]
+
+      for op <- [:add, :subtract, :multiply, :divide, :min, :max] do
+        got = apply(Nx, op, [mlx(a), mlx(b)])
+        want = apply(Nx, op, [ref(a), ref(b)])
+        assert got.type == want.type, "#{op}"
+        assert Nx.to_binary(got) == Nx.to_binary(want), "#{op}"
+      end
+    end
+
+    test "comparisons return u8" do
+      for op <- [:equal, :not_equal, :less, :less_equal, :greater, :greater_equal] do
+        got = apply(Nx, op, [mlx([1, 2, 3]), mlx([3, 2, 1])])
+        want = apply(Nx, op, [ref([1, 2, 3]), ref([3, 2, 1])])
+        assert got.type == {:u, 8}
+        assert Nx.to_binary(got) == Nx.to_binary(want), "#{op}"
+      end
+    end
+
+    test "unary float functions within tolerance" do
+      x = [0.1, 0.5, 0.9]
+
+      for op <- [:exp, :log, :sin, :cos, :tanh, :sqrt, :sigmoid, :erf, :atan] do
+        got = apply(Nx, op, [mlx(x)])
+        want = apply(Nx, op, [ref(x)])
+
+        assert Nx.all_close(Nx.backend_copy(got, Nx.BinaryBackend), want, atol: 1.0e-6)
+               |> Nx.to_number() == 1,
+               "#{op}"
+      end
+    end
+
+    test "reductions with axes and keep_axes" do
+      data = [[[1, 2], [3, 4]], [[5, 6], [7, 8]]]
+
+      for op <- [:sum, :product, :reduce_max, :reduce_min, :all, :any],
+          opts <- [[], [axes: [0]], [axes: [1, 2]], [axes: [-1], keep_axes: true]] do
+        got = apply(Nx, op, [mlx(data), opts])
+        want = apply(Nx, op, [ref(data), opts])
+        assert got.shape == want.shape and got.type == want.type, "#{op} #{inspect(opts)}"
+        assert Nx.to_binary(got) == Nx.to_binary(want), "#{op} #{inspect(opts)}"
+      end
+    end
+
+    test "batched dot, transpose, reshape, broadcast" do
+      l = Nx.iota({2, 3, 4}, type: :f32)
+      r = Nx.iota({2, 4, 5}, type: :f32)
+      want = Nx.dot(l, [2], [0], r, [1], [0])
+      got = Nx.dot(Nx.backend_copy(l, @mlx), [2], [0], Nx.backend_copy(r, @mlx), [1], [0])
+      assert got.shape == {2, 3, 5}
+      assert Nx.to_binary(got) == Nx.to_binary(want)
+
+      t = Nx.iota({2, 3}, backend: @mlx)
+      assert Nx.to_binary(Nx.transpose(t)) == Nx.to_binary(Nx.transpose(Nx.iota({2, 3})))
+      assert Nx.to_binary(Nx.reshape(t, {3, 2})) == Nx.to_binary(Nx.iota({3, 2}))
+
+      assert Nx.to_binary(Nx.broadcast(mlx([1, 2, 3]), {2, 3})) ==
+               Nx.to_binary(Nx.broadcast(ref([1, 2, 3]), {2, 3}))
+
+      assert Nx.to_binary(Nx.broadcast(mlx([1, 2]), {2, 3}, axes: [0])) ==
+               Nx.to_binary(Nx.broadcast(ref([1, 2]), {2, 3}, axes: [0]))
+    end
+
+    test "constants and types round-trip" do
+      for type <- [:u8, :u16, :u32, :u64, :s8, :s16, :s32, :s64, :f16, :bf16, :f32, :f64] do
+        got = Nx.broadcast(Nx.tensor(7, type: type, backend: @mlx), {3})
+        assert got.type == Nx.Type.normalize!(type)
+        assert Nx.to_binary(got) == Nx.to_binary(Nx.broadcast(Nx.tensor(7, type: type), {3}))
+      end
+
+      big = 2 ** 62 + 1
+      assert Nx.to_number(Nx.tensor(big, type: :s64, backend: @mlx)) == big
+    end
+
+    test "transfers between backends" do
+      t = mlx([1.5, 2.5])
+      b = Nx.backend_transfer(t, Nx.BinaryBackend)
+      assert %Nx.BinaryBackend{} = b.data
+      assert Nx.to_binary(b) == Nx.to_binary(ref([1.5, 2.5]))
+      assert Nx.to_binary(Nx.backend_copy(b, @mlx)) == Nx.to_binary(b)
+    end
+  end
+
+  describe "errors" do
+    test "a shape mismatch inside the backend raises ArgumentError naming op and shapes" do
+      a = mlx([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+      b = mlx([1.0, 2.0, 3.0, 4.0])
+      out = Nx.template({2, 3}, :f32)
+
+      error = assert_raise ArgumentError, fn -> NxMlx.Backend.add(out, a, b) end
+      assert error.message =~ "add"
+      assert error.message =~ "{2, 3}"
+      assert error.message =~ "{4}"
+
+      # The VM and the worker live on.
+      assert Nx.to_number(Nx.sum(mlx([1, 2, 3]))) == 6
+    end
+
+    test "unsupported types raise ArgumentError" do
+      assert_raise ArgumentError, ~r/complex128/, fn ->
+        Nx.tensor([1, 2], type: :c128, backend: @mlx)
+      end
+    end
+
+    test "a wrong binary size is an ArgumentError, not a crash" do
+      out = Nx.template({4}, :f32)
+
+      assert_raise ArgumentError, ~r/from_binary.*does not match/, fn ->
+        NxMlx.Backend.from_binary(out, <<0, 0, 0>>, device: :cpu)
+      end
+    end
+  end
+end
+
+defmodule NxMlx.FallbackTest do
+  # Not async: it changes the :fallback setting that every test's fallbacks read.
+  use ExUnit.Case, async: false
+
+  @mlx {NxMlx.Backend, device: :cpu}
+
+  defp mlx(data), do: Nx.tensor(data, backend: @mlx)
+
+  def forward(event, _measurements, meta, {parent, ref}), do: send(parent, {ref, event, meta.op})
+
+  describe "fallbacks" do
+    setup do
+      previous = Application.get_env(:nx_mlx, :fallback)
+      on_exit(fn -> Application.put_env(:nx_mlx, :fallback, previous) end)
+    end
+
+    test "run on Nx.BinaryBackend with telemetry and return NxMlx tensors" do
+      ref = make_ref()
+      parent = self()
+      id = "fallback-#{inspect(ref)}"
+
+      :telemetry.attach_many(
+        id,
+        [[:nx_mlx, :fallback, :start], [:nx_mlx, :fallback, :stop]],
+        &__MODULE__.forward/4,
+        {parent, ref}
+      )
+
+      try do
+        r = Nx.argmax(mlx([3, 9, 2]))
+        assert %NxMlx.Backend{} = r.data
+        assert Nx.to_number(r) == 1
+        assert_received {^ref, [:nx_mlx, :fallback, :start], :argmax}
+        assert_received {^ref, [:nx_mlx, :fallback, :stop], :argmax}
+      after
+        :telemetry.detach(id)
+      end
+    end
+
+    test ":raise refuses" do
+      Application.put_env(:nx_mlx, :fallback, :raise)
+
+      assert_raise ArgumentError, ~r/argmax has no MLX implementation/, fn ->
+        Nx.argmax(mlx([3, 9, 2]))
+      end
+    end
+  end
+end
