@@ -234,7 +234,7 @@ defmodule NxMlx.Backend do
   ## dot
 
   @impl true
-  def dot(%T{type: {kind, _}} = out, left, c1, b1, right, c2, b2) when kind in [:f, :bf, :c] do
+  def dot(%T{type: {kind, _}} = out, left, c1, b1, right, c2, b2) when kind in [:f, :bf] do
     device = op_device([left, right])
     l = ref_as(left, out.type, device)
     r = ref_as(right, out.type, device)
@@ -377,7 +377,11 @@ defmodule NxMlx.Backend do
 
   for {nx_op, mlx_op} <- @any_unary do
     @impl true
-    def unquote(nx_op)(out, t), do: unary_op(out, t, unquote(nx_op), unquote(mlx_op))
+    # Complex inputs (abs of c64 is f32) are left to the fallback for now.
+    def unquote(nx_op)(out, %T{type: {kind, _}} = t) when kind != :c,
+      do: unary_op(out, t, unquote(nx_op), unquote(mlx_op))
+
+    def unquote(nx_op)(out, t), do: NxMlx.Fallback.run(unquote(nx_op), [out, t], op_device([t]))
   end
 
   defp unary_op(out, t, nx_op, mlx_op) do
@@ -388,29 +392,32 @@ defmodule NxMlx.Backend do
 
   ## Reductions
 
-  for {nx_op, mlx_op} <- [sum: :sum, product: :prod] do
+  # sum/product accumulate in the output type (Nx widens integers to 64 bits); max/min keep
+  # the input type; all/any return bool in MLX and u8 in Nx.
+  for {nx_op, mlx_op, mode} <- [
+        {:sum, :sum, :cast_input},
+        {:product, :prod, :cast_input},
+        {:reduce_max, :max, :as_is},
+        {:reduce_min, :min, :as_is},
+        {:all, :all, :cast_output},
+        {:any, :any, :cast_output}
+      ] do
     @impl true
     def unquote(nx_op)(out, t, opts),
-      do: reduction(out, t, opts, unquote(nx_op), unquote(mlx_op), true)
+      do: reduction(out, t, opts, unquote(nx_op), unquote(mlx_op), unquote(mode))
   end
 
-  for {nx_op, mlx_op} <- [reduce_max: :max, reduce_min: :min, all: :all, any: :any] do
-    @impl true
-    def unquote(nx_op)(out, t, opts),
-      do: reduction(out, t, opts, unquote(nx_op), unquote(mlx_op), false)
-  end
-
-  defp reduction(out, t, opts, nx_op, mlx_op, cast_first?) do
+  defp reduction(out, t, opts, nx_op, mlx_op, mode) do
     device = op_device([t])
     axes = opts[:axes] || Enum.to_list(0..(Nx.rank(t) - 1)//1)
     keep = Keyword.get(opts, :keep_axes, false)
-    r = if cast_first?, do: ref_as(t, out.type, device), else: ref!(t, device)
+    r = if mode == :cast_input, do: ref_as(t, out.type, device), else: ref!(t, device)
     r = call(device, :reduce, [mlx_op, r, axes, keep], nx_op, [t])
 
     r =
-      if cast_first?,
-        do: r,
-        else: call(device, :astype, [r, Types.to_mlx(out.type)], nx_op, [t])
+      if mode == :cast_output,
+        do: call(device, :astype, [r, Types.to_mlx(out.type)], nx_op, [t]),
+        else: r
 
     wrap(out, r, device)
   end

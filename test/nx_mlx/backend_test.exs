@@ -82,6 +82,21 @@ defmodule NxMlx.BackendTest do
       end
     end
 
+    test "abs, negate and sign, including complex and unsigned inputs" do
+      for {data, type} <- [{[1, 2, 255], :u8}, {[-128, 5], :s8}, {[-1.5, 0.0], :f16}] do
+        for op <- [:abs, :negate, :sign] do
+          got = apply(Nx, op, [mlx(data, type: type)])
+          want = apply(Nx, op, [ref(data, type: type)])
+          assert Nx.to_binary(got) == Nx.to_binary(want), "#{op} #{type}"
+        end
+      end
+
+      c = [Complex.new(3, 4), Complex.new(-1, 0)]
+      got = Nx.abs(mlx(c))
+      assert got.type == {:f, 32}
+      assert Nx.to_list(got) == [5.0, 1.0]
+    end
+
     test "reductions with axes and keep_axes" do
       data = [[[1, 2], [3, 4]], [[5, 6], [7, 8]]]
 
