@@ -66,6 +66,17 @@ defmodule NxMlx.BuildTest do
       refute File.exists?(Path.join(dest, "mlx_cpu-0.32.4.dist-info"))
     end
 
+    test "an unreachable download fails with a clear message", %{tmp_dir: dir} do
+      path = Path.join(dir, "wheels/mlx.whl")
+
+      error =
+        assert_raise Mix.Error, fn -> Build.download!("http://127.0.0.1:9/mlx.whl", path) end
+
+      assert error.message =~ "could not download libmlx"
+      assert error.message =~ "MLX_DIR"
+      refute File.exists?(path)
+    end
+
     test "MLX_DIR is honoured and checked", %{tmp_dir: dir} do
       File.mkdir_p!(Path.join(dir, "include/mlx"))
       File.write!(Path.join(dir, "include/mlx/mlx.h"), "")
