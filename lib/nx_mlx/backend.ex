@@ -227,7 +227,16 @@ defmodule NxMlx.Backend do
       |> Enum.reduce(dims, fn {d, axis}, acc -> List.replace_at(acc, axis, d) end)
 
     ref = ref!(t, device)
-    ref = call(device, :reshape, [ref, dims], :broadcast, [t])
+
+    # MLX's broadcast_to aligns trailing dimensions (NumPy rules): when `axes` are the
+    # trailing ones no reshape is needed, which saves a round trip.
+    trailing = Enum.to_list((rank - tuple_size(t.shape))..(rank - 1)//1)
+
+    ref =
+      if axes == trailing,
+        do: ref,
+        else: call(device, :reshape, [ref, dims], :broadcast, [t])
+
     wrap(out, call(device, :broadcast_to, [ref, Tuple.to_list(shape)], :broadcast, [t]), device)
   end
 
@@ -435,12 +444,10 @@ defmodule NxMlx.Backend do
   end
 
   @impl true
-  def eye(out, opts), do: creation_fallback(:eye, [out, []], device_of(opts))
+  def eye(out, opts), do: NxMlx.Fallback.run(:eye, [out, []], device_of(opts))
 
   @impl true
-  def iota(out, axis, opts), do: creation_fallback(:iota, [out, axis, []], device_of(opts))
-
-  defp creation_fallback(op, args, device), do: NxMlx.Fallback.run(op, args, device)
+  def iota(out, axis, opts), do: NxMlx.Fallback.run(:iota, [out, axis, []], device_of(opts))
 
   @impl true
   def from_pointer(_pointer, _type, _shape, _opts, _keyword) do

@@ -33,14 +33,9 @@ defmodule NxMlx.Native do
   # Arrays
   def from_binary(_worker, _binary, _shape, _dtype), do: nif_error()
   def to_binary(_worker, _array), do: nif_error()
-  def eval(_worker, _array), do: nif_error()
-  def shape(_array), do: nif_error()
-  def dtype(_array), do: nif_error()
 
   # Ops
   def full(_worker, _shape, _value, _dtype), do: nif_error()
-  def arange(_worker, _start, _stop, _step, _dtype), do: nif_error()
-  def random_uniform(_worker, _shape, _dtype, _seed), do: nif_error()
   def unary(_worker, _op, _a), do: nif_error()
   def binary(_worker, _op, _a, _b), do: nif_error()
   def reduce(_worker, _op, _a, _axes, _keep_dims), do: nif_error()

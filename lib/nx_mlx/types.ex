@@ -28,6 +28,4 @@ defmodule NxMlx.Types do
           "NxMlx.Backend does not support type #{inspect(type)}; supported: " <>
             Enum.map_join(@table, ", ", &inspect(elem(&1, 0)))
   end
-
-  def supported?(type), do: Enum.any?(@table, &(elem(&1, 0) == type))
 end

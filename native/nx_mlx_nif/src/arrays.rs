@@ -53,24 +53,3 @@ fn to_binary<'a>(
         Ok(bin.release(env).encode(env))
     })
 }
-
-/// `eval(worker, array)`: evaluates the array; replies `:ok` when done.
-#[rustler::nif]
-fn eval<'a>(env: Env<'a>, worker: ResourceArc<WorkerRes>, a: ResourceArc<ArrayRes>) -> Term<'a> {
-    submit(env, &worker.0, move |env, _ctx| {
-        a.array().eval()?;
-        Ok(rustler::types::atom::ok().encode(env))
-    })
-}
-
-/// `shape(array)`: read synchronously; an array's shape is fixed when it is built.
-#[rustler::nif]
-fn shape(a: ResourceArc<ArrayRes>) -> Vec<i64> {
-    a.array().shape()
-}
-
-/// `dtype(array)`: read synchronously, like `shape/1`.
-#[rustler::nif]
-fn dtype<'a>(env: Env<'a>, a: ResourceArc<ArrayRes>) -> Term<'a> {
-    convert::encode_atom(env, convert::dtype_name(a.array().dtype()))
-}

@@ -11,7 +11,7 @@ fn atom_name(term: Term) -> NifResult<String> {
 }
 
 macro_rules! atom_table {
-    ($parse:ident, $name:ident, $ty:ty, $what:literal, { $($atom:literal => $variant:expr),* $(,)? }) => {
+    ($parse:ident, $ty:ty, $what:literal, { $($atom:literal => $variant:expr),* $(,)? }) => {
         pub fn $parse(term: Term) -> NifResult<$ty> {
             let name = atom_name(term)?;
             match name.as_str() {
@@ -19,29 +19,21 @@ macro_rules! atom_table {
                 other => Err(NifError::Argument(format!(concat!("unknown ", $what, " {}"), other))),
             }
         }
-
-        #[allow(unreachable_patterns, dead_code)]
-        pub fn $name(value: $ty) -> &'static str {
-            match value {
-                $(v if v == $variant => $atom,)*
-                _ => "unknown",
-            }
-        }
     };
 }
 
-atom_table!(dtype, dtype_name, Dtype, "dtype", {
+atom_table!(dtype, Dtype, "dtype", {
     "bool" => Dtype::Bool, "u8" => Dtype::U8, "u16" => Dtype::U16, "u32" => Dtype::U32,
     "u64" => Dtype::U64, "s8" => Dtype::I8, "s16" => Dtype::I16, "s32" => Dtype::I32,
     "s64" => Dtype::I64, "f16" => Dtype::F16, "f32" => Dtype::F32, "f64" => Dtype::F64,
     "bf16" => Dtype::BF16, "c64" => Dtype::C64,
 });
 
-atom_table!(device, device_name, DeviceKind, "device", {
+atom_table!(device, DeviceKind, "device", {
     "cpu" => DeviceKind::Cpu, "gpu" => DeviceKind::Gpu,
 });
 
-atom_table!(unary_op, unary_name, UnaryOp, "unary op", {
+atom_table!(unary_op, UnaryOp, "unary op", {
     "abs" => UnaryOp::Abs, "ceil" => UnaryOp::Ceil, "floor" => UnaryOp::Floor,
     "round" => UnaryOp::Round, "negative" => UnaryOp::Negative, "sign" => UnaryOp::Sign,
     "exp" => UnaryOp::Exp, "expm1" => UnaryOp::Expm1, "log" => UnaryOp::Log,
@@ -56,7 +48,7 @@ atom_table!(unary_op, unary_name, UnaryOp, "unary op", {
     "imag" => UnaryOp::Imag, "conjugate" => UnaryOp::Conjugate,
 });
 
-atom_table!(binary_op, binary_name, BinaryOp, "binary op", {
+atom_table!(binary_op, BinaryOp, "binary op", {
     "add" => BinaryOp::Add, "subtract" => BinaryOp::Subtract, "multiply" => BinaryOp::Multiply,
     "divide" => BinaryOp::Divide, "floor_divide" => BinaryOp::FloorDivide,
     "remainder" => BinaryOp::Remainder, "power" => BinaryOp::Power,
@@ -69,7 +61,7 @@ atom_table!(binary_op, binary_name, BinaryOp, "binary op", {
     "left_shift" => BinaryOp::LeftShift, "right_shift" => BinaryOp::RightShift,
 });
 
-atom_table!(reduce_op, reduce_name, ReduceOp, "reduction", {
+atom_table!(reduce_op, ReduceOp, "reduction", {
     "sum" => ReduceOp::Sum, "prod" => ReduceOp::Prod, "max" => ReduceOp::Max,
     "min" => ReduceOp::Min, "all" => ReduceOp::All, "any" => ReduceOp::Any, "mean" => ReduceOp::Mean,
 });

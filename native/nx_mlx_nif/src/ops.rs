@@ -47,40 +47,6 @@ fn full<'a>(
 }
 
 #[rustler::nif]
-fn arange<'a>(
-    env: Env<'a>,
-    worker: ResourceArc<WorkerRes>,
-    start: f64,
-    stop: f64,
-    step: f64,
-    dtype: Term<'a>,
-) -> Term<'a> {
-    let dtype = parse_or_return!(env, convert::dtype(dtype));
-    array_op(env, &worker, move |ctx| {
-        Ok(mlx_bind::arange(start, stop, step, dtype, ctx.stream()?)?)
-    })
-}
-
-#[rustler::nif]
-fn random_uniform<'a>(
-    env: Env<'a>,
-    worker: ResourceArc<WorkerRes>,
-    shape: Vec<i64>,
-    dtype: Term<'a>,
-    seed: u64,
-) -> Term<'a> {
-    let dtype = parse_or_return!(env, convert::dtype(dtype));
-    array_op(env, &worker, move |ctx| {
-        Ok(mlx_bind::random_uniform(
-            &shape,
-            dtype,
-            seed,
-            ctx.stream()?,
-        )?)
-    })
-}
-
-#[rustler::nif]
 fn unary<'a>(
     env: Env<'a>,
     worker: ResourceArc<WorkerRes>,
