@@ -1,6 +1,8 @@
 #include "mlx-bind/cxx/shim.h"
 
+#include <chrono>
 #include <cstring>
+#include <thread>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -171,6 +173,22 @@ void async_eval(const array& a) {
   mx::async_eval({a});
 }
 
+// Like eval, but waits for a small graph by polling its completion (yielding the CPU) for up
+// to `spin_us` microseconds before sleeping on MLX's event: waking a sleeping thread costs
+// tens of microseconds on small machines, more than a tiny graph takes to run.
+void eval_spin(const array& a, uint32_t spin_us) {
+  array x = a;
+  mx::async_eval({x});
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
+  while (!x.is_available()) {
+    if (std::chrono::steady_clock::now() >= deadline) {
+      x.wait();
+      return;
+    }
+    std::this_thread::yield();
+  }
+}
+
 void copy_to(const array& a, StreamRef s, rust::Slice<uint8_t> out) {
   if (out.size() != a.nbytes()) {
     throw std::invalid_argument("output buffer size does not match the array");
@@ -184,6 +202,77 @@ void copy_to(const array& a, StreamRef s, rust::Slice<uint8_t> out) {
   if (out.size() > 0) {
     std::memcpy(out.data(), src.data<uint8_t>(), out.size());
   }
+}
+
+// Copies the data of an array that is already computed and row-contiguous; false (nothing
+// copied, nothing evaluated) otherwise. Safe on any thread.
+bool try_copy_to(const array& a, rust::Slice<uint8_t> out) {
+  if (out.size() != a.nbytes()) {
+    throw std::invalid_argument("output buffer size does not match the array");
+  }
+  if (a.status() != array::Status::available || !a.flags().row_contiguous) {
+    return false;
+  }
+  if (out.size() > 0) {
+    std::memcpy(out.data(), a.data<uint8_t>(), out.size());
+  }
+  return true;
+}
+
+std::unique_ptr<ArrayList> new_array_list() {
+  return std::make_unique<ArrayList>();
+}
+
+void array_list_push(ArrayList& list, const array& a) {
+  list.arrays.push_back(a);
+}
+
+void eval_list(const ArrayList& list) {
+  mx::eval(list.arrays);
+}
+
+void async_eval_list(const ArrayList& list) {
+  mx::async_eval(list.arrays);
+}
+
+void wait_list(const ArrayList& list) {
+  // Arrays already scheduled by async_eval are waited on (through their completion events,
+  // which carry the error of a failed task); others are evaluated.
+  for (auto a : list.arrays) {
+    a.eval();
+  }
+}
+
+size_t get_active_memory() {
+  return mx::get_active_memory();
+}
+
+size_t get_peak_memory() {
+  return mx::get_peak_memory();
+}
+
+void reset_peak_memory() {
+  mx::reset_peak_memory();
+}
+
+size_t get_cache_memory() {
+  return mx::get_cache_memory();
+}
+
+size_t get_memory_limit() {
+  return mx::get_memory_limit();
+}
+
+size_t set_memory_limit(size_t limit) {
+  return mx::set_memory_limit(limit);
+}
+
+size_t set_cache_limit(size_t limit) {
+  return mx::set_cache_limit(limit);
+}
+
+void clear_cache() {
+  mx::clear_cache();
 }
 
 std::unique_ptr<array> full_scalar(
@@ -307,6 +396,10 @@ std::unique_ptr<array> broadcast_to(const array& a, rust::Slice<const int32_t> s
 
 std::unique_ptr<array> matmul(const array& a, const array& b, StreamRef s) {
   return boxed(mx::matmul(a, b, to_mx(s)));
+}
+
+std::unique_ptr<array> linalg_inv(const array& a, StreamRef s) {
+  return boxed(mx::linalg::inv(a, to_mx(s)));
 }
 
 std::unique_ptr<array> tensordot(

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "mlx/array.h"
 #include "rust/cxx.h"
@@ -18,6 +19,11 @@ enum class ReduceOp : int32_t;
 struct StreamRef;
 
 using mlx::core::array;
+
+// A list of array handles, to evaluate several arrays as one graph.
+struct ArrayList {
+  std::vector<array> arrays;
+};
 
 rust::String version();
 bool is_available(DeviceKind device);
@@ -34,7 +40,25 @@ Dtype dtype(const array& a);
 size_t nbytes(const array& a);
 void eval(const array& a);
 void async_eval(const array& a);
+void eval_spin(const array& a, uint32_t spin_us);
 void copy_to(const array& a, StreamRef s, rust::Slice<uint8_t> out);
+bool try_copy_to(const array& a, rust::Slice<uint8_t> out);
+
+std::unique_ptr<ArrayList> new_array_list();
+void array_list_push(ArrayList& list, const array& a);
+void eval_list(const ArrayList& list);
+void async_eval_list(const ArrayList& list);
+void wait_list(const ArrayList& list);
+
+
+size_t get_active_memory();
+size_t get_peak_memory();
+void reset_peak_memory();
+size_t get_cache_memory();
+size_t get_memory_limit();
+size_t set_memory_limit(size_t limit);
+size_t set_cache_limit(size_t limit);
+void clear_cache();
 
 std::unique_ptr<array> full_scalar(
     rust::Slice<const int32_t> shape, double value, Dtype dtype, StreamRef s);
@@ -51,6 +75,7 @@ std::unique_ptr<array> reshape(const array& a, rust::Slice<const int32_t> shape,
 std::unique_ptr<array> transpose(const array& a, rust::Slice<const int32_t> axes, StreamRef s);
 std::unique_ptr<array> broadcast_to(const array& a, rust::Slice<const int32_t> shape, StreamRef s);
 std::unique_ptr<array> matmul(const array& a, const array& b, StreamRef s);
+std::unique_ptr<array> linalg_inv(const array& a, StreamRef s);
 std::unique_ptr<array> tensordot(
     const array& a,
     const array& b,

@@ -124,6 +124,8 @@ pub(crate) mod bridge {
         #[cxx_name = "array"]
         type Array;
 
+        type ArrayList;
+
         fn version() -> String;
         fn is_available(device: DeviceKind) -> bool;
         fn new_stream(device: DeviceKind) -> Result<StreamRef>;
@@ -138,7 +140,24 @@ pub(crate) mod bridge {
         fn nbytes(a: &Array) -> usize;
         fn eval(a: &Array) -> Result<()>;
         fn async_eval(a: &Array) -> Result<()>;
+        fn eval_spin(a: &Array, spin_us: u32) -> Result<()>;
         fn copy_to(a: &Array, stream: StreamRef, out: &mut [u8]) -> Result<()>;
+        fn try_copy_to(a: &Array, out: &mut [u8]) -> Result<bool>;
+
+        fn new_array_list() -> UniquePtr<ArrayList>;
+        fn array_list_push(list: Pin<&mut ArrayList>, a: &Array);
+        fn eval_list(list: &ArrayList) -> Result<()>;
+        fn async_eval_list(list: &ArrayList) -> Result<()>;
+        fn wait_list(list: &ArrayList) -> Result<()>;
+
+        fn get_active_memory() -> usize;
+        fn get_peak_memory() -> usize;
+        fn reset_peak_memory();
+        fn get_cache_memory() -> usize;
+        fn get_memory_limit() -> usize;
+        fn set_memory_limit(limit: usize) -> usize;
+        fn set_cache_limit(limit: usize) -> usize;
+        fn clear_cache();
 
         fn full_scalar(
             shape: &[i32],
@@ -174,6 +193,7 @@ pub(crate) mod bridge {
         fn transpose(a: &Array, axes: &[i32], s: StreamRef) -> Result<UniquePtr<Array>>;
         fn broadcast_to(a: &Array, shape: &[i32], s: StreamRef) -> Result<UniquePtr<Array>>;
         fn matmul(a: &Array, b: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn linalg_inv(a: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
         fn tensordot(
             a: &Array,
             b: &Array,
@@ -189,3 +209,7 @@ pub(crate) mod bridge {
 // callers of this crate to the thread that owns the array's stream (see the crate docs).
 unsafe impl Send for bridge::Array {}
 unsafe impl Sync for bridge::Array {}
+
+// SAFETY: a plain `std::vector` of array handles; moved between threads, never shared while
+// mutated (mutation needs `Pin<&mut>`).
+unsafe impl Send for bridge::ArrayList {}

@@ -193,6 +193,13 @@ impl Array {
         Ok(bridge::eval(self.inner())?)
     }
 
+    /// Evaluates the array, polling for completion (yielding the CPU) for up to `spin_us`
+    /// microseconds before sleeping until MLX signals it: cheaper than a thread wake-up for
+    /// small graphs.
+    pub fn eval_spin(&self, spin_us: u32) -> Result<()> {
+        Ok(bridge::eval_spin(self.inner(), spin_us)?)
+    }
+
     /// Starts evaluating the array without waiting.
     pub fn async_eval(&self) -> Result<()> {
         Ok(bridge::async_eval(self.inner())?)
@@ -204,11 +211,82 @@ impl Array {
         Ok(bridge::copy_to(self.inner(), stream.0, out)?)
     }
 
+    /// Copies the elements into `out` only if the array is already computed and row-contiguous
+    /// (`Ok(false)` otherwise). Evaluates nothing, so it may be called on any thread.
+    pub fn try_copy_to(&self, out: &mut [u8]) -> Result<bool> {
+        Ok(bridge::try_copy_to(self.inner(), out)?)
+    }
+
     /// Evaluates the array and returns its elements as bytes, row-major.
     pub fn to_bytes(&self, stream: &Stream) -> Result<Vec<u8>> {
         let mut out = vec![0u8; self.nbytes()];
         self.copy_to(stream, &mut out)?;
         Ok(out)
+    }
+}
+
+fn list_of(arrays: &[&Array]) -> UniquePtr<bridge::ArrayList> {
+    let mut list = bridge::new_array_list();
+    for a in arrays {
+        bridge::array_list_push(list.pin_mut(), a.inner());
+    }
+    list
+}
+
+/// Evaluates `arrays` as one graph and waits for the results. Call it on the thread that
+/// created the arrays' streams.
+pub fn eval_all(arrays: &[&Array]) -> Result<()> {
+    Ok(bridge::eval_list(&list_of(arrays))?)
+}
+
+/// Starts evaluating `arrays` as one graph and returns once the work is queued on the
+/// streams (on the CPU, MLX runs it on the stream's own thread). [`wait_all`] waits for it.
+pub fn async_eval_all(arrays: &[&Array]) -> Result<()> {
+    Ok(bridge::async_eval_list(&list_of(arrays))?)
+}
+
+/// Waits until `arrays` (scheduled by [`async_eval_all`]) are computed, through MLX's
+/// completion events; the error of a failed task, if any. Unscheduled arrays are evaluated.
+pub fn wait_all(arrays: &[&Array]) -> Result<()> {
+    Ok(bridge::wait_list(&list_of(arrays))?)
+}
+
+/// MLX's allocator: active, peak and cached bytes, and its limits. Process-wide.
+pub mod memory {
+    use super::bridge;
+
+    pub fn active() -> usize {
+        bridge::get_active_memory()
+    }
+
+    pub fn peak() -> usize {
+        bridge::get_peak_memory()
+    }
+
+    pub fn reset_peak() {
+        bridge::reset_peak_memory()
+    }
+
+    pub fn cache() -> usize {
+        bridge::get_cache_memory()
+    }
+
+    pub fn limit() -> usize {
+        bridge::get_memory_limit()
+    }
+
+    /// Sets the memory limit; returns the previous one.
+    pub fn set_limit(bytes: usize) -> usize {
+        bridge::set_memory_limit(bytes)
+    }
+
+    /// Sets the cache limit (0 disables the cache); returns the previous one.
+    pub fn set_cache_limit(bytes: usize) -> usize {
+        bridge::set_cache_limit(bytes)
+    }
+
+    pub fn clear_cache() {
+        bridge::clear_cache()
     }
 }
 
@@ -264,6 +342,12 @@ pub fn broadcast_to(a: &Array, shape: &[i64], s: &Stream) -> Result<Array> {
 
 pub fn matmul(a: &Array, b: &Array, s: &Stream) -> Result<Array> {
     wrap(bridge::matmul(a.inner(), b.inner(), s.0))
+}
+
+/// The inverse of each square matrix in the last two axes of `a` (MLX runs it on the CPU
+/// only). A singular matrix fails at evaluation time, not here.
+pub fn inv(a: &Array, s: &Stream) -> Result<Array> {
+    wrap(bridge::linalg_inv(a.inner(), s.0))
 }
 
 /// Contracts `axes_a` of `a` with `axes_b` of `b`; the result has `a`'s free axes, then `b`'s.
