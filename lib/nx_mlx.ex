@@ -6,10 +6,24 @@ defmodule NxMlx do
       # or per tensor, choosing the device:
       Nx.tensor([1.0, 2.0], backend: {NxMlx.Backend, device: :cpu})
 
-  Every MLX call runs on a worker OS thread that owns an MLX stream; the calling process waits
-  for the reply in `receive`, so BEAM schedulers never wait on MLX. Ops are lazy in MLX: they
-  are evaluated when a tensor is read back (`Nx.to_binary/1`, `inspect/2`, …).
+  Ops are lazy in MLX: building one is cheap and happens in the calling process; evaluation
+  happens on a command queue's worker thread (`NxMlx.CommandQueue`) when a tensor is read back
+  (`Nx.to_binary/1`, `inspect/2`, …), submitted (`submit/1`) or synchronized. The caller waits
+  for the worker's reply in `receive`, so BEAM schedulers never wait on MLX.
+
+  ## Asynchronous commands
+
+      {:ok, command} = NxMlx.submit(%{a: a, b: b})   # returns at once
+      {:ok, :running} = NxMlx.poll(command)          # never blocks
+      :ok = NxMlx.wait(command)                      # blocks this process in `receive`
+
+  ## Memory
+
+  `memory/0`, `reset_peak_memory/0`, `clear_cache/0`, `set_memory_limit/1` and
+  `set_cache_limit/1` are thin over MLX's allocator (process-wide, all devices of the build).
   """
+
+  alias NxMlx.{Command, Native, Runtime}
 
   @doc "The devices this build of libmlx can run on, e.g. `[:cpu]` or `[:cpu, :gpu]`."
   def devices do
@@ -37,5 +51,122 @@ defmodule NxMlx do
   """
   def build_info do
     NxMlx.Native.build_info()
+  end
+
+  @doc """
+  The worker (command queue reference) an op on `device` runs on in the calling process: the
+  queue bound with `NxMlx.CommandQueue.with_queue/2` when it is on `device`, else the
+  device's default queue.
+  """
+  def resolve_worker(device), do: NxMlx.CommandQueue.worker(device)
+
+  ## Commands
+
+  @doc """
+  Starts evaluating every `NxMlx.Backend` tensor in `tensor_or_container` (a tensor, tuple,
+  map, list or any `Nx.Container`) with MLX's `async_eval`, one job per command queue, and returns
+  at once. Tensors on other backends are ignored.
+  """
+  @spec submit(Nx.Tensor.t() | Nx.Container.t()) :: {:ok, Command.t()} | {:error, String.t()}
+  def submit(tensor_or_container) do
+    refs = tensor_or_container |> collect_refs([]) |> Enum.reverse()
+
+    case Native.submit(refs) do
+      {:ok, ref} ->
+        {:ok, %Command{ref: ref, outputs: tensor_or_container}}
+
+      {:error, {_kind, message}} ->
+        {:error, message}
+    end
+  end
+
+  # Lists (e.g. a pipeline's stage outputs) are walked too, though they are not containers.
+  defp collect_refs(list, acc) when is_list(list), do: Enum.reduce(list, acc, &collect_refs/2)
+
+  defp collect_refs(container, acc) do
+    Nx.Defn.Composite.reduce(container, acc, fn
+      %Nx.Tensor{data: %NxMlx.Backend{ref: ref}}, acc -> [ref | acc]
+      _, acc -> acc
+    end)
+  end
+
+  @doc """
+  The command's state, without blocking: `:pending` (queued, not started), `:running`
+  (handed to MLX), `:completed` or `:failed`.
+  """
+  @spec poll(Command.t()) :: {:ok, :pending | :running | :completed | :failed}
+  def poll(%Command{ref: ref} = command) do
+    status = Native.poll(ref)
+    if status in [:completed, :failed], do: Command.report(command)
+    {:ok, status}
+  end
+
+  @doc """
+  Blocks the calling process (in `receive`, not a scheduler) until the command is done.
+  `{:error, message}` when MLX failed to evaluate it; its tensors then raise when read.
+  """
+  @spec wait(Command.t()) :: :ok | {:error, String.t()}
+  def wait(%Command{ref: ref} = command) do
+    result =
+      case Native.wait(ref) do
+        {:ok, :ok} ->
+          :ok
+
+        {:async, tag} ->
+          receive do
+            {^tag, {:ok, :ok}} -> :ok
+            {^tag, {:error, {_kind, message}}} -> {:error, message}
+          end
+
+        {:error, {_kind, message}} ->
+          {:error, message}
+      end
+
+    Command.report(command)
+    result
+  end
+
+  ## Memory
+
+  @doc """
+  MLX's allocator counters in bytes: `:active` (held by arrays), `:peak` (highest active
+  since start or `reset_peak_memory/0`), `:cache` (freed buffers kept for reuse) and `:limit`
+  (the memory limit).
+  """
+  @spec memory() :: %{
+          active: non_neg_integer(),
+          peak: non_neg_integer(),
+          cache: non_neg_integer(),
+          limit: non_neg_integer()
+        }
+  def memory, do: Native.memory()
+
+  @doc "Resets the peak counter of `memory/0` to zero."
+  @spec reset_peak_memory() :: :ok
+  def reset_peak_memory, do: Native.reset_peak_memory()
+
+  @doc "Returns MLX's cached buffers to the system. Waits for running CPU work first."
+  @spec clear_cache() :: :ok
+  def clear_cache do
+    Runtime.call(:clear_cache, [Runtime.worker(:cpu)], fn -> "NxMlx.clear_cache()" end)
+  end
+
+  @doc """
+  Sets MLX's memory limit in bytes and returns the previous one. MLX uses it as a guide for
+  evaluation; nx_mlx also refuses to build any single array larger than it (MLX's CPU
+  allocator does not survive an impossible allocation).
+  """
+  @spec set_memory_limit(non_neg_integer()) :: non_neg_integer()
+  def set_memory_limit(bytes) when is_integer(bytes) and bytes >= 0,
+    do: Native.set_memory_limit(bytes)
+
+  @doc """
+  Sets the size in bytes of MLX's buffer cache (0 disables it) and returns the previous one.
+  """
+  @spec set_cache_limit(non_neg_integer()) :: non_neg_integer()
+  def set_cache_limit(bytes) when is_integer(bytes) and bytes >= 0 do
+    Runtime.call(:set_cache_limit, [Runtime.worker(:cpu), bytes], fn ->
+      "NxMlx.set_cache_limit(#{bytes})"
+    end)
   end
 end

@@ -7,7 +7,7 @@ defmodule NxMlx.Application do
   @impl true
   def start(_type, _args) do
     warn_about_reference_blas()
-    Supervisor.start_link([], strategy: :one_for_one, name: NxMlx.Supervisor)
+    Supervisor.start_link([NxMlx.Telemetry], strategy: :one_for_one, name: NxMlx.Supervisor)
   end
 
   # The mlx-cpu wheel's bundled reference BLAS is ~30x slower for matmul than OpenBLAS.

@@ -7,6 +7,12 @@ defmodule NxMlx.Backend do
 
   Options: `device: :cpu | :gpu` (default: `NxMlx.default_device/0`).
 
+  Ops are lazy: each callback builds an MLX graph node in the calling process (about a
+  microsecond of native work) on the stream of the command queue that serves it: the queue
+  bound with `NxMlx.CommandQueue.with_queue/2` when its device matches, else the device's
+  default queue (see `NxMlx.CommandQueue` for the cross-device rules). Reading a tensor back
+  evaluates it on that queue's thread.
+
   ## What runs on MLX
 
   Creation (`constant`, `from_binary`), read-back (`to_binary`, `inspect`), transfers,
@@ -33,7 +39,7 @@ defmodule NxMlx.Backend do
   defstruct [:ref, :device]
 
   alias Nx.Tensor, as: T
-  alias NxMlx.{Runtime, Types}
+  alias NxMlx.{CommandQueue, Runtime, Types}
 
   @type t :: %__MODULE__{ref: reference(), device: :cpu | :gpu}
 
@@ -50,20 +56,30 @@ defmodule NxMlx.Backend do
     end
   end
 
-  defp device_of(opts), do: Keyword.get(opts, :device) || NxMlx.default_device()
+  # The device a creation op runs on: the one in its options, after the command queue's
+  # promotion rules (see NxMlx.CommandQueue).
+  defp device_of(opts) do
+    CommandQueue.route_device(Keyword.get(opts, :device) || NxMlx.default_device())
+  end
 
-  # The device an op on these tensors runs on: the first NxMlx tensor's.
+  # The device an op on these tensors runs on: the first NxMlx tensor's, after the command
+  # queue's promotion rules.
   defp op_device(tensors) do
-    Enum.find_value(tensors, fn
-      %T{data: %__MODULE__{device: d}} -> d
-      _ -> nil
-    end) || NxMlx.default_device()
+    device =
+      Enum.find_value(tensors, fn
+        %T{data: %__MODULE__{device: d}} -> d
+        _ -> nil
+      end) || NxMlx.default_device()
+
+    CommandQueue.route_device(device)
   end
 
   ## Plumbing: calling the NIF with errors that name the op, shapes and types
 
+  # Runs `fun` on the worker for `device`: the bound command queue when it is on `device`,
+  # else the device's default queue.
   defp call(device, fun, args, op, tensors) do
-    Runtime.call(fun, [Runtime.worker(device) | args], fn -> describe(op, tensors) end)
+    Runtime.call(fun, [CommandQueue.worker(device) | args], fn -> describe(op, tensors) end)
   end
 
   defp describe(op, tensors) do
@@ -74,8 +90,10 @@ defmodule NxMlx.Backend do
 
   defp wrap(%T{} = out, ref, device), do: %{out | data: %__MODULE__{ref: ref, device: device}}
 
-  # The MLX array of `t` on `device`, copying it there if it lives elsewhere.
-  defp ref!(%T{data: %__MODULE__{ref: ref, device: device}}, device), do: ref
+  # The MLX array of `t`. Arrays of another queue or device are used in place: the NIF has
+  # them evaluated on their own queue first when they are still lazy. Tensors of other
+  # backends are copied in.
+  defp ref!(%T{data: %__MODULE__{ref: ref}}, _device), do: ref
 
   defp ref!(%T{} = t, device) do
     %T{data: %__MODULE__{ref: ref}} = backend_transfer_in(t, device)
@@ -148,8 +166,8 @@ defmodule NxMlx.Backend do
   ## Read-back and transfers
 
   @impl true
-  def to_binary(%T{data: %__MODULE__{ref: ref, device: device}, type: {_, bits}} = t, limit) do
-    binary = call(device, :to_binary, [ref], :to_binary, [t])
+  def to_binary(%T{data: %__MODULE__{ref: ref}, type: {_, bits}} = t, limit) do
+    binary = Runtime.call(:to_binary, [ref], fn -> describe(:to_binary, [t]) end)
     bytes = div(limit * bits, 8)
     if bytes < byte_size(binary), do: binary_part(binary, 0, bytes), else: binary
   end
@@ -180,7 +198,8 @@ defmodule NxMlx.Backend do
 
   @impl true
   def backend_deallocate(%T{data: %__MODULE__{}}) do
-    # The array is freed (on its worker) when the last reference to it is garbage collected.
+    # The array is freed when the last reference to it is garbage collected (a graph on its
+    # worker, computed data in place).
     :ok
   end
 
@@ -229,7 +248,7 @@ defmodule NxMlx.Backend do
     ref = ref!(t, device)
 
     # MLX's broadcast_to aligns trailing dimensions (NumPy rules): when `axes` are the
-    # trailing ones no reshape is needed, which saves a round trip.
+    # trailing ones no reshape is needed, which saves a graph node.
     trailing = Enum.to_list((rank - tuple_size(t.shape))..(rank - 1)//1)
 
     ref =

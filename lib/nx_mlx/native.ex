@@ -1,8 +1,9 @@
 defmodule NxMlx.Native do
   @moduledoc false
-  # NIF stubs and nothing else. Calls that touch MLX return `{:ok, ref}` and reply later with
-  # `{ref, {:ok, value} | {:error, {kind, message}}}`; see `NxMlx.Runtime` for the one place
-  # that turns those into values or exceptions.
+  # NIF stubs and nothing else. Replies: `{:ok, value}` when the call finished on the spot
+  # (building a lazy op, small copies), `{:async, ref}` when a worker will reply with
+  # `{ref, {:ok, value} | {:error, {kind, message}}}`, or `{:error, {kind, message}}`.
+  # `NxMlx.Runtime` is the one place that turns those into values or exceptions.
 
   @on_load :load_nif
 
@@ -21,18 +22,37 @@ defmodule NxMlx.Native do
 
   defp nif_error, do: :erlang.nif_error(:nx_mlx_nif_not_loaded)
 
-  # Runtime
+  # Workers (command queues)
   def default_worker(_device), do: nif_error()
   def new_worker(_device), do: nif_error()
   def worker_info(_worker), do: nif_error()
   def current_worker_id(_worker), do: nif_error()
+  def synchronize(_worker), do: nif_error()
   def live_workers, do: nif_error()
+  def set_event_sink(_pid), do: nif_error()
   def build_info, do: nif_error()
   def matmul_benchmark(_worker, _n, _reps, _dtype), do: nif_error()
+  def readback_benchmark(_worker, _reps), do: nif_error()
 
   # Arrays
   def from_binary(_worker, _binary, _shape, _dtype), do: nif_error()
-  def to_binary(_worker, _array), do: nif_error()
+  def to_binary(_array), do: nif_error()
+  def eval(_array), do: nif_error()
+  def array_info(_array), do: nif_error()
+
+  # Commands
+  def submit(_arrays), do: nif_error()
+  def poll(_command), do: nif_error()
+  def wait(_command), do: nif_error()
+  def command_info(_command), do: nif_error()
+  def live_commands, do: nif_error()
+
+  # Memory
+  def memory, do: nif_error()
+  def reset_peak_memory, do: nif_error()
+  def set_memory_limit(_bytes), do: nif_error()
+  def set_cache_limit(_worker, _bytes), do: nif_error()
+  def clear_cache(_worker), do: nif_error()
 
   # Ops
   def full(_worker, _shape, _value, _dtype), do: nif_error()
@@ -44,5 +64,6 @@ defmodule NxMlx.Native do
   def transpose(_worker, _a, _axes), do: nif_error()
   def broadcast_to(_worker, _a, _shape), do: nif_error()
   def matmul(_worker, _a, _b), do: nif_error()
+  def inv(_worker, _a), do: nif_error()
   def tensordot(_worker, _a, _b, _axes_a, _axes_b), do: nif_error()
 end

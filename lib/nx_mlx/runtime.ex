@@ -1,7 +1,8 @@
 defmodule NxMlx.Runtime do
   @moduledoc false
-  # The one place that talks to the NIF's asynchronous calls: it picks the worker for a
-  # device, and turns `{:ok, ref}` + the worker's reply message into a value, or raises.
+  # The one place that talks to the NIF: it picks workers, and turns the NIF's replies
+  # (`{:ok, value}`, `{:async, ref}` + the worker's message, `{:error, reason}`) into values
+  # or exceptions.
   #
   # The caller waits in `receive`, so no scheduler thread ever blocks on MLX.
 
@@ -28,16 +29,23 @@ defmodule NxMlx.Runtime do
   end
 
   @doc """
-  Calls `Native.fun(args)` and waits for the worker's reply. `describe` is a zero-arity
-  function returning the text that names the op, shapes and types, used only on failure.
+  Calls `Native.fun(args)` and returns its value, waiting for the worker's reply when the call
+  was queued. `describe` is a zero-arity function returning the text that names the op, shapes
+  and types, used only on failure.
   """
   def call(fun, args, describe) do
     case apply(Native, fun, args) do
-      {:ok, ref} when is_reference(ref) ->
-        receive do
-          {^ref, {:ok, value}} -> value
-          {^ref, {:error, reason}} -> raise_error(reason, describe)
-        end
+      {:ok, value} ->
+        value
+
+      {:async, ref} ->
+        await(ref, describe)
+
+      {:error, {:foreign, arrays}} ->
+        # Inputs built on another worker's stream and not evaluated yet: MLX evaluates a
+        # stream only on its own thread, so evaluate them there first, then build again.
+        Enum.each(arrays, &call(:eval, [&1], describe))
+        call(fun, args, describe)
 
       {:error, {:busy, _}} ->
         # The worker's queue is full: back off briefly so it can drain, then retry.
@@ -46,6 +54,14 @@ defmodule NxMlx.Runtime do
 
       {:error, reason} ->
         raise_error(reason, describe)
+    end
+  end
+
+  @doc "Waits for the reply tagged `ref`."
+  def await(ref, describe) do
+    receive do
+      {^ref, {:ok, value}} -> value
+      {^ref, {:error, reason}} -> raise_error(reason, describe)
     end
   end
 

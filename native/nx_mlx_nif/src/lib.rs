@@ -1,16 +1,27 @@
-//! The nx_mlx NIF (`NxMlx.Native`): BEAM resources, worker threads and term conversion over the
-//! `mlx-bind` crate. It knows nothing of Nx: Elixir maps Nx semantics onto these calls.
+//! The nx_mlx NIF (`NxMlx.Native`): BEAM resources, worker threads, command records and term
+//! conversion over the `mlx-bind` crate. It knows nothing of Nx: Elixir maps Nx semantics onto
+//! these calls.
 //!
-//! Calls that touch MLX are asynchronous: they queue a job on a worker thread and return
-//! `{:ok, ref}`; the reply arrives as a message `{ref, {:ok, value} | {:error, {kind, msg}}}`.
+//! Reply conventions: `{:ok, value}` when a call finished on the spot (building a lazy op,
+//! small copies), `{:async, ref}` when it queued a job on a worker (the reply then arrives as a
+//! message `{ref, {:ok, value} | {:error, {kind, msg}}}`), `{:error, {kind, msg}}` otherwise.
 
 mod arrays;
+mod build;
+pub mod command;
+mod commands;
 mod convert;
 pub mod error;
+mod memory;
 mod ops;
 mod resources;
 mod runtime;
 mod submit;
 pub mod worker;
 
-rustler::init!("Elixir.NxMlx.Native");
+fn load(_env: rustler::Env, _info: rustler::Term) -> bool {
+    runtime::on_load();
+    true
+}
+
+rustler::init!("Elixir.NxMlx.Native", load = load);

@@ -1,27 +1,12 @@
-//! Array operations. Each NIF queues the op on the given worker (building it on the worker's
-//! stream) and replies with a new array resource. Ops are lazy: evaluation happens when the
-//! array is read back or explicitly evaluated.
+//! Array operations. Each NIF builds the lazy MLX node on the calling thread, naming the given
+//! worker's stream (see `build`), and returns `{:ok, array}`. Evaluation happens on the worker
+//! when the array is read back or explicitly evaluated.
 
-use mlx_bind::Array;
 use rustler::{Encoder, Env, ResourceArc, Term};
 
+use crate::build::build;
 use crate::convert;
-use crate::error::NifResult;
 use crate::resources::{ArrayRes, WorkerRes};
-use crate::submit::submit;
-use crate::worker::Ctx;
-
-/// Queues `build` on `worker` and replies with the array it returns.
-fn array_op<'a, F>(env: Env<'a>, worker: &ResourceArc<WorkerRes>, build: F) -> Term<'a>
-where
-    F: FnOnce(&Ctx) -> NifResult<Array> + Send + 'static,
-{
-    let w = worker.0.clone();
-    submit(env, &worker.0, move |env, ctx| {
-        let a = build(ctx)?;
-        Ok(ArrayRes::new(a, w).encode(env))
-    })
-}
 
 macro_rules! parse_or_return {
     ($env:expr, $e:expr) => {
@@ -41,8 +26,8 @@ fn full<'a>(
     dtype: Term<'a>,
 ) -> Term<'a> {
     let dtype = parse_or_return!(env, convert::dtype(dtype));
-    array_op(env, &worker, move |ctx| {
-        Ok(mlx_bind::full(&shape, value, dtype, ctx.stream()?)?)
+    build(env, &worker, &[], |s| {
+        mlx_bind::full(&shape, value, dtype, s)
     })
 }
 
@@ -54,9 +39,7 @@ fn unary<'a>(
     a: ResourceArc<ArrayRes>,
 ) -> Term<'a> {
     let op = parse_or_return!(env, convert::unary_op(op));
-    array_op(env, &worker, move |ctx| {
-        Ok(mlx_bind::unary(op, a.array(), ctx.stream()?)?)
-    })
+    build(env, &worker, &[&a], |s| mlx_bind::unary(op, a.array(), s))
 }
 
 #[rustler::nif]
@@ -68,8 +51,8 @@ fn binary<'a>(
     b: ResourceArc<ArrayRes>,
 ) -> Term<'a> {
     let op = parse_or_return!(env, convert::binary_op(op));
-    array_op(env, &worker, move |ctx| {
-        Ok(mlx_bind::binary(op, a.array(), b.array(), ctx.stream()?)?)
+    build(env, &worker, &[&a, &b], |s| {
+        mlx_bind::binary(op, a.array(), b.array(), s)
     })
 }
 
@@ -83,14 +66,8 @@ fn reduce<'a>(
     keep_dims: bool,
 ) -> Term<'a> {
     let op = parse_or_return!(env, convert::reduce_op(op));
-    array_op(env, &worker, move |ctx| {
-        Ok(mlx_bind::reduce(
-            op,
-            a.array(),
-            &axes,
-            keep_dims,
-            ctx.stream()?,
-        )?)
+    build(env, &worker, &[&a], |s| {
+        mlx_bind::reduce(op, a.array(), &axes, keep_dims, s)
     })
 }
 
@@ -102,8 +79,8 @@ fn astype<'a>(
     dtype: Term<'a>,
 ) -> Term<'a> {
     let dtype = parse_or_return!(env, convert::dtype(dtype));
-    array_op(env, &worker, move |ctx| {
-        Ok(mlx_bind::astype(a.array(), dtype, ctx.stream()?)?)
+    build(env, &worker, &[&a], |s| {
+        mlx_bind::astype(a.array(), dtype, s)
     })
 }
 
@@ -114,8 +91,8 @@ fn reshape(
     a: ResourceArc<ArrayRes>,
     shape: Vec<i64>,
 ) -> Term {
-    array_op(env, &worker, move |ctx| {
-        Ok(mlx_bind::reshape(a.array(), &shape, ctx.stream()?)?)
+    build(env, &worker, &[&a], |s| {
+        mlx_bind::reshape(a.array(), &shape, s)
     })
 }
 
@@ -126,8 +103,8 @@ fn transpose(
     a: ResourceArc<ArrayRes>,
     axes: Vec<i64>,
 ) -> Term {
-    array_op(env, &worker, move |ctx| {
-        Ok(mlx_bind::transpose(a.array(), &axes, ctx.stream()?)?)
+    build(env, &worker, &[&a], |s| {
+        mlx_bind::transpose(a.array(), &axes, s)
     })
 }
 
@@ -138,8 +115,8 @@ fn broadcast_to(
     a: ResourceArc<ArrayRes>,
     shape: Vec<i64>,
 ) -> Term {
-    array_op(env, &worker, move |ctx| {
-        Ok(mlx_bind::broadcast_to(a.array(), &shape, ctx.stream()?)?)
+    build(env, &worker, &[&a], |s| {
+        mlx_bind::broadcast_to(a.array(), &shape, s)
     })
 }
 
@@ -150,9 +127,16 @@ fn matmul(
     a: ResourceArc<ArrayRes>,
     b: ResourceArc<ArrayRes>,
 ) -> Term {
-    array_op(env, &worker, move |ctx| {
-        Ok(mlx_bind::matmul(a.array(), b.array(), ctx.stream()?)?)
+    build(env, &worker, &[&a, &b], |s| {
+        mlx_bind::matmul(a.array(), b.array(), s)
     })
+}
+
+/// `inv(worker, a)`: the inverse of the square matrices in the last two axes. A singular
+/// matrix is reported when the array is evaluated.
+#[rustler::nif]
+fn inv(env: Env, worker: ResourceArc<WorkerRes>, a: ResourceArc<ArrayRes>) -> Term {
+    build(env, &worker, &[&a], |s| mlx_bind::inv(a.array(), s))
 }
 
 #[rustler::nif]
@@ -164,13 +148,7 @@ fn tensordot(
     axes_a: Vec<i64>,
     axes_b: Vec<i64>,
 ) -> Term {
-    array_op(env, &worker, move |ctx| {
-        Ok(mlx_bind::tensordot(
-            a.array(),
-            b.array(),
-            &axes_a,
-            &axes_b,
-            ctx.stream()?,
-        )?)
+    build(env, &worker, &[&a, &b], |s| {
+        mlx_bind::tensordot(a.array(), b.array(), &axes_a, &axes_b, s)
     })
 }

@@ -1,18 +1,26 @@
 //! Workers, build information and self-measurement.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use mlx_bind::{DeviceKind, Dtype};
-use rustler::{Encoder, Env, ResourceArc, Term};
+use once_cell::sync::Lazy;
+use rustler::env::OwnedEnv;
+use rustler::{Encoder, Env, LocalPid, ResourceArc, Term};
 
 use crate::convert;
 use crate::error::NifError;
 use crate::resources::WorkerRes;
-use crate::submit::{reply, submit};
+use crate::submit::{pending, reply, submit};
 use crate::worker;
 
-/// `default_worker(device)`: the process-wide worker of `device` (started on first use).
+mod atoms {
+    rustler::atoms! { ok, nx_mlx_queue_stopped }
+}
+
+/// `default_worker(device)`: the process-wide worker of `device` (started when the library
+/// loads, for every available device).
 #[rustler::nif]
 fn default_worker<'a>(env: Env<'a>, device: Term<'a>) -> Term<'a> {
     let result = convert::device(device)
@@ -21,13 +29,35 @@ fn default_worker<'a>(env: Env<'a>, device: Term<'a>) -> Term<'a> {
     reply(env, result)
 }
 
-/// `new_worker(device)`: a fresh worker thread with its own stream on `device`.
+/// `new_worker(device)`: `{:async, ref}`; a fresh worker thread creates its own stream on
+/// `device` and replies `{ref, {:ok, worker}}`. `{:error, {:argument, _}}` at once when the
+/// device is not available.
 #[rustler::nif]
 fn new_worker<'a>(env: Env<'a>, device: Term<'a>) -> Term<'a> {
-    let result = convert::device(device)
-        .and_then(worker::Worker::spawn)
-        .map(|w| ResourceArc::new(WorkerRes(w)).encode(env));
-    reply(env, result)
+    let device = match convert::device(device) {
+        Ok(d) => d,
+        Err(e) => return e.encode(env),
+    };
+    let mut owned = OwnedEnv::new();
+    let r = env.make_ref();
+    let saved = owned.save(r);
+    let pid = env.pid();
+    let spawned = worker::Worker::spawn(
+        device,
+        Box::new(move |result| {
+            let _ = owned.send_and_clear(&pid, |env| {
+                let r = saved.load(env);
+                match result {
+                    Ok(w) => (r, (atoms::ok(), ResourceArc::new(WorkerRes(w)))).encode(env),
+                    Err(e) => (r, e).encode(env),
+                }
+            });
+        }),
+    );
+    match spawned {
+        Ok(()) => pending(env, r.encode(env)),
+        Err(e) => e.encode(env),
+    }
 }
 
 /// `worker_info(worker)`: `%{id: integer, device: atom}`.
@@ -55,10 +85,57 @@ fn current_worker_id(env: Env, w: ResourceArc<WorkerRes>) -> Term {
     })
 }
 
-/// `live_workers()`: the number of worker threads running now.
+/// `synchronize(worker)`: replies `:ok` once everything queued on the worker before it, and
+/// everything MLX has queued on its stream, has finished.
+#[rustler::nif]
+fn synchronize(env: Env, w: ResourceArc<WorkerRes>) -> Term {
+    submit(env, &w.0, |env, ctx| {
+        ctx.stream.synchronize()?;
+        Ok(atoms::ok().encode(env))
+    })
+}
+
+/// `live_workers()`: worker threads started and not yet joined.
 #[rustler::nif]
 fn live_workers() -> usize {
     worker::live_threads()
+}
+
+static EVENT_SINK: Lazy<Mutex<Option<LocalPid>>> = Lazy::new(|| Mutex::new(None));
+
+/// `set_event_sink(pid)`: the process told `{:nx_mlx_queue_stopped, id, device}` when a worker
+/// thread stops.
+#[rustler::nif]
+fn set_event_sink(pid: LocalPid) -> rustler::Atom {
+    if let Ok(mut g) = EVENT_SINK.lock() {
+        *g = Some(pid);
+    }
+    atoms::ok()
+}
+
+fn notify_worker_stopped(id: u64, device: DeviceKind) {
+    let pid = match EVENT_SINK.lock() {
+        Ok(g) => *g,
+        Err(_) => None,
+    };
+    if let Some(pid) = pid {
+        let mut owned = OwnedEnv::new();
+        let _ = owned.send_and_clear(&pid, |env| {
+            (
+                atoms::nx_mlx_queue_stopped(),
+                id,
+                convert::encode_atom(env, device.name()),
+            )
+                .encode(env)
+        });
+    }
+}
+
+/// Called when the library loads: default workers for every available device, and the
+/// lifecycle hook.
+pub fn on_load() {
+    worker::set_on_exit(notify_worker_stopped);
+    worker::start_defaults();
 }
 
 /// `build_info()`: facts about the loaded native code, as a map of strings.
@@ -121,7 +198,7 @@ fn matmul_benchmark<'a>(
             .encode(env);
     }
     submit(env, &w.0, move |env, ctx| {
-        let s = ctx.stream()?;
+        let s = &ctx.stream;
         let a = mlx_bind::random_uniform(&[n, n], dtype, 1, s)?;
         let b = mlx_bind::random_uniform(&[n, n], dtype, 2, s)?;
         a.eval()?;
@@ -137,4 +214,39 @@ fn matmul_benchmark<'a>(
         }
         Ok(times.encode(env))
     })
+}
+
+/// `readback_benchmark(worker, reps)`: on the worker itself, with no BEAM in the loop, the
+/// median microseconds of building a 16-element f32 add and of evaluating it and copying it
+/// out (MLX's own cost of what `bench/dispatch.exs` measures): `{build_us, readback_us}`.
+#[rustler::nif]
+fn readback_benchmark(env: Env, w: ResourceArc<WorkerRes>, reps: usize) -> Term {
+    if reps == 0 || reps > 1_000_000 {
+        return NifError::Argument(format!("readback_benchmark: reps={reps} out of range"))
+            .encode(env);
+    }
+    submit(env, &w.0, move |env, ctx| {
+        let s = &ctx.stream;
+        let a = mlx_bind::full(&[16], 1.0, Dtype::F32, s)?;
+        a.eval()?;
+        let mut out = vec![0u8; 64];
+        let mut build = Vec::with_capacity(reps);
+        let mut readback = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let t0 = Instant::now();
+            let b = mlx_bind::binary(mlx_bind::BinaryOp::Add, &a, &a, s)?;
+            let t1 = Instant::now();
+            b.eval_spin(worker::EVAL_SPIN_US)?;
+            b.copy_to(s, &mut out)?;
+            let t2 = Instant::now();
+            build.push((t1 - t0).as_secs_f64() * 1e6);
+            readback.push((t2 - t1).as_secs_f64() * 1e6);
+        }
+        Ok((median(build), median(readback)).encode(env))
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }

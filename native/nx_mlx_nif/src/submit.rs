@@ -1,6 +1,7 @@
-//! Asynchronous replies: a NIF call posts a job to a worker and returns `{:ok, ref}` at once;
-//! the worker runs the job and sends `{ref, {:ok, value} | {:error, {kind, message}}}` to the
-//! calling process, which waits for it in `receive`.
+//! Asynchronous replies: a NIF call posts a job to a worker and returns `{:async, ref}` at
+//! once; the worker runs the job and sends `{ref, {:ok, value} | {:error, {kind, message}}}` to
+//! the calling process, which waits for it in `receive`. Calls that finish on the spot return
+//! `{:ok, value}` instead.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -11,7 +12,7 @@ use crate::error::{NifError, NifResult};
 use crate::worker::{Ctx, Worker};
 
 mod atoms {
-    rustler::atoms! { ok }
+    rustler::atoms! { ok, r#async = "async" }
 }
 
 pub struct Submission {
@@ -67,14 +68,22 @@ impl Submission {
     }
 }
 
-/// Runs `job` on `worker` and returns `{:ok, ref}`, or `{:error, reason}` when it could not be
-/// queued.
+/// Runs `job` on `worker` and returns `{:async, ref}`, or `{:error, reason}` when it could not
+/// be queued.
 pub fn submit<'a, F>(env: Env<'a>, worker: &Worker, job: F) -> Term<'a>
 where
     F: for<'b> FnOnce(Env<'b>, &Ctx) -> NifResult<Term<'b>> + Send + 'static,
 {
     let (submission, r) = Submission::new(env);
-    reply(env, submission.post(worker, job).map(|_| r))
+    match submission.post(worker, job) {
+        Ok(()) => (atoms::r#async(), r).encode(env),
+        Err(e) => e.encode(env),
+    }
+}
+
+/// `{:async, ref}` for a reply that will come as a message tagged `ref`.
+pub fn pending<'a>(env: Env<'a>, r: Term<'a>) -> Term<'a> {
+    (atoms::r#async(), r).encode(env)
 }
 
 pub fn reply<'a>(env: Env<'a>, result: NifResult<Term<'a>>) -> Term<'a> {

@@ -1,17 +1,24 @@
 //! Workers: one OS thread owning one MLX stream on one device.
 //!
-//! Callers post jobs on a bounded channel and return at once; the worker runs them in order on
-//! its stream. MLX requires a stream to be evaluated on the thread that created it, so every
-//! evaluation of arrays built on a worker's stream happens here. This module knows nothing of
-//! the BEAM: a job is a plain closure (the NIF layer builds closures that reply by message).
+//! MLX evaluates a stream only on the thread that created it, so every evaluation of arrays
+//! built on a worker's stream happens on that worker. Building lazy ops does not: callers build
+//! them on their own thread, naming the worker's [`Stream`], and post only evaluations here.
+//!
+//! Callers post jobs on a bounded channel and return at once (a full channel is reported as
+//! `Busy`: back-pressure, not unbounded memory); the worker runs them in order. When the last
+//! handle to a worker is dropped the channel closes, the worker finishes the jobs already
+//! queued, frees the arrays handed to it, and exits; a reaper thread joins it, so no scheduler
+//! and no destructor ever waits for a thread. This module knows nothing of the BEAM: a job is a
+//! plain closure.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender, TryRecvError, TrySendError};
 use mlx_bind::{Array, DeviceKind, Stream};
 use once_cell::sync::Lazy;
 
@@ -20,6 +27,9 @@ use crate::error::{NifError, NifResult};
 /// Jobs a worker's channel holds before `post` reports `Busy` (back-pressure).
 pub const QUEUE_CAPACITY: usize = 4096;
 
+/// Unevaluated arrays handed back for release before the worker is woken to free them.
+const GARBAGE_WAKE: usize = 1024;
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 static LIVE_THREADS: AtomicUsize = AtomicUsize::new(0);
 
@@ -27,35 +37,43 @@ thread_local! {
     static CURRENT_WORKER: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// What a job sees: the worker's stream (or why it could not be created).
+/// What a job sees: the worker's id and stream.
 pub struct Ctx {
-    stream: Result<Stream, String>,
     pub worker_id: u64,
-}
-
-impl Ctx {
-    pub fn stream(&self) -> NifResult<&Stream> {
-        self.stream
-            .as_ref()
-            .map_err(|e| NifError::Runtime(e.clone()))
-    }
+    pub stream: Stream,
 }
 
 pub type JobFn = Box<dyn FnOnce(&Ctx) + Send + 'static>;
 
 enum Job {
     Run(JobFn),
-    /// Arrays are released on the worker so that freeing a lazy graph never races with an
-    /// evaluation that mutates it.
-    Release(Array),
+    /// Wake-up to free the arrays in the garbage channel.
+    Collect,
+}
+
+/// Called once, on the worker thread, when the worker is ready (or failed to start).
+pub type OnReady = Box<dyn FnOnce(NifResult<Arc<Worker>>) + Send + 'static>;
+
+/// Called on the worker thread just before it exits, with the worker's id and device.
+pub type OnExit = fn(u64, DeviceKind);
+
+static ON_EXIT: Lazy<Mutex<Option<OnExit>>> = Lazy::new(|| Mutex::new(None));
+
+/// Sets the function every worker calls when it stops (e.g. to emit a lifecycle event).
+pub fn set_on_exit(f: OnExit) {
+    if let Ok(mut g) = ON_EXIT.lock() {
+        *g = Some(f);
+    }
 }
 
 pub struct Worker {
     id: u64,
     device: DeviceKind,
+    stream: Stream,
     sender: Sender<Job>,
-    #[cfg_attr(not(test), allow(dead_code))]
-    exited: Arc<AtomicBool>,
+    garbage: Sender<Array>,
+    garbage_len: Arc<AtomicUsize>,
+    collect_pending: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -65,9 +83,10 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    /// Starts a worker thread for `device`. Fails, without touching MLX's stream machinery,
-    /// when the device is not available (MLX would terminate the process).
-    pub fn spawn(device: DeviceKind) -> NifResult<Arc<Worker>> {
+    /// Starts a worker thread for `device`; `on_ready` gets the worker once its stream exists.
+    /// Fails at once, without touching MLX's stream machinery, when the device is not
+    /// available (MLX would terminate the process).
+    pub fn spawn(device: DeviceKind, on_ready: OnReady) -> NifResult<()> {
         if !mlx_bind::is_available(device) {
             return Err(NifError::Argument(format!(
                 "device {} is not available (this libmlx build has no such device)",
@@ -76,29 +95,39 @@ impl Worker {
         }
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = bounded::<Job>(QUEUE_CAPACITY);
-        let exited = Arc::new(AtomicBool::new(false));
-        let thread_exited = exited.clone();
         LIVE_THREADS.fetch_add(1, Ordering::SeqCst);
         let spawned = thread::Builder::new()
             .name(format!("nx_mlx-{}-{}", device.name(), id))
             .spawn(move || {
-                run(id, device, receiver);
-                thread_exited.store(true, Ordering::SeqCst);
+                run(id, device, sender, receiver, on_ready);
+                reaper_send(Reap::Exited(id));
             });
-        if let Err(e) = spawned {
-            LIVE_THREADS.fetch_sub(1, Ordering::SeqCst);
-            return Err(NifError::Runtime(format!(
-                "could not start worker thread: {e}"
-            )));
+        match spawned {
+            Ok(handle) => {
+                reaper_send(Reap::Spawned(id, handle));
+                Ok(())
+            }
+            Err(e) => {
+                LIVE_THREADS.fetch_sub(1, Ordering::SeqCst);
+                Err(NifError::Runtime(format!(
+                    "could not start worker thread: {e}"
+                )))
+            }
         }
-        // The thread is detached: it ends by itself once every sender is gone and the queue
-        // is drained, so nothing ever joins it on a scheduler or in a destructor.
-        Ok(Arc::new(Worker {
-            id,
+    }
+
+    /// [`Worker::spawn`], waiting for the worker to be ready. For tests and process start-up,
+    /// never for a scheduler thread.
+    pub fn spawn_blocking(device: DeviceKind) -> NifResult<Arc<Worker>> {
+        let (tx, rx) = bounded(1);
+        Worker::spawn(
             device,
-            sender,
-            exited,
-        }))
+            Box::new(move |w| {
+                let _ = tx.send(w);
+            }),
+        )?;
+        rx.recv()
+            .map_err(|_| NifError::Runtime("worker thread ended before it was ready".into()))?
     }
 
     pub fn id(&self) -> u64 {
@@ -107,6 +136,12 @@ impl Worker {
 
     pub fn device(&self) -> DeviceKind {
         self.device
+    }
+
+    /// The worker's stream: lazy ops may be built on any thread naming it; only the worker
+    /// evaluates them.
+    pub fn stream(&self) -> &Stream {
+        &self.stream
     }
 
     /// Queues `job`; never blocks. `Busy` when the queue is full.
@@ -120,33 +155,156 @@ impl Worker {
         }
     }
 
-    /// Hands `array` to the worker to be dropped there (dropped in place if the queue is full
-    /// or the worker is gone: a plain free, safe when nothing evaluates it concurrently).
+    /// Hands an unevaluated `array` to the worker to be freed there: freeing a lazy graph may
+    /// take longer than a scheduler should spend. Never blocks; wakes the worker once enough
+    /// arrays have piled up.
     pub fn release(&self, array: Array) {
-        if let Err(e) = self.sender.try_send(Job::Release(array)) {
+        if let Err(e) = self.garbage.send(array) {
+            // Only when the worker is gone: nothing can evaluate the array any more.
             drop(e.into_inner());
+            return;
+        }
+        let n = self.garbage_len.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= GARBAGE_WAKE
+            && !self.collect_pending.swap(true, Ordering::AcqRel)
+            && self.sender.try_send(Job::Collect).is_err()
+        {
+            // Full queue: the worker frees garbage after every job anyway.
+            self.collect_pending.store(false, Ordering::Release);
         }
     }
 }
 
-fn run(id: u64, device: DeviceKind, receiver: Receiver<Job>) {
+fn run(
+    id: u64,
+    device: DeviceKind,
+    sender: Sender<Job>,
+    receiver: Receiver<Job>,
+    on_ready: OnReady,
+) {
     CURRENT_WORKER.with(|c| c.set(id));
-    let stream = Stream::new(device).map_err(|e| e.message);
-    let ctx = Ctx {
-        stream,
-        worker_id: id,
+    let stream = match Stream::new(device) {
+        Ok(s) => s,
+        Err(e) => {
+            on_ready(Err(NifError::Runtime(e.message)));
+            return;
+        }
     };
-    for job in receiver.iter() {
+    let (garbage, garbage_rx) = unbounded::<Array>();
+    let garbage_len = Arc::new(AtomicUsize::new(0));
+    let collect_pending = Arc::new(AtomicBool::new(false));
+    let worker = Arc::new(Worker {
+        id,
+        device,
+        stream,
+        sender,
+        garbage,
+        garbage_len: garbage_len.clone(),
+        collect_pending: collect_pending.clone(),
+    });
+    // From here on the worker lives as long as handles to it (and the jobs they queued) do.
+    on_ready(Ok(worker));
+
+    let ctx = Ctx {
+        worker_id: id,
+        stream,
+    };
+    let collect = || {
+        collect_pending.store(false, Ordering::Release);
+        for a in garbage_rx.try_iter() {
+            garbage_len.fetch_sub(1, Ordering::Relaxed);
+            drop(a);
+        }
+    };
+    loop {
+        let Some(job) = next_job(&receiver) else {
+            break;
+        };
         match job {
             // A panicking job must not take the worker (or the VM) down; the job's own reply
             // path reports the failure.
             Job::Run(f) => {
                 let _ = catch_unwind(AssertUnwindSafe(|| f(&ctx)));
             }
-            Job::Release(a) => drop(a),
+            Job::Collect => {}
+        }
+        collect();
+    }
+    // Every handle is gone; free what is left, then let MLX finish the stream's work.
+    collect();
+    let _ = stream.synchronize();
+    if let Ok(g) = ON_EXIT.lock() {
+        if let Some(f) = *g {
+            f(id, device);
         }
     }
-    LIVE_THREADS.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// How long an idle worker polls its queue (yielding the CPU) before it sleeps. Waking a
+/// sleeping thread costs tens of microseconds on small virtual machines, more than a small
+/// op takes; callers that read back op after op find the worker still awake.
+const IDLE_SPIN: Duration = Duration::from_micros(20);
+
+/// How long an evaluation polls MLX for completion before sleeping on MLX's event.
+pub const EVAL_SPIN_US: u32 = 100;
+
+/// Workers polling (idle or waiting on MLX) at any one time: polling burns a core, and on a
+/// small machine the BEAM's schedulers need them.
+static SPINNERS: AtomicUsize = AtomicUsize::new(0);
+
+static MAX_SPINNERS: Lazy<usize> = Lazy::new(|| {
+    thread::available_parallelism()
+        .map(|n| (n.get() / 4).max(1))
+        .unwrap_or(1)
+});
+
+/// A permission to poll instead of sleeping; `None` when enough workers already poll.
+pub struct SpinToken(());
+
+impl SpinToken {
+    pub fn acquire() -> Option<SpinToken> {
+        if SPINNERS.fetch_add(1, Ordering::AcqRel) < *MAX_SPINNERS {
+            Some(SpinToken(()))
+        } else {
+            SPINNERS.fetch_sub(1, Ordering::AcqRel);
+            None
+        }
+    }
+}
+
+impl Drop for SpinToken {
+    fn drop(&mut self) {
+        SPINNERS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Microseconds an evaluation may poll MLX for completion: `EVAL_SPIN_US` with a token.
+pub fn eval_spin_budget(token: &Option<SpinToken>) -> u32 {
+    if token.is_some() {
+        EVAL_SPIN_US
+    } else {
+        0
+    }
+}
+
+fn next_job(receiver: &Receiver<Job>) -> Option<Job> {
+    match receiver.try_recv() {
+        Ok(job) => return Some(job),
+        Err(TryRecvError::Disconnected) => return None,
+        Err(TryRecvError::Empty) => {}
+    }
+    let token = SpinToken::acquire();
+    let start = Instant::now();
+    while token.is_some() && start.elapsed() < IDLE_SPIN {
+        thread::yield_now();
+        match receiver.try_recv() {
+            Ok(job) => return Some(job),
+            Err(TryRecvError::Disconnected) => return None,
+            Err(TryRecvError::Empty) => {}
+        }
+    }
+    drop(token);
+    receiver.recv().ok()
 }
 
 /// The id of the worker running the current thread (0 off worker threads).
@@ -154,36 +312,113 @@ pub fn current_worker_id() -> u64 {
     CURRENT_WORKER.with(|c| c.get())
 }
 
-/// Worker threads currently running.
+/// Worker threads started and not yet joined.
 pub fn live_threads() -> usize {
     LIVE_THREADS.load(Ordering::SeqCst)
 }
 
-static DEFAULTS: Lazy<Mutex<HashMap<DeviceKind, Arc<Worker>>>> =
-    Lazy::new(|| Mutex::new(HashMap::new()));
+// The reaper joins worker threads as they exit, off the schedulers and off the GC path.
 
-/// The process-wide default worker of `device`, started on first use.
+enum Reap {
+    Spawned(u64, JoinHandle<()>),
+    Exited(u64),
+}
+
+static REAPER: Lazy<Mutex<Sender<Reap>>> = Lazy::new(|| {
+    let (tx, rx) = unbounded::<Reap>();
+    let _ = thread::Builder::new()
+        .name("nx_mlx-reaper".into())
+        .spawn(move || {
+            let mut handles: HashMap<u64, JoinHandle<()>> = HashMap::new();
+            let mut exited: HashSet<u64> = HashSet::new();
+            for msg in rx {
+                let id = match msg {
+                    Reap::Spawned(id, h) => {
+                        handles.insert(id, h);
+                        id
+                    }
+                    Reap::Exited(id) => {
+                        exited.insert(id);
+                        id
+                    }
+                };
+                if exited.contains(&id) {
+                    if let Some(h) = handles.remove(&id) {
+                        exited.remove(&id);
+                        let _ = h.join();
+                        LIVE_THREADS.fetch_sub(1, Ordering::SeqCst);
+                        #[cfg(test)]
+                        JOINED.lock().unwrap().insert(id);
+                    }
+                }
+            }
+        });
+    Mutex::new(tx)
+});
+
+#[cfg(test)]
+static JOINED: Lazy<Mutex<HashSet<u64>>> = Lazy::new(|| Mutex::new(HashSet::new()));
+
+fn reaper_send(msg: Reap) {
+    if let Ok(tx) = REAPER.lock() {
+        let _ = tx.send(msg);
+    }
+}
+
+type Registry = HashMap<DeviceKind, Result<Arc<Worker>, String>>;
+
+static DEFAULTS: Lazy<Mutex<Registry>> = Lazy::new(|| Mutex::new(HashMap::new()));
+
+/// Starts the default worker of every available device (at load time, not on a hot path).
+pub fn start_defaults() {
+    for device in [DeviceKind::Cpu, DeviceKind::Gpu] {
+        if mlx_bind::is_available(device) {
+            let _ = default_worker(device);
+        }
+    }
+}
+
+/// The process-wide default worker of `device`, started on first use and kept for the life
+/// of the process.
 pub fn default_worker(device: DeviceKind) -> NifResult<Arc<Worker>> {
     let mut map = DEFAULTS
         .lock()
         .map_err(|_| NifError::Runtime("default worker registry poisoned".to_string()))?;
     if let Some(w) = map.get(&device) {
-        return Ok(w.clone());
+        return w.clone().map_err(NifError::Runtime);
     }
-    let w = Worker::spawn(device)?;
-    map.insert(device, w.clone());
-    Ok(w)
+    match Worker::spawn_blocking(device) {
+        Ok(w) => {
+            map.insert(device, Ok(w.clone()));
+            Ok(w)
+        }
+        Err(NifError::Argument(m)) => Err(NifError::Argument(m)),
+        Err(e) => {
+            map.insert(device, Err(e.to_string()));
+            Err(e)
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crossbeam_channel::bounded as chan;
-    use std::time::Duration;
+
+    fn wait_until(mut f: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if f() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        false
+    }
 
     #[test]
     fn jobs_run_in_order_on_the_worker_thread() {
-        let w = Worker::spawn(DeviceKind::Cpu).unwrap();
+        let w = Worker::spawn_blocking(DeviceKind::Cpu).unwrap();
         let (tx, rx) = chan(16);
         for i in 0..10 {
             let tx = tx.clone();
@@ -202,14 +437,14 @@ mod tests {
     }
 
     #[test]
-    fn a_job_evaluates_on_its_own_stream() {
-        let w = Worker::spawn(DeviceKind::Cpu).unwrap();
+    fn ops_built_on_another_thread_evaluate_on_the_worker() {
+        let w = Worker::spawn_blocking(DeviceKind::Cpu).unwrap();
+        let s = *w.stream();
+        let a = mlx_bind::full(&[3], 2.0, mlx_bind::Dtype::F32, &s).unwrap();
+        let b = mlx_bind::binary(mlx_bind::BinaryOp::Multiply, &a, &a, &s).unwrap();
         let (tx, rx) = chan(1);
         w.post(Box::new(move |ctx| {
-            let s = ctx.stream().unwrap();
-            let a = mlx_bind::full(&[3], 2.0, mlx_bind::Dtype::F32, s).unwrap();
-            let b = mlx_bind::binary(mlx_bind::BinaryOp::Multiply, &a, &a, s).unwrap();
-            tx.send(b.to_bytes(s).unwrap()).unwrap();
+            tx.send(b.to_bytes(&ctx.stream).unwrap()).unwrap();
         }))
         .unwrap();
         let bytes = rx.recv_timeout(Duration::from_secs(5)).unwrap();
@@ -224,7 +459,7 @@ mod tests {
 
     #[test]
     fn a_panicking_job_leaves_the_worker_alive() {
-        let w = Worker::spawn(DeviceKind::Cpu).unwrap();
+        let w = Worker::spawn_blocking(DeviceKind::Cpu).unwrap();
         w.post(Box::new(|_| panic!("boom"))).unwrap();
         let (tx, rx) = chan(1);
         w.post(Box::new(move |_| tx.send(42).unwrap())).unwrap();
@@ -234,30 +469,55 @@ mod tests {
     #[test]
     fn unavailable_device_is_an_error() {
         if !mlx_bind::is_available(DeviceKind::Gpu) {
-            let err = Worker::spawn(DeviceKind::Gpu).unwrap_err();
+            let err = Worker::spawn_blocking(DeviceKind::Gpu).unwrap_err();
+            assert!(err.to_string().contains("not available"));
+            let err = default_worker(DeviceKind::Gpu).unwrap_err();
             assert!(err.to_string().contains("not available"));
         }
     }
 
     #[test]
-    fn dropping_the_last_handle_ends_the_thread() {
-        let w = Worker::spawn(DeviceKind::Cpu).unwrap();
-        let exited = w.exited.clone();
-        let (tx, rx) = chan(1);
-        w.post(Box::new(move |_| tx.send(()).unwrap())).unwrap();
-        rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        assert!(!exited.load(Ordering::SeqCst));
-        drop(w);
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !exited.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(2));
+    fn dropping_the_last_handle_finishes_queued_jobs_and_joins_the_thread() {
+        let w = Worker::spawn_blocking(DeviceKind::Cpu).unwrap();
+        assert!(live_threads() >= 1);
+        let (tx, rx) = chan(100);
+        for i in 0..50 {
+            let tx = tx.clone();
+            w.post(Box::new(move |_| {
+                thread::sleep(Duration::from_micros(200));
+                tx.send(i).unwrap();
+            }))
+            .unwrap();
         }
-        assert!(exited.load(Ordering::SeqCst), "worker thread still running");
+        let id = w.id();
+        drop(w);
+        // Pending jobs still run, in order, after the last handle is gone.
+        for i in 0..50 {
+            assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), i);
+        }
+        assert!(
+            wait_until(|| JOINED.lock().unwrap().contains(&id)),
+            "worker {id} not joined"
+        );
+    }
+
+    #[test]
+    fn unevaluated_arrays_are_freed_on_the_worker() {
+        let w = Worker::spawn_blocking(DeviceKind::Cpu).unwrap();
+        let s = *w.stream();
+        for _ in 0..(GARBAGE_WAKE + 10) {
+            let a = mlx_bind::full(&[4], 1.0, mlx_bind::Dtype::F32, &s).unwrap();
+            w.release(a);
+        }
+        // The worker was woken once the pile reached GARBAGE_WAKE and freed it.
+        assert!(wait_until(
+            || w.garbage_len.load(Ordering::Relaxed) < GARBAGE_WAKE
+        ));
     }
 
     #[test]
     fn full_queue_reports_busy() {
-        let w = Worker::spawn(DeviceKind::Cpu).unwrap();
+        let w = Worker::spawn_blocking(DeviceKind::Cpu).unwrap();
         let (gate_tx, gate_rx) = chan::<()>(0);
         w.post(Box::new(move |_| {
             let _ = gate_rx.recv_timeout(Duration::from_secs(10));

@@ -1,0 +1,119 @@
+//! Building lazy arrays on the calling thread.
+//!
+//! An op NIF builds the MLX node right away on the caller's (scheduler) thread, naming the
+//! worker's stream, and returns `{:ok, array}`: building a node is metadata work (shape and
+//! type inference, one allocation), far cheaper than a round trip to the worker. Evaluation
+//! still happens only on the worker. Two things keep that safe:
+//!
+//! - an input that lives on another worker and is not evaluated yet would make this worker
+//!   evaluate another thread's stream (an MLX error): such inputs are returned as
+//!   `{:error, {:foreign, inputs}}`, for the caller to evaluate them on their own worker first;
+//! - chains of unevaluated ops are cut every `AUTO_EVAL_DEPTH` nodes by queueing an evaluation
+//!   on the worker, so that a long eager loop never builds an unbounded graph.
+
+use mlx_bind::Array;
+use rustler::{Encoder, Env, ResourceArc, Term};
+
+use crate::error::{NifError, NifResult};
+use crate::resources::{ArrayRes, WorkerRes};
+use crate::submit::reply;
+use crate::worker::{eval_spin_budget, SpinToken};
+
+/// Unevaluated ops in a chain before the worker is asked to evaluate it.
+pub const AUTO_EVAL_DEPTH: u32 = 10_000;
+
+mod atoms {
+    rustler::atoms! { error, foreign }
+}
+
+/// Builds an op with `f` on `worker`'s stream from `inputs`, replying `{:ok, array}`.
+pub fn build<'a, F>(
+    env: Env<'a>,
+    worker: &ResourceArc<WorkerRes>,
+    inputs: &[&ResourceArc<ArrayRes>],
+    f: F,
+) -> Term<'a>
+where
+    F: FnOnce(&mlx_bind::Stream) -> mlx_bind::Result<Array>,
+{
+    let w = &worker.0;
+    let mut foreign = Vec::new();
+    let mut depth = 0;
+    for input in inputs {
+        if let Err(e) = input.check() {
+            return e.encode(env);
+        }
+        if input.is_evaluated() {
+            continue;
+        }
+        if !std::sync::Arc::ptr_eq(input.worker(), w) {
+            foreign.push((*input).clone());
+        }
+        depth = depth.max(input.depth);
+    }
+    if !foreign.is_empty() {
+        return (atoms::error(), (atoms::foreign(), foreign)).encode(env);
+    }
+    let result = f(w.stream())
+        .map_err(NifError::from)
+        .and_then(|a| check_size(&a).map(|_| a))
+        .map(|a| {
+            let depth = depth + 1;
+            if depth >= AUTO_EVAL_DEPTH {
+                let r = ArrayRes::lazy(a, w.clone(), 0);
+                schedule_eval(&r);
+                r
+            } else {
+                ArrayRes::lazy(a, w.clone(), depth)
+            }
+        })
+        .map(|r| r.encode(env));
+    reply(env, result)
+}
+
+/// Refuses arrays larger than MLX's memory limit: MLX's CPU allocator does not check for a
+/// failed allocation, so an impossible size would crash the process at evaluation time.
+pub fn check_size(a: &Array) -> NifResult<()> {
+    let bytes = a.nbytes();
+    let limit = mlx_bind::memory::limit();
+    if limit > 0 && bytes > limit {
+        return Err(NifError::Argument(format!(
+            "the result needs {bytes} bytes, more than MLX's memory limit of {limit} bytes \
+             (see NxMlx.set_memory_limit/1)"
+        )));
+    }
+    Ok(())
+}
+
+/// Queues an evaluation of `r` on its worker, without waiting (best effort: skipped when the
+/// queue is full; the array is then evaluated when read).
+pub fn schedule_eval(r: &ResourceArc<ArrayRes>) {
+    let job_r = r.clone();
+    let _ = r
+        .worker()
+        .post(Box::new(move |ctx| match job_r.array().eval() {
+            Ok(()) => job_r.mark_evaluated(ctx.worker_id),
+            Err(e) => job_r.mark_failed(&e.message),
+        }));
+}
+
+/// Evaluates `r` on its worker (the calling thread must be that worker).
+pub fn eval_here(r: &ArrayRes, worker_id: u64) -> NifResult<()> {
+    r.check()?;
+    if r.is_evaluated() {
+        return Ok(());
+    }
+    let token = SpinToken::acquire();
+    let result = r.array().eval_spin(eval_spin_budget(&token));
+    drop(token);
+    match result {
+        Ok(()) => {
+            r.mark_evaluated(worker_id);
+            Ok(())
+        }
+        Err(e) => {
+            r.mark_failed(&e.message);
+            Err(NifError::Runtime(e.message))
+        }
+    }
+}
