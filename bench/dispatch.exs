@@ -1,4 +1,5 @@
-# Eager-op cost on a 16-element f32 tensor on the CPU device: `mix run bench/dispatch.exs`.
+# Eager-op cost on a 16-element f32 tensor on the CPU device: `mix run bench/dispatch.exs`
+# (`NX_MLX_BENCH_DEVICE=gpu` measures the GPU device instead).
 #
 #   dispatch_us: one Nx.add through NxMlx.Backend, dispatch only: a chain of lazy adds is
 #                built and the time is divided by its length (evaluation excluded).
@@ -50,16 +51,26 @@ defmodule DispatchBench do
   end
 end
 
+device =
+  case System.get_env("NX_MLX_BENCH_DEVICE", "cpu") do
+    "gpu" -> :gpu
+    _ -> :cpu
+  end
+
 {bin_dispatch, bin_readback} = DispatchBench.run(Nx.BinaryBackend)
-{dispatch, readback} = DispatchBench.run({NxMlx.Backend, device: :cpu})
+{dispatch, readback} = DispatchBench.run({NxMlx.Backend, device: device})
 
 {raw_build, raw_readback} =
-  NxMlx.Runtime.call(:readback_benchmark, [NxMlx.Runtime.worker(:cpu), 5_000], fn ->
+  NxMlx.Runtime.call(:readback_benchmark, [NxMlx.Runtime.worker(device), 5_000], fn ->
     "readback_benchmark"
   end)
 
 cores = System.schedulers_online()
-IO.puts("machine: #{:erlang.system_info(:system_architecture)}, #{cores} schedulers")
+
+IO.puts(
+  "machine: #{:erlang.system_info(:system_architecture)}, #{cores} schedulers, device #{device}"
+)
+
 IO.puts("reference_binary_backend_dispatch_us: #{Float.round(bin_dispatch, 2)}")
 IO.puts("reference_binary_backend_readback_us: #{Float.round(bin_readback / 1, 2)}")
 IO.puts("reference_raw_mlx_build_us: #{Float.round(raw_build, 2)}")

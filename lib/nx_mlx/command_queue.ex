@@ -20,6 +20,11 @@ defmodule NxMlx.CommandQueue do
   returns at once, and the caller waits for the reply in `receive`. No scheduler thread waits
   on MLX. A full channel makes the caller back off and retry (back-pressure).
 
+  On Linux, worker threads (and the stream threads MLX starts from them) run at the nice
+  value of `config :nx_mlx, worker_nice: 19` (read when the NIF loads): when the machine is
+  busy, the BEAM's schedulers get the CPU first, which keeps the VM responsive; idle cores
+  still go to MLX.
+
   A default queue exists for every available device (`default/1`). A queue lives as long as
   the queue struct or any tensor built on it is referenced; then its thread finishes the jobs
   already queued and stops, and is joined off the schedulers. (MLX itself keeps one idle

@@ -10,7 +10,12 @@ defmodule NxMlx.Native do
   def load_nif do
     path = :filename.join(:code.priv_dir(:nx_mlx), ~c"native/libnx_mlx_nif")
 
-    case :erlang.load_nif(path, 0) do
+    # Worker threads lower their OS priority to this nice value (Linux), so that on a small,
+    # busy machine the BEAM's schedulers win the CPU; MLX still gets every idle core. See
+    # NxMlx.CommandQueue.
+    nice = Application.get_env(:nx_mlx, :worker_nice, 19)
+
+    case :erlang.load_nif(path, nice) do
       :ok ->
         :ok
 

@@ -19,7 +19,11 @@ mod runtime;
 mod submit;
 pub mod worker;
 
-fn load(_env: rustler::Env, _info: rustler::Term) -> bool {
+/// `load_info` is the nice value for worker threads (`config :nx_mlx, worker_nice: n`).
+fn load(_env: rustler::Env, info: rustler::Term) -> bool {
+    if let Ok(nice) = info.decode::<i32>() {
+        worker::set_nice(nice);
+    }
     runtime::on_load();
     true
 }

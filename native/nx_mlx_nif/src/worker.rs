@@ -183,6 +183,7 @@ fn run(
     on_ready: OnReady,
 ) {
     CURRENT_WORKER.with(|c| c.set(id));
+    lower_thread_priority(NICE.load(Ordering::Relaxed));
     let stream = match Stream::new(device) {
         Ok(s) => s,
         Err(e) => {
@@ -306,6 +307,36 @@ fn next_job(receiver: &Receiver<Job>) -> Option<Job> {
     drop(token);
     receiver.recv().ok()
 }
+
+/// The nice value worker threads give themselves (Linux), see [`set_nice`].
+static NICE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Sets the nice value (0..=19) that workers started from now on give their thread, and, by
+/// inheritance, the stream thread MLX starts from it. A positive value lets the BEAM's
+/// schedulers win the CPU when a small machine is oversubscribed; MLX still uses every idle
+/// core.
+pub fn set_nice(nice: i32) {
+    NICE.store(nice.clamp(0, 19), Ordering::Relaxed);
+}
+
+#[cfg(target_os = "linux")]
+fn lower_thread_priority(nice: i32) {
+    if nice <= 0 {
+        return;
+    }
+    extern "C" {
+        fn setpriority(which: i32, who: u32, prio: i32) -> i32;
+    }
+    const PRIO_PROCESS: i32 = 0;
+    // SAFETY: plain syscall wrapper; on Linux `who = 0` names the calling thread only.
+    // Failure leaves the default priority, which is harmless.
+    unsafe {
+        setpriority(PRIO_PROCESS, 0, nice);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_thread_priority(_nice: i32) {}
 
 /// The id of the worker running the current thread (0 off worker threads).
 pub fn current_worker_id() -> u64 {
@@ -513,6 +544,24 @@ mod tests {
         assert!(wait_until(
             || w.garbage_len.load(Ordering::Relaxed) < GARBAGE_WAKE
         ));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn workers_take_the_configured_nice_value() {
+        extern "C" {
+            fn getpriority(which: i32, who: u32) -> i32;
+        }
+        set_nice(7);
+        let w = Worker::spawn_blocking(DeviceKind::Cpu).unwrap();
+        set_nice(0);
+        let (tx, rx) = chan(1);
+        w.post(Box::new(move |_| {
+            // SAFETY: plain syscall wrapper; `who = 0` is the calling thread on Linux.
+            tx.send(unsafe { getpriority(0, 0) }).unwrap();
+        }))
+        .unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 7);
     }
 
     #[test]
