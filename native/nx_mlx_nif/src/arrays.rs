@@ -1,7 +1,8 @@
 //! Creating arrays from BEAM data, reading them back, evaluating them.
 //!
-//! Small copies (up to `INLINE_BYTES`) happen right in the NIF call, which is cheaper than a
-//! round trip to the worker; larger ones, and every evaluation, run on the array's worker.
+//! Small copies (up to `INLINE_BYTES`) of CPU arrays happen right in the NIF call, which is
+//! cheaper than a round trip to the worker; larger ones, GPU arrays and every evaluation run on
+//! the array's worker.
 
 use mlx_bind::{Array, DeviceKind};
 use rustler::{Binary, Encoder, Env, OwnedBinary, ResourceArc, Term};
@@ -33,7 +34,7 @@ fn from_binary<'a>(
         Err(e) => return e.encode(env),
     };
     let w = worker.0.clone();
-    if data.len() <= INLINE_BYTES {
+    if data.len() <= INLINE_BYTES && w.device() == DeviceKind::Cpu {
         let result = Array::from_bytes(data.as_slice(), &shape, dtype)
             .map_err(NifError::from)
             .map(|a| ArrayRes::ready(a, w).encode(env));

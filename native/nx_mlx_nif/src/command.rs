@@ -6,6 +6,7 @@
 //! `Completed` or `Failed` when MLX's completion events for the arrays have fired (a failed
 //! task's error travels with its event). The command keeps its arrays only until then.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -100,13 +101,19 @@ impl<T: Target + Clone> Command<T> {
             let cmd = command.clone();
             let posted = worker.post(Box::new(move |ctx| {
                 cmd.start();
-                let arrays: Vec<&Array> = group.iter().map(|t| t.array()).collect();
-                let result =
-                    mlx_bind::async_eval_all(&arrays).and_then(|_| mlx_bind::wait_all(&arrays));
-                let error = result.err().map(|e| e.message);
-                for t in &group {
-                    t.done(ctx.worker_id, error.as_deref().map_or(Ok(()), Err));
-                }
+                // Whatever happens, the command settles: a waiter must never wait forever.
+                let outcome = catch_unwind(AssertUnwindSafe(|| {
+                    let arrays: Vec<&Array> = group.iter().map(|t| t.array()).collect();
+                    let result =
+                        mlx_bind::async_eval_all(&arrays).and_then(|_| mlx_bind::wait_all(&arrays));
+                    let error = result.err().map(|e| e.message);
+                    for t in &group {
+                        t.done(ctx.worker_id, error.as_deref().map_or(Ok(()), Err));
+                    }
+                    error
+                }));
+                let error =
+                    outcome.unwrap_or_else(|_| Some("internal panic while evaluating".to_string()));
                 cmd.part_done(error);
             }));
             if let Err(e) = posted {

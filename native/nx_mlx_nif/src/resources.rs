@@ -106,10 +106,12 @@ impl ArrayRes {
 impl Drop for ArrayRes {
     fn drop(&mut self) {
         if let Some(a) = self.array.take() {
-            if self.is_evaluated() {
-                // Data only, no graph: freeing it is a plain free.
+            if self.is_evaluated() && self.device() == DeviceKind::Cpu {
+                // Host data only, no graph: freeing it is a plain free.
                 drop(a);
             } else {
+                // A graph, or device memory (whose release may involve the device driver):
+                // freed on the worker.
                 self.worker.release(a);
             }
         }
