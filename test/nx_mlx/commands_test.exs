@@ -80,6 +80,21 @@ defmodule NxMlx.CommandsTest do
       assert Nx.to_flat_list(Nx.add(mlx([1.0]), 1.0)) == [2.0]
     end
 
+    test "every tensor computed from a failed graph raises; computed ones stay readable" do
+      ok = Nx.add(mlx([1.0, 2.0]), 1.0)
+      Nx.to_binary(ok)
+      z = failing_tensor()
+      w = Nx.add(z, z)
+      # Built before the failure is known and not part of the failing graph.
+      v = Nx.multiply(z, 2.0)
+      {:ok, command} = NxMlx.submit({ok, w})
+      assert {:error, _} = NxMlx.wait(command)
+      assert Nx.to_flat_list(ok) == [2.0, 3.0]
+      assert_raise NxMlx.NIFError, ~r/failed/, fn -> Nx.to_binary(z) end
+      assert_raise NxMlx.NIFError, ~r/failed/, fn -> Nx.to_binary(v) end
+      assert_raise NxMlx.NIFError, ~r/failed/, fn -> Nx.to_binary(w) end
+    end
+
     test "reading a failing tensor directly raises instead of crashing" do
       assert_raise NxMlx.NIFError, ~r/Inverse/, fn -> Nx.to_binary(failing_tensor()) end
     end

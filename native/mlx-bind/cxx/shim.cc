@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstring>
 #include <thread>
+#include <unordered_set>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -130,7 +131,13 @@ std::unique_ptr<array> from_bytes(
     if (d < 0) {
       throw std::invalid_argument("negative dimension in shape");
     }
+    if (d != 0 && count > SIZE_MAX / static_cast<size_t>(d)) {
+      throw std::invalid_argument("shape has too many elements");
+    }
     count *= static_cast<size_t>(d);
+  }
+  if (count != 0 && count > SIZE_MAX / dt.size()) {
+    throw std::invalid_argument("shape has too many elements");
   }
   if (count * dt.size() != data.size()) {
     throw std::invalid_argument(
@@ -241,6 +248,47 @@ void wait_list(const ArrayList& list) {
   for (auto a : list.arrays) {
     a.eval();
   }
+}
+
+// The nodes an evaluation of `outputs` would compute (status unscheduled, with their
+// siblings) go to `pending`; the ids of the already computed arrays it would read go to
+// `boundary`. Reads the graph only.
+void scan_graph(const ArrayList& outputs, ArrayList& pending, rust::Vec<uint64_t>& boundary) {
+  std::unordered_set<std::uintptr_t> seen;
+  std::vector<array> stack(outputs.arrays.begin(), outputs.arrays.end());
+  while (!stack.empty()) {
+    array a = std::move(stack.back());
+    stack.pop_back();
+    if (!seen.insert(a.id()).second) {
+      continue;
+    }
+    if (a.status() != array::Status::unscheduled) {
+      boundary.push_back(static_cast<uint64_t>(a.id()));
+      continue;
+    }
+    pending.arrays.push_back(a);
+    for (const auto& s : a.siblings()) {
+      if (seen.insert(s.id()).second) {
+        pending.arrays.push_back(s);
+      }
+    }
+    for (const auto& in : a.inputs()) {
+      stack.push_back(in);
+    }
+  }
+}
+
+rust::Vec<uint64_t> array_list_ids(const ArrayList& list) {
+  rust::Vec<uint64_t> out;
+  out.reserve(list.arrays.size());
+  for (const auto& a : list.arrays) {
+    out.push_back(static_cast<uint64_t>(a.id()));
+  }
+  return out;
+}
+
+uint64_t array_id(const array& a) {
+  return static_cast<uint64_t>(a.id());
 }
 
 size_t get_active_memory() {

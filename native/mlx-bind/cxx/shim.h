@@ -49,6 +49,9 @@ void array_list_push(ArrayList& list, const array& a);
 void eval_list(const ArrayList& list);
 void async_eval_list(const ArrayList& list);
 void wait_list(const ArrayList& list);
+void scan_graph(const ArrayList& outputs, ArrayList& pending, rust::Vec<uint64_t>& boundary);
+rust::Vec<uint64_t> array_list_ids(const ArrayList& list);
+uint64_t array_id(const array& a);
 
 
 size_t get_active_memory();

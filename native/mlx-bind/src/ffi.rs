@@ -149,6 +149,9 @@ pub(crate) mod bridge {
         fn eval_list(list: &ArrayList) -> Result<()>;
         fn async_eval_list(list: &ArrayList) -> Result<()>;
         fn wait_list(list: &ArrayList) -> Result<()>;
+        fn scan_graph(outputs: &ArrayList, pending: Pin<&mut ArrayList>, boundary: &mut Vec<u64>);
+        fn array_list_ids(list: &ArrayList) -> Vec<u64>;
+        fn array_id(a: &Array) -> u64;
 
         fn get_active_memory() -> usize;
         fn get_peak_memory() -> usize;
@@ -156,8 +159,8 @@ pub(crate) mod bridge {
         fn get_cache_memory() -> usize;
         fn get_memory_limit() -> usize;
         fn set_memory_limit(limit: usize) -> usize;
-        fn set_cache_limit(limit: usize) -> usize;
-        fn clear_cache();
+        fn set_cache_limit(limit: usize) -> Result<usize>;
+        fn clear_cache() -> Result<()>;
 
         fn full_scalar(
             shape: &[i32],

@@ -138,6 +138,14 @@ fn wrap(r: std::result::Result<UniquePtr<bridge::Array>, cxx::Exception>) -> Res
 }
 
 fn check_shape(shape: &[i64]) -> Result<Vec<i32>> {
+    let elements = shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d.max(0) as u64));
+    if !matches!(elements, Some(n) if n <= (1u64 << 48)) {
+        return Err(Error {
+            message: format!("shape {shape:?} has too many elements"),
+        });
+    }
     shape
         .iter()
         .map(|&d| {
@@ -186,6 +194,11 @@ impl Array {
 
     pub fn nbytes(&self) -> usize {
         bridge::nbytes(self.inner())
+    }
+
+    /// MLX's identity of the array's node (shared by every handle to it).
+    pub fn id(&self) -> u64 {
+        bridge::array_id(self.inner())
     }
 
     /// Evaluates the array (and its lazy inputs) and waits for the result.
@@ -245,6 +258,30 @@ pub fn async_eval_all(arrays: &[&Array]) -> Result<()> {
     Ok(bridge::async_eval_list(&list_of(arrays))?)
 }
 
+/// What evaluating some arrays would involve: the nodes it would compute (still unscheduled,
+/// with their siblings) and the ids of the computed arrays it would read.
+pub struct GraphScan {
+    pending: UniquePtr<bridge::ArrayList>,
+    pub boundary: Vec<u64>,
+}
+
+impl GraphScan {
+    /// Ids of the nodes the evaluation would compute.
+    pub fn pending_ids(&self) -> Vec<u64> {
+        bridge::array_list_ids(&self.pending)
+    }
+}
+
+/// Scans the graph behind `arrays` without changing it. Call it on the thread that evaluates
+/// them, before evaluating.
+pub fn scan_graph(arrays: &[&Array]) -> GraphScan {
+    let outputs = list_of(arrays);
+    let mut pending = bridge::new_array_list();
+    let mut boundary = Vec::new();
+    bridge::scan_graph(&outputs, pending.pin_mut(), &mut boundary);
+    GraphScan { pending, boundary }
+}
+
 /// Waits until `arrays` (scheduled by [`async_eval_all`]) are computed, through MLX's
 /// completion events; the error of a failed task, if any. Unscheduled arrays are evaluated.
 pub fn wait_all(arrays: &[&Array]) -> Result<()> {
@@ -280,13 +317,15 @@ pub mod memory {
         bridge::set_memory_limit(bytes)
     }
 
-    /// Sets the cache limit (0 disables the cache); returns the previous one.
-    pub fn set_cache_limit(bytes: usize) -> usize {
-        bridge::set_cache_limit(bytes)
+    /// Sets the cache limit (0 disables the cache); returns the previous one. Waits for the
+    /// CPU streams.
+    pub fn set_cache_limit(bytes: usize) -> crate::Result<usize> {
+        Ok(bridge::set_cache_limit(bytes)?)
     }
 
-    pub fn clear_cache() {
-        bridge::clear_cache()
+    /// Returns cached buffers to the system. Waits for the CPU streams.
+    pub fn clear_cache() -> crate::Result<()> {
+        Ok(bridge::clear_cache()?)
     }
 }
 

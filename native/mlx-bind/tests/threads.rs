@@ -97,9 +97,27 @@ fn memory_counters_move() {
     a.eval().unwrap();
     assert!(memory::active() >= 4 << 20);
     assert!(memory::peak() >= 4 << 20);
-    let old = memory::set_cache_limit(0);
+    let old = memory::set_cache_limit(0).unwrap();
     drop(a);
-    memory::clear_cache();
+    memory::clear_cache().unwrap();
     assert_eq!(memory::cache(), 0);
-    memory::set_cache_limit(old);
+    memory::set_cache_limit(old).unwrap();
+}
+
+#[test]
+fn scanning_a_graph_lists_what_evaluation_would_compute() {
+    let s = Stream::new(DeviceKind::Cpu).unwrap();
+    let a = full(&[2], 1.0, Dtype::F32, &s).unwrap();
+    a.eval().unwrap();
+    let b = binary(BinaryOp::Add, &a, &a, &s).unwrap();
+    let c = binary(BinaryOp::Multiply, &b, &a, &s).unwrap();
+    let scan = scan_graph(&[&c]);
+    let mut pending = scan.pending_ids();
+    pending.sort();
+    let mut expected = vec![b.id(), c.id()];
+    expected.sort();
+    assert_eq!(pending, expected);
+    assert_eq!(scan.boundary, vec![a.id()]);
+    c.eval().unwrap();
+    assert!(scan_graph(&[&c]).pending_ids().is_empty());
 }

@@ -10,6 +10,11 @@
 //!   `{:error, {:foreign, inputs}}`, for the caller to evaluate them on their own worker first;
 //! - chains of unevaluated ops are cut every `AUTO_EVAL_DEPTH` nodes by queueing an evaluation
 //!   on the worker, so that a long eager loop never builds an unbounded graph.
+//!
+//! Only single-output ops may be built here. Building reads only the inputs' shape and type,
+//! which never change; but destroying a handle to a node with siblings (a multi-output op such
+//! as split, divmod, qr or svd) reads the sibling list, which the worker clears while it
+//! evaluates the node. Multi-output ops must be built on the worker.
 
 use mlx_bind::Array;
 use rustler::{Encoder, Env, ResourceArc, Term};
@@ -89,12 +94,9 @@ pub fn check_size(a: &Array) -> NifResult<()> {
 /// queue is full; the array is then evaluated when read).
 pub fn schedule_eval(r: &ResourceArc<ArrayRes>) {
     let job_r = r.clone();
-    let _ = r
-        .worker()
-        .post(Box::new(move |ctx| match job_r.array().eval() {
-            Ok(()) => job_r.mark_evaluated(ctx.worker_id),
-            Err(e) => job_r.mark_failed(&e.message),
-        }));
+    let _ = r.worker().post(Box::new(move |ctx| {
+        let _ = eval_here(&job_r, ctx.worker_id);
+    }));
 }
 
 /// Evaluates `r` on its worker (the calling thread must be that worker).
@@ -104,16 +106,16 @@ pub fn eval_here(r: &ArrayRes, worker_id: u64) -> NifResult<()> {
         return Ok(());
     }
     let token = SpinToken::acquire();
-    let result = r.array().eval_spin(eval_spin_budget(&token));
+    let result = r.worker().evaluate(&[r.array()], eval_spin_budget(&token));
     drop(token);
     match result {
         Ok(()) => {
             r.mark_evaluated(worker_id);
             Ok(())
         }
-        Err(e) => {
-            r.mark_failed(&e.message);
-            Err(NifError::Runtime(e.message))
+        Err(message) => {
+            r.mark_failed(&message);
+            Err(NifError::Runtime(message))
         }
     }
 }

@@ -104,9 +104,7 @@ impl<T: Target + Clone> Command<T> {
                 // Whatever happens, the command settles: a waiter must never wait forever.
                 let outcome = catch_unwind(AssertUnwindSafe(|| {
                     let arrays: Vec<&Array> = group.iter().map(|t| t.array()).collect();
-                    let result =
-                        mlx_bind::async_eval_all(&arrays).and_then(|_| mlx_bind::wait_all(&arrays));
-                    let error = result.err().map(|e| e.message);
+                    let error = group[0].worker().evaluate(&arrays, 0).err();
                     for t in &group {
                         t.done(ctx.worker_id, error.as_deref().map_or(Ok(()), Err));
                     }
@@ -178,7 +176,9 @@ impl<T> Command<T> {
 
     /// The outcome if settled; otherwise `waiter` is kept and called once it settles.
     pub fn wait_or_register(&self, waiter: Waiter) -> Option<Result<(), String>> {
-        let mut inner = self.inner.lock().ok()?;
+        let Ok(mut inner) = self.inner.lock() else {
+            return Some(Err("command state poisoned".to_string()));
+        };
         match self.state.load(Ordering::Acquire) {
             COMPLETED => Some(Ok(())),
             FAILED => Some(Err(inner.error.clone().unwrap_or_default())),

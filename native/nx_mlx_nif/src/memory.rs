@@ -54,7 +54,7 @@ fn set_memory_limit(bytes: usize) -> usize {
 #[rustler::nif]
 fn set_cache_limit(env: Env, w: ResourceArc<WorkerRes>, bytes: usize) -> Term {
     submit(env, &w.0, move |env, _ctx| {
-        Ok(mlx_bind::memory::set_cache_limit(bytes).encode(env))
+        Ok(mlx_bind::memory::set_cache_limit(bytes)?.encode(env))
     })
 }
 
@@ -62,7 +62,7 @@ fn set_cache_limit(env: Env, w: ResourceArc<WorkerRes>, bytes: usize) -> Term {
 #[rustler::nif]
 fn clear_cache(env: Env, w: ResourceArc<WorkerRes>) -> Term {
     submit(env, &w.0, |env, _ctx| {
-        mlx_bind::memory::clear_cache();
+        mlx_bind::memory::clear_cache()?;
         Ok(atoms::ok().encode(env))
     })
 }

@@ -9,6 +9,9 @@ use rustler::{Resource, ResourceArc};
 use crate::error::{NifError, NifResult};
 use crate::worker::Worker;
 
+/// Computed CPU arrays up to this size are freed in place when garbage collected.
+const INLINE_FREE_BYTES: usize = 64 * 1024;
+
 const LAZY: u8 = 0;
 const EVALUATED: u8 = 1;
 const FAILED: u8 = 2;
@@ -65,15 +68,20 @@ impl ArrayRes {
         self.state.load(Ordering::Acquire) == EVALUATED
     }
 
-    /// The error of a failed evaluation of this array, if any.
+    /// The error of a failed evaluation of this array (or of a graph it belongs to), if any.
     pub fn check(&self) -> NifResult<()> {
-        if self.state.load(Ordering::Acquire) == FAILED {
-            let msg = self.failure.get().map(String::as_str).unwrap_or("unknown");
-            return Err(NifError::Runtime(format!(
-                "the array's evaluation failed earlier: {msg}"
-            )));
+        match self.state.load(Ordering::Acquire) {
+            EVALUATED => return Ok(()),
+            LAZY if self.worker.is_failed(self.array()) => {
+                self.mark_failed("it belongs to a graph whose evaluation failed")
+            }
+            LAZY => return Ok(()),
+            _ => {}
         }
-        Ok(())
+        let msg = self.failure.get().map(String::as_str).unwrap_or("unknown");
+        Err(NifError::Runtime(format!(
+            "the array's evaluation failed earlier: {msg}"
+        )))
     }
 
     /// Records a successful evaluation on the worker thread `worker_id`.
@@ -84,10 +92,15 @@ impl ArrayRes {
             .compare_exchange(LAZY, EVALUATED, Ordering::AcqRel, Ordering::Acquire);
     }
 
-    /// Records a failed evaluation; the array must never be read afterwards.
+    /// Records a failed evaluation of a lazy array; it must never be read afterwards. An
+    /// array already computed stays readable.
     pub fn mark_failed(&self, message: &str) {
-        let _ = self.failure.set(message.to_string());
-        self.state.store(FAILED, Ordering::Release);
+        if self.state.load(Ordering::Acquire) == LAZY {
+            let _ = self.failure.set(message.to_string());
+            let _ = self
+                .state
+                .compare_exchange(LAZY, FAILED, Ordering::AcqRel, Ordering::Acquire);
+        }
     }
 
     pub fn evaluated_on(&self) -> u64 {
@@ -106,11 +119,14 @@ impl ArrayRes {
 impl Drop for ArrayRes {
     fn drop(&mut self) {
         if let Some(a) = self.array.take() {
-            if self.is_evaluated() && self.device() == DeviceKind::Cpu {
-                // Host data only, no graph: freeing it is a plain free.
+            if self.is_evaluated()
+                && self.device() == DeviceKind::Cpu
+                && a.nbytes() <= INLINE_FREE_BYTES
+            {
+                // A small host buffer, no graph: a plain free.
                 drop(a);
             } else {
-                // A graph, or device memory (whose release may involve the device driver):
+                // A graph, a large buffer (unmapping it takes milliseconds) or device memory:
                 // freed on the worker.
                 self.worker.release(a);
             }

@@ -27,8 +27,11 @@ use crate::error::{NifError, NifResult};
 /// Jobs a worker's channel holds before `post` reports `Busy` (back-pressure).
 pub const QUEUE_CAPACITY: usize = 4096;
 
-/// Unevaluated arrays handed back for release before the worker is woken to free them.
+/// Arrays handed back for release before the worker is woken to free them.
 const GARBAGE_WAKE: usize = 1024;
+
+/// Larger arrays wake the worker at once when released (their memory should come back now).
+const RELEASE_INLINE_BYTES: usize = 64 * 1024;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 static LIVE_THREADS: AtomicUsize = AtomicUsize::new(0);
@@ -74,7 +77,22 @@ pub struct Worker {
     garbage: Sender<Array>,
     garbage_len: Arc<AtomicUsize>,
     collect_pending: Arc<AtomicBool>,
+    failed: Mutex<Failed>,
+    any_failed: AtomicBool,
 }
+
+/// Nodes of graphs whose evaluation failed. MLX marks every node of a graph computed before
+/// its tasks run, and a failed task leaves its output (and everything computed from it)
+/// unwritten; so these nodes, and whatever reads them, must never be read. Their handles are
+/// kept so that their ids stay unique.
+#[derive(Default)]
+struct Failed {
+    ids: HashSet<u64>,
+    scans: Vec<mlx_bind::GraphScan>,
+}
+
+/// Failed nodes remembered per worker before the oldest are forgotten.
+const FAILED_CAP: usize = 1 << 20;
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -155,22 +173,77 @@ impl Worker {
         }
     }
 
-    /// Hands an unevaluated `array` to the worker to be freed there: freeing a lazy graph may
-    /// take longer than a scheduler should spend. Never blocks; wakes the worker once enough
-    /// arrays have piled up.
+    /// Hands `array` to the worker to be freed there: freeing a lazy graph, a large buffer or
+    /// device memory may take longer than a scheduler should spend. Never blocks; wakes the
+    /// worker for a large array or once enough arrays have piled up.
     pub fn release(&self, array: Array) {
+        let large = array.nbytes() > RELEASE_INLINE_BYTES;
+        let n = self.garbage_len.fetch_add(1, Ordering::Relaxed) + 1;
         if let Err(e) = self.garbage.send(array) {
             // Only when the worker is gone: nothing can evaluate the array any more.
+            self.garbage_len.fetch_sub(1, Ordering::Relaxed);
             drop(e.into_inner());
             return;
         }
-        let n = self.garbage_len.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= GARBAGE_WAKE
+        if (large || n >= GARBAGE_WAKE)
             && !self.collect_pending.swap(true, Ordering::AcqRel)
             && self.sender.try_send(Job::Collect).is_err()
         {
             // Full queue: the worker frees garbage after every job anyway.
             self.collect_pending.store(false, Ordering::Release);
+        }
+    }
+
+    /// Whether `array` belongs to a graph whose evaluation failed on this worker.
+    pub fn is_failed(&self, array: &Array) -> bool {
+        if !self.any_failed.load(Ordering::Acquire) {
+            return false;
+        }
+        self.failed
+            .lock()
+            .map(|f| f.ids.contains(&array.id()))
+            .unwrap_or(true)
+    }
+
+    /// Evaluates `arrays` as one graph and waits for them. Call it on this worker's thread.
+    /// A graph that reads a node of a failed one fails without running; a failing graph has
+    /// all its nodes remembered as failed. `spin_us`: see `mlx_bind::Array::eval_spin`.
+    pub fn evaluate(&self, arrays: &[&Array], spin_us: u32) -> Result<(), String> {
+        let scan = mlx_bind::scan_graph(arrays);
+        if self.any_failed.load(Ordering::Acquire) {
+            let poisoned = match self.failed.lock() {
+                Ok(f) => scan
+                    .boundary
+                    .iter()
+                    .chain(scan.pending_ids().iter())
+                    .any(|id| f.ids.contains(id)),
+                Err(_) => true,
+            };
+            if poisoned {
+                self.remember_failed(scan);
+                return Err("it reads an array whose evaluation failed earlier".to_string());
+            }
+        }
+        let result = match arrays {
+            [one] => one.eval_spin(spin_us),
+            _ => mlx_bind::async_eval_all(arrays).and_then(|_| mlx_bind::wait_all(arrays)),
+        };
+        result.map_err(|e| {
+            self.remember_failed(scan);
+            e.message
+        })
+    }
+
+    fn remember_failed(&self, scan: mlx_bind::GraphScan) {
+        if let Ok(mut f) = self.failed.lock() {
+            if f.ids.len() > FAILED_CAP {
+                let old = std::mem::take(&mut f.scans);
+                f.ids.clear();
+                drop(old);
+            }
+            f.ids.extend(scan.pending_ids());
+            f.scans.push(scan);
+            self.any_failed.store(true, Ordering::Release);
         }
     }
 }
@@ -202,6 +275,8 @@ fn run(
         garbage,
         garbage_len: garbage_len.clone(),
         collect_pending: collect_pending.clone(),
+        failed: Mutex::new(Failed::default()),
+        any_failed: AtomicBool::new(false),
     });
     // From here on the worker lives as long as handles to it (and the jobs they queued) do.
     on_ready(Ok(worker));
@@ -530,6 +605,36 @@ mod tests {
             wait_until(|| JOINED.lock().unwrap().contains(&id)),
             "worker {id} not joined"
         );
+    }
+
+    #[test]
+    fn a_failed_graph_poisons_its_nodes_and_their_readers() {
+        let w = Worker::spawn_blocking(DeviceKind::Cpu).unwrap();
+        let s = *w.stream();
+        let z = mlx_bind::full(&[3, 3], 0.0, mlx_bind::Dtype::F32, &s).unwrap();
+        let inv = mlx_bind::inv(&z, &s).unwrap();
+        let sum = mlx_bind::binary(mlx_bind::BinaryOp::Add, &inv, &inv, &s).unwrap();
+        // Built before the failure is known, not part of the failing graph.
+        let later = mlx_bind::binary(mlx_bind::BinaryOp::Multiply, &inv, &inv, &s).unwrap();
+        let ok = mlx_bind::full(&[2], 1.0, mlx_bind::Dtype::F32, &s).unwrap();
+        let w2 = w.clone();
+        let (tx, rx) = chan(1);
+        w.post(Box::new(move |_| {
+            let first = w2.evaluate(&[&sum], 0);
+            let failed = (w2.is_failed(&sum), w2.is_failed(&inv), w2.is_failed(&ok));
+            let reread = w2.evaluate(&[&inv], 0);
+            let reader = w2.evaluate(&[&later], 0);
+            let fine = w2.evaluate(&[&ok], 0);
+            tx.send((first, failed, reread, reader, fine)).unwrap();
+        }))
+        .unwrap();
+        let (first, failed, reread, reader, fine) =
+            rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(first.unwrap_err().contains("Inverse"));
+        assert_eq!(failed, (true, true, false));
+        assert!(reread.unwrap_err().contains("failed earlier"));
+        assert!(reader.unwrap_err().contains("failed earlier"));
+        assert_eq!(fine, Ok(()));
     }
 
     #[test]
