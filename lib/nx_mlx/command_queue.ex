@@ -20,7 +20,7 @@ defmodule NxMlx.CommandQueue do
   returns at once, and the caller waits for the reply in `receive`. No scheduler thread waits
   on MLX. A full channel makes the caller back off and retry (back-pressure).
 
-  On Linux, worker threads (and the stream threads MLX starts from them) run at the nice
+  On Linux, CPU worker threads (and the stream threads MLX starts from them) run at the nice
   value of `config :nx_mlx, worker_nice: 19` (read when the NIF loads): when the machine is
   busy, the BEAM's schedulers get the CPU first, which keeps the VM responsive; idle cores
   still go to MLX.

@@ -250,10 +250,12 @@ void wait_list(const ArrayList& list) {
   }
 }
 
-// The nodes an evaluation of `outputs` would compute (status unscheduled, with their
-// siblings) go to `pending`; the ids of the already computed arrays it would read go to
-// `boundary`. Reads the graph only.
-void scan_graph(const ArrayList& outputs, ArrayList& pending, rust::Vec<uint64_t>& boundary) {
+// The ids of the nodes an evaluation of `outputs` would compute (status unscheduled, with
+// their siblings) go to `pending`; the ids of the computed arrays it would read go to
+// `boundary`. Reads the graph only, and keeps no handle (holding references to the nodes
+// while MLX evaluates them slowed GPU evaluation down five-fold).
+void scan_graph(
+    const ArrayList& outputs, rust::Vec<uint64_t>& pending, rust::Vec<uint64_t>& boundary) {
   std::unordered_set<std::uintptr_t> seen;
   std::vector<array> stack(outputs.arrays.begin(), outputs.arrays.end());
   while (!stack.empty()) {
@@ -266,25 +268,16 @@ void scan_graph(const ArrayList& outputs, ArrayList& pending, rust::Vec<uint64_t
       boundary.push_back(static_cast<uint64_t>(a.id()));
       continue;
     }
-    pending.arrays.push_back(a);
+    pending.push_back(static_cast<uint64_t>(a.id()));
     for (const auto& s : a.siblings()) {
       if (seen.insert(s.id()).second) {
-        pending.arrays.push_back(s);
+        pending.push_back(static_cast<uint64_t>(s.id()));
       }
     }
     for (const auto& in : a.inputs()) {
       stack.push_back(in);
     }
   }
-}
-
-rust::Vec<uint64_t> array_list_ids(const ArrayList& list) {
-  rust::Vec<uint64_t> out;
-  out.reserve(list.arrays.size());
-  for (const auto& a : list.arrays) {
-    out.push_back(static_cast<uint64_t>(a.id()));
-  }
-  return out;
 }
 
 uint64_t array_id(const array& a) {

@@ -49,8 +49,8 @@ void array_list_push(ArrayList& list, const array& a);
 void eval_list(const ArrayList& list);
 void async_eval_list(const ArrayList& list);
 void wait_list(const ArrayList& list);
-void scan_graph(const ArrayList& outputs, ArrayList& pending, rust::Vec<uint64_t>& boundary);
-rust::Vec<uint64_t> array_list_ids(const ArrayList& list);
+void scan_graph(
+    const ArrayList& outputs, rust::Vec<uint64_t>& pending, rust::Vec<uint64_t>& boundary);
 uint64_t array_id(const array& a);
 
 

@@ -149,8 +149,7 @@ pub(crate) mod bridge {
         fn eval_list(list: &ArrayList) -> Result<()>;
         fn async_eval_list(list: &ArrayList) -> Result<()>;
         fn wait_list(list: &ArrayList) -> Result<()>;
-        fn scan_graph(outputs: &ArrayList, pending: Pin<&mut ArrayList>, boundary: &mut Vec<u64>);
-        fn array_list_ids(list: &ArrayList) -> Vec<u64>;
+        fn scan_graph(outputs: &ArrayList, pending: &mut Vec<u64>, boundary: &mut Vec<u64>);
         fn array_id(a: &Array) -> u64;
 
         fn get_active_memory() -> usize;

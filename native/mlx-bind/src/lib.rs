@@ -258,28 +258,22 @@ pub fn async_eval_all(arrays: &[&Array]) -> Result<()> {
     Ok(bridge::async_eval_list(&list_of(arrays))?)
 }
 
-/// What evaluating some arrays would involve: the nodes it would compute (still unscheduled,
-/// with their siblings) and the ids of the computed arrays it would read.
+/// What evaluating some arrays would involve: the ids of the nodes it would compute (still
+/// unscheduled, with their siblings) and of the computed arrays it would read. Ids are
+/// unique only among live arrays.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct GraphScan {
-    pending: UniquePtr<bridge::ArrayList>,
+    pub pending: Vec<u64>,
     pub boundary: Vec<u64>,
 }
 
-impl GraphScan {
-    /// Ids of the nodes the evaluation would compute.
-    pub fn pending_ids(&self) -> Vec<u64> {
-        bridge::array_list_ids(&self.pending)
-    }
-}
-
-/// Scans the graph behind `arrays` without changing it. Call it on the thread that evaluates
-/// them, before evaluating.
+/// Scans the graph behind `arrays` without changing it or keeping any handle. Call it on the
+/// thread that evaluates them, before evaluating.
 pub fn scan_graph(arrays: &[&Array]) -> GraphScan {
     let outputs = list_of(arrays);
-    let mut pending = bridge::new_array_list();
-    let mut boundary = Vec::new();
-    bridge::scan_graph(&outputs, pending.pin_mut(), &mut boundary);
-    GraphScan { pending, boundary }
+    let mut scan = GraphScan::default();
+    bridge::scan_graph(&outputs, &mut scan.pending, &mut scan.boundary);
+    scan
 }
 
 /// Waits until `arrays` (scheduled by [`async_eval_all`]) are computed, through MLX's

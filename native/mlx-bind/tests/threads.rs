@@ -112,12 +112,12 @@ fn scanning_a_graph_lists_what_evaluation_would_compute() {
     let b = binary(BinaryOp::Add, &a, &a, &s).unwrap();
     let c = binary(BinaryOp::Multiply, &b, &a, &s).unwrap();
     let scan = scan_graph(&[&c]);
-    let mut pending = scan.pending_ids();
+    let mut pending = scan.pending.clone();
     pending.sort();
     let mut expected = vec![b.id(), c.id()];
     expected.sort();
     assert_eq!(pending, expected);
     assert_eq!(scan.boundary, vec![a.id()]);
     c.eval().unwrap();
-    assert!(scan_graph(&[&c]).pending_ids().is_empty());
+    assert!(scan_graph(&[&c]).pending.is_empty());
 }

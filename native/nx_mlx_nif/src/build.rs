@@ -7,7 +7,9 @@
 //!
 //! - an input that lives on another worker and is not evaluated yet would make this worker
 //!   evaluate another thread's stream (an MLX error): such inputs are returned as
-//!   `{:error, {:foreign, inputs}}`, for the caller to evaluate them on their own worker first;
+//!   `{:error, {:foreign, inputs}}`, for the caller to evaluate them on their own worker first
+//!   (so are lazy inputs created before an evaluation failed on their worker, see
+//!   `Worker::evaluate`);
 //! - chains of unevaluated ops are cut every `AUTO_EVAL_DEPTH` nodes by queueing an evaluation
 //!   on the worker, so that a long eager loop never builds an unbounded graph.
 //!
@@ -51,7 +53,9 @@ where
         if input.is_evaluated() {
             continue;
         }
-        if !std::sync::Arc::ptr_eq(input.worker(), w) {
+        // Lazy on another worker, or created before a failure on its own: evaluate it first
+        // (see Worker::evaluate).
+        if !std::sync::Arc::ptr_eq(input.worker(), w) || input.predates_failure() {
             foreign.push((*input).clone());
         }
         depth = depth.max(input.depth);
@@ -106,7 +110,9 @@ pub fn eval_here(r: &ArrayRes, worker_id: u64) -> NifResult<()> {
         return Ok(());
     }
     let token = SpinToken::acquire();
-    let result = r.worker().evaluate(&[r.array()], eval_spin_budget(&token));
+    let result = r
+        .worker()
+        .evaluate(&[r.array()], r.born, eval_spin_budget(&token));
     drop(token);
     match result {
         Ok(()) => {

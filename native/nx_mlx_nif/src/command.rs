@@ -39,6 +39,8 @@ pub fn live_commands() -> usize {
 pub trait Target: Send + Sync + 'static {
     fn array(&self) -> &Array;
     fn worker(&self) -> &Arc<Worker>;
+    /// The worker's failure epoch when the array was created (see `Worker::evaluate`).
+    fn born(&self) -> u64;
     fn done(&self, worker_id: u64, result: Result<(), &str>);
 }
 
@@ -104,7 +106,8 @@ impl<T: Target + Clone> Command<T> {
                 // Whatever happens, the command settles: a waiter must never wait forever.
                 let outcome = catch_unwind(AssertUnwindSafe(|| {
                     let arrays: Vec<&Array> = group.iter().map(|t| t.array()).collect();
-                    let error = group[0].worker().evaluate(&arrays, 0).err();
+                    let born = group.iter().map(|t| t.born()).min().unwrap_or(0);
+                    let error = group[0].worker().evaluate(&arrays, born, 0).err();
                     for t in &group {
                         t.done(ctx.worker_id, error.as_deref().map_or(Ok(()), Err));
                     }
@@ -225,6 +228,9 @@ mod tests {
         }
         fn worker(&self) -> &Arc<Worker> {
             &self.0.worker
+        }
+        fn born(&self) -> u64 {
+            0
         }
         fn done(&self, worker_id: u64, result: Result<(), &str>) {
             self.0.done_on.store(worker_id, Ordering::SeqCst);

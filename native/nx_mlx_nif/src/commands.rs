@@ -27,6 +27,9 @@ impl Target for ArrayTarget {
     fn worker(&self) -> &Arc<Worker> {
         self.0.worker()
     }
+    fn born(&self) -> u64 {
+        self.0.born
+    }
     fn done(&self, worker_id: u64, result: Result<(), &str>) {
         match result {
             Ok(()) => self.0.mark_evaluated(worker_id),

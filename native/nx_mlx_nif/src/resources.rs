@@ -26,6 +26,8 @@ pub struct ArrayRes {
     evaluated_on: AtomicU64,
     /// Length of the longest chain of unevaluated ops ending here.
     pub depth: u32,
+    /// The worker's failure epoch when the array was created.
+    pub born: u64,
 }
 
 #[rustler::resource_impl]
@@ -34,7 +36,9 @@ impl Resource for ArrayRes {}
 impl ArrayRes {
     /// A lazy array built on `worker`'s stream.
     pub fn lazy(array: Array, worker: Arc<Worker>, depth: u32) -> ResourceArc<ArrayRes> {
+        let born = worker.epoch();
         ResourceArc::new(ArrayRes {
+            born,
             array: Some(array),
             worker,
             state: AtomicU8::new(LAZY),
@@ -72,7 +76,7 @@ impl ArrayRes {
     pub fn check(&self) -> NifResult<()> {
         match self.state.load(Ordering::Acquire) {
             EVALUATED => return Ok(()),
-            LAZY if self.worker.is_failed(self.array()) => {
+            LAZY if self.worker.is_failed(self.array(), self.born) => {
                 self.mark_failed("it belongs to a graph whose evaluation failed")
             }
             LAZY => return Ok(()),
@@ -101,6 +105,12 @@ impl ArrayRes {
                 .state
                 .compare_exchange(LAZY, FAILED, Ordering::AcqRel, Ordering::Acquire);
         }
+    }
+
+    /// Whether the array is still lazy and was created before the latest failure on its
+    /// worker: it must be evaluated (and so checked) before new ops are built on it.
+    pub fn predates_failure(&self) -> bool {
+        self.state.load(Ordering::Acquire) == LAZY && self.worker.epoch() > self.born
     }
 
     pub fn evaluated_on(&self) -> u64 {
