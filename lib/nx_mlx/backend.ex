@@ -198,8 +198,8 @@ defmodule NxMlx.Backend do
 
   @impl true
   def backend_deallocate(%T{data: %__MODULE__{}}) do
-    # The array is freed when the last reference to it is garbage collected (a graph on its
-    # worker, computed data in place).
+    # The array is freed when the last reference to it is garbage collected: on its worker,
+    # except small computed CPU arrays, which are freed in place.
     :ok
   end
 
