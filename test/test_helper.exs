@@ -38,6 +38,37 @@ defmodule NxMlx.TestHelpers do
   end
 end
 
+defmodule NxMlx.DocTestHelpers do
+  @moduledoc false
+
+  @doc """
+  Like `ExUnit.DocTest.doctest/2`, but can leave out single examples: `skip_examples` lists
+  their test names (e.g. `"Nx.LinAlg.lu/1 (79)"`); `doctest/2` itself can only leave out
+  whole functions. Built on the same internals as `doctest/2`.
+  """
+  defmacro doctest_examples(mod, opts) do
+    quote bind_quoted: [mod: mod, opts: opts] do
+      {skip, doctest_opts} = Keyword.pop(opts, :skip_examples, [])
+      file = ExUnit.DocTest.__file__(mod)
+      tests = ExUnit.DocTest.__doctests__(mod, doctest_opts)
+      names = Enum.map(tests, &elem(&1, 0))
+
+      case skip -- names do
+        [] -> :ok
+        unknown -> raise ArgumentError, "no such doctests: #{inspect(unknown)}"
+      end
+
+      for {name, test, tags} <- tests, name not in skip do
+        @file file
+        doc =
+          ExUnit.Case.register_test(__MODULE__, file, tags[:doctest_line], :doctest, name, tags)
+
+        def unquote(doc)(_), do: unquote(test)
+      end
+    end
+  end
+end
+
 # GPU-tagged tests run only where MLX sees a GPU (the CUDA or Metal variant).
 exclude = if :gpu in NxMlx.devices(), do: [], else: [:gpu]
 ExUnit.start(exclude: exclude)

@@ -16,10 +16,13 @@ defmodule NxMlx.Backend do
   ## What runs on MLX
 
   Creation (`constant`, `from_binary`), read-back (`to_binary`, `inspect`), transfers,
-  `as_type`, `reshape`, `squeeze`, `transpose`, `broadcast`, `dot` on floating-point types
-  (batched too), element-wise `add`, `subtract`, `multiply`, `divide`, `pow` (floats), `min`,
-  `max`, the comparisons, the floating-point unary functions, `abs`, `negate`, `sign`, and the
-  reductions `sum`, `product`, `reduce_max`, `reduce_min`, `all`, `any`.
+  `as_type` (floats to integers map NaN to 0 and the infinities to the type's extremes, as
+  Nx does), `reshape`, `squeeze`, `transpose`, `broadcast`, `select`, `dot` on floating-point
+  types (batched too), element-wise `add`, `subtract`, `multiply`, `divide`, `pow` (floats),
+  `min`, `max`, the comparisons, the floating-point unary functions (f16, bf16 and f32; f64
+  falls back, because MLX's CPU kernels compute them on f64 with about f32 accuracy), `abs`,
+  `negate`, `sign`, and the reductions `sum`, `product`, `reduce_max`, `reduce_min`, `all`,
+  `any`.
 
   ## Fallbacks
 
@@ -30,7 +33,9 @@ defmodule NxMlx.Backend do
 
   ## Types
 
-  u8–u64, s8–s64, f16, bf16, f32, f64 (CPU device only in MLX) and c64. Other types raise
+  u8–u64, s8–s64, f16, bf16, f32, f64 (CPU device only in MLX) and c64. Tensors of the types
+  MLX has no dtype for (8-bit floats, 2- and 4-bit integers) are created on `Nx.BinaryBackend`
+  and stay there (a fallback with the same telemetry and settings); complex128 raises
   `ArgumentError`.
   """
 
@@ -42,6 +47,13 @@ defmodule NxMlx.Backend do
   alias NxMlx.{CommandQueue, Runtime, Types}
 
   @type t :: %__MODULE__{ref: reference(), device: :cpu | :gpu}
+
+  # Nx types MLX has no dtype for, whose tensors are created on (and stay on)
+  # Nx.BinaryBackend: 8-bit floats and 2- and 4-bit integers. (complex128 raises instead.)
+  @binary_only Map.new(
+                 [{:f, 8}, {:f8_e4m3fn, 8}, {:s, 2}, {:s, 4}, {:u, 2}, {:u, 4}],
+                 &{&1, true}
+               )
 
   ## Options and devices
 
@@ -129,6 +141,12 @@ defmodule NxMlx.Backend do
   ## Creation
 
   @impl true
+  def constant(%T{type: type} = out, number, _opts) when is_map_key(@binary_only, type) do
+    NxMlx.Fallback.keep_on_binary_backend(:constant, fn ->
+      Nx.BinaryBackend.constant(out, number, [])
+    end)
+  end
+
   def constant(%T{shape: shape, type: type} = out, number, opts) do
     device = device_of(opts)
     check_device_type!(device, type)
@@ -155,6 +173,12 @@ defmodule NxMlx.Backend do
   defp exact_float?(_, _), do: false
 
   @impl true
+  def from_binary(%T{type: type} = out, binary, _opts) when is_map_key(@binary_only, type) do
+    NxMlx.Fallback.keep_on_binary_backend(:from_binary, fn ->
+      Nx.BinaryBackend.from_binary(out, binary, [])
+    end)
+  end
+
   def from_binary(%T{shape: shape, type: type} = out, binary, opts) do
     device = device_of(opts)
     check_device_type!(device, type)
@@ -206,10 +230,51 @@ defmodule NxMlx.Backend do
   ## Shape
 
   @impl true
+  def as_type(%T{type: {out_kind, _} = type} = out, %T{type: {in_kind, _}} = t)
+      when in_kind in [:f, :bf] and out_kind in [:s, :u] do
+    # Nx maps NaN to 0 and the infinities to the type's extremes; MLX's cast leaves them
+    # undefined.
+    device = op_device([t])
+    op = fn fun, args -> call(device, fun, args, :as_type, [t]) end
+    x = ref!(t, device)
+    inf = op.(:unary, [:isinf, x])
+    positive = op.(:binary, [:greater, x, scalar_ref(0, t.type, device)])
+    pos_inf = op.(:binary, [:logical_and, inf, positive])
+    neg_inf = op.(:binary, [:logical_and, inf, op.(:unary, [:logical_not, positive])])
+    min = Nx.to_number(Nx.Constants.min_finite(type))
+    max = Nx.to_number(Nx.Constants.max_finite(type))
+
+    fixes = [
+      {op.(:unary, [:isnan, x]), scalar_ref(0, type, device)},
+      {pos_inf, scalar_ref(max, type, device)},
+      {neg_inf, scalar_ref(min, type, device)}
+    ]
+
+    cast = op.(:astype, [x, Types.to_mlx(type)])
+    r = Enum.reduce(fixes, cast, fn {mask, value}, acc -> op.(:select, [mask, value, acc]) end)
+    wrap(out, r, device)
+  end
+
   def as_type(%T{type: type} = out, %T{} = t) do
     device = op_device([t])
     check_device_type!(device, type)
     wrap(out, ref_as(t, type, device), device)
+  end
+
+  # A scalar array holding `number` exactly, as `type`.
+  defp scalar_ref(number, type, device) do
+    scalar = Nx.BinaryBackend.constant(%T{shape: {}, type: type, names: []}, number, [])
+    call(device, :from_binary, [Nx.to_binary(scalar), [], Types.to_mlx(type)], :constant, [])
+  end
+
+  @impl true
+  def select(%T{type: type} = out, %T{} = pred, %T{} = on_true, %T{} = on_false) do
+    device = op_device([pred, on_true, on_false])
+    tensors = [pred, on_true, on_false]
+    p = call(device, :astype, [ref!(pred, device), :bool], :select, tensors)
+    a = ref_as(on_true, type, device)
+    b = ref_as(on_false, type, device)
+    wrap(out, call(device, :select, [p, a, b], :select, tensors), device)
   end
 
   @impl true
@@ -392,9 +457,11 @@ defmodule NxMlx.Backend do
     erf_inv: :erfinv
   ]
 
+  # f64 runs on Nx.BinaryBackend: MLX's CPU kernels compute these functions on f64 with
+  # about f32 accuracy (e.g. sigmoid(1.0) = 0.7310585726593212, not 0.7310585786300049).
   for {nx_op, mlx_op} <- @float_unary do
     @impl true
-    def unquote(nx_op)(%T{type: {kind, _}} = out, t) when kind in [:f, :bf] do
+    def unquote(nx_op)(%T{type: {kind, size}} = out, t) when kind in [:f, :bf] and size < 64 do
       unary_op(out, t, unquote(nx_op), unquote(mlx_op))
     end
 
@@ -438,7 +505,7 @@ defmodule NxMlx.Backend do
   defp reduction(out, t, opts, nx_op, mlx_op, mode) do
     device = op_device([t])
     axes = opts[:axes] || Enum.to_list(0..(Nx.rank(t) - 1)//1)
-    keep = Keyword.get(opts, :keep_axes, false)
+    keep = opts[:keep_axes] == true
     r = if mode == :cast_input, do: ref_as(t, out.type, device), else: ref!(t, device)
     r = call(device, :reduce, [mlx_op, r, axes, keep], nx_op, [t])
 

@@ -10,6 +10,33 @@ defmodule NxMlx.Fallback do
   alias Nx.Tensor, as: T
 
   def run(op, [out | args], device) do
+    check_allowed!(op)
+
+    :telemetry.span([:nx_mlx, :fallback], %{op: op}, fn ->
+      # Tensors the op creates itself (e.g. inside the function given to reduce/5 or
+      # window_reduce/6) must be BinaryBackend tensors too.
+      result =
+        Nx.with_default_backend(Nx.BinaryBackend, fn ->
+          apply(Nx.BinaryBackend, op, [out | Enum.map(args, &to_binary_backend/1)])
+        end)
+
+      {from_binary_backend(result, device), %{op: op}}
+    end)
+  end
+
+  @doc """
+  Creates a tensor of a type MLX has no dtype for (8-bit floats, 2- and 4-bit integers) on
+  Nx.BinaryBackend, where it stays: `fun` builds it. Same telemetry and settings as `run/3`.
+  """
+  def keep_on_binary_backend(op, fun) do
+    check_allowed!(op)
+
+    :telemetry.span([:nx_mlx, :fallback], %{op: op}, fn ->
+      {Nx.with_default_backend(Nx.BinaryBackend, fun), %{op: op}}
+    end)
+  end
+
+  defp check_allowed!(op) do
     case Application.get_env(:nx_mlx, :fallback, :silent) do
       :raise ->
         raise ArgumentError,
@@ -22,11 +49,6 @@ defmodule NxMlx.Fallback do
       _ ->
         :ok
     end
-
-    :telemetry.span([:nx_mlx, :fallback], %{op: op}, fn ->
-      result = apply(Nx.BinaryBackend, op, [out | Enum.map(args, &to_binary_backend/1)])
-      {from_binary_backend(result, device), %{op: op}}
-    end)
   end
 
   defp warn_once(op) do

@@ -70,5 +70,6 @@ defmodule NxMlx.Native do
   def broadcast_to(_worker, _a, _shape), do: nif_error()
   def matmul(_worker, _a, _b), do: nif_error()
   def inv(_worker, _a), do: nif_error()
+  def select(_worker, _cond, _a, _b), do: nif_error()
   def tensordot(_worker, _a, _b, _axes_a, _axes_b), do: nif_error()
 end

@@ -6,6 +6,44 @@ defmodule NxMlx.BackendTest do
   defp mlx(data, opts \\ []), do: Nx.tensor(data, Keyword.put(opts, :backend, @mlx))
   defp ref(data, opts \\ []), do: Nx.tensor(data, Keyword.put(opts, :backend, Nx.BinaryBackend))
 
+  describe "semantics matched to Nx" do
+    test "as_type from float to integer maps NaN to 0 and the infinities to the extremes" do
+      t = mlx([:infinity, :nan, :neg_infinity, 3.7, -2.5])
+
+      for type <- [:u8, :s8, :s32, :u32, :s64] do
+        expected = Nx.as_type(Nx.backend_copy(t, Nx.BinaryBackend), type)
+        assert Nx.to_flat_list(Nx.as_type(t, type)) == Nx.to_flat_list(expected), "#{type}"
+      end
+    end
+
+    test "select broadcasts and casts like Nx" do
+      pred = mlx([[1, 0, 1], [0, 1, 0]], type: :u8)
+      a = mlx([1.5, 2.5, 3.5])
+      b = mlx(7, type: :s32)
+      got = Nx.select(pred, a, b)
+      assert %NxMlx.Backend{} = got.data
+
+      expected =
+        Nx.select(
+          ref([[1, 0, 1], [0, 1, 0]], type: :u8),
+          ref([1.5, 2.5, 3.5]),
+          ref(7, type: :s32)
+        )
+
+      assert got.type == expected.type and got.shape == expected.shape
+      assert Nx.to_flat_list(got) == Nx.to_flat_list(expected)
+    end
+
+    test "reductions accept keep_axes: nil" do
+      t = mlx([[1.0, 2.0], [3.0, 4.0]])
+
+      assert Nx.to_flat_list(
+               NxMlx.Backend.sum(Nx.template({2}, :f32), t, axes: [1], keep_axes: nil)
+             ) ==
+               [3.0, 7.0]
+    end
+  end
+
   describe "the first end-to-end computation" do
     test "dot |> add |> sum gives Nx's answer" do
       t = mlx([[1.0, 2.0], [3.0, 4.0]])
@@ -167,6 +205,24 @@ defmodule NxMlx.BackendTest do
       assert_raise ArgumentError, ~r/complex128/, fn ->
         Nx.tensor([1, 2], type: :c128, backend: @mlx)
       end
+    end
+
+    test "types MLX lacks are created on Nx.BinaryBackend, visibly" do
+      ref = make_ref()
+      me = self()
+      id = "fallback-f8-#{inspect(ref)}"
+
+      :telemetry.attach(id, [:nx_mlx, :fallback, :stop], &NxMlx.TestHelpers.forward/4, me)
+      on_exit(fn -> :telemetry.detach(id) end)
+
+      t = Nx.tensor([1.0, 2.0], type: :f8, backend: @mlx)
+      assert %Nx.BinaryBackend{} = t.data
+      assert Nx.to_flat_list(t) == [1.0, 2.0]
+      assert_receive {:telemetry, [:nx_mlx, :fallback, :stop], _, %{op: :from_binary}}
+
+      u = Nx.tensor([1, 2, 3], type: :u2, backend: @mlx)
+      assert %Nx.BinaryBackend{} = u.data
+      assert Nx.to_flat_list(u) == [1, 2, 3]
     end
 
     test "a wrong binary size is an ArgumentError, not a crash" do

@@ -439,6 +439,10 @@ std::unique_ptr<array> matmul(const array& a, const array& b, StreamRef s) {
   return boxed(mx::matmul(a, b, to_mx(s)));
 }
 
+std::unique_ptr<array> where_(const array& cond, const array& a, const array& b, StreamRef s) {
+  return boxed(mx::where(cond, a, b, to_mx(s)));
+}
+
 std::unique_ptr<array> linalg_inv(const array& a, StreamRef s) {
   return boxed(mx::linalg::inv(a, to_mx(s)));
 }

@@ -79,6 +79,7 @@ std::unique_ptr<array> transpose(const array& a, rust::Slice<const int32_t> axes
 std::unique_ptr<array> broadcast_to(const array& a, rust::Slice<const int32_t> shape, StreamRef s);
 std::unique_ptr<array> matmul(const array& a, const array& b, StreamRef s);
 std::unique_ptr<array> linalg_inv(const array& a, StreamRef s);
+std::unique_ptr<array> where_(const array& cond, const array& a, const array& b, StreamRef s);
 std::unique_ptr<array> tensordot(
     const array& a,
     const array& b,

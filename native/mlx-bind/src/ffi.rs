@@ -196,6 +196,7 @@ pub(crate) mod bridge {
         fn broadcast_to(a: &Array, shape: &[i32], s: StreamRef) -> Result<UniquePtr<Array>>;
         fn matmul(a: &Array, b: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
         fn linalg_inv(a: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn where_(cond: &Array, a: &Array, b: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
         fn tensordot(
             a: &Array,
             b: &Array,

@@ -377,6 +377,11 @@ pub fn matmul(a: &Array, b: &Array, s: &Stream) -> Result<Array> {
     wrap(bridge::matmul(a.inner(), b.inner(), s.0))
 }
 
+/// Element-wise `cond ? a : b` (`cond` converted to bool; NumPy broadcasting).
+pub fn where_(cond: &Array, a: &Array, b: &Array, s: &Stream) -> Result<Array> {
+    wrap(bridge::where_(cond.inner(), a.inner(), b.inner(), s.0))
+}
+
 /// The inverse of each square matrix in the last two axes of `a` (MLX runs it on the CPU
 /// only). A singular matrix fails at evaluation time, not here.
 pub fn inv(a: &Array, s: &Stream) -> Result<Array> {

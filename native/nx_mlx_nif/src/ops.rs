@@ -132,6 +132,20 @@ fn matmul(
     })
 }
 
+/// `select(worker, cond, a, b)`: element-wise `cond ? a : b`.
+#[rustler::nif]
+fn select(
+    env: Env,
+    worker: ResourceArc<WorkerRes>,
+    cond: ResourceArc<ArrayRes>,
+    a: ResourceArc<ArrayRes>,
+    b: ResourceArc<ArrayRes>,
+) -> Term {
+    build(env, &worker, &[&cond, &a, &b], |s| {
+        mlx_bind::where_(cond.array(), a.array(), b.array(), s)
+    })
+}
+
 /// `inv(worker, a)`: the inverse of the square matrices in the last two axes. A singular
 /// matrix is reported when the array is evaluated.
 #[rustler::nif]
