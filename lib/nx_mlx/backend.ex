@@ -17,12 +17,21 @@ defmodule NxMlx.Backend do
 
   Creation (`constant`, `from_binary`), read-back (`to_binary`, `inspect`), transfers,
   `as_type` (floats to integers map NaN to 0 and the infinities to the type's extremes, as
-  Nx does), `reshape`, `squeeze`, `transpose`, `broadcast`, `select`, `dot` on floating-point
-  types (batched too), element-wise `add`, `subtract`, `multiply`, `divide`, `pow` (floats),
-  `min`, `max`, the comparisons, the floating-point unary functions (f16, bf16 and f32; f64
-  falls back, because MLX's CPU kernels compute them on f64 with about f32 accuracy), `abs`,
-  `negate`, `sign`, and the reductions `sum`, `product`, `reduce_max`, `reduce_min`, `all`,
-  `any`.
+  Nx does), `reshape`, `squeeze`, `transpose`, `broadcast`, `select`, `clip`, `dot` on
+  floating-point types (batched too); element-wise `add`, `subtract`, `multiply`, `min`,
+  `max`, the comparisons, `divide`, `pow` and `atan2` (floats), `quotient`, `remainder`,
+  `bitwise_and`/`or`/`xor`, `left_shift`, `right_shift` (integers), `logical_and`/`or`/`xor`;
+  `abs`, `negate`, `sign`, `ceil`, `floor`, `round` (half away from zero, as Nx), `is_nan`,
+  `is_infinity`, `bitwise_not`, and the floating-point unary functions (f16, bf16 and f32;
+  f64 falls back, because MLX's CPU kernels compute them on f64 with about f32 accuracy);
+  the reductions `sum`, `product`, `reduce_max`, `reduce_min`, `all`, `any`.
+
+  ## Divergences from Nx.BinaryBackend
+
+    * `sign(NaN)` is NaN (as in EXLA); `Nx.BinaryBackend` returns 1.0.
+    * Integer `quotient`/`remainder` by zero give an unspecified value instead of raising,
+      and shifting by a negative amount gives an unspecified value instead of raising.
+    * Float results may differ in the last bits (BLAS matmul, MLX's kernels); see the tests.
 
   ## Fallbacks
 
@@ -468,7 +477,19 @@ defmodule NxMlx.Backend do
     def unquote(nx_op)(out, t), do: NxMlx.Fallback.run(unquote(nx_op), [out, t], op_device([t]))
   end
 
-  @any_unary [abs: :abs, negate: :negative, sign: :sign]
+  @impl true
+  def sign(%T{type: {kind, _}} = out, t) when kind in [:f, :bf] do
+    # NaN stays NaN (as in XLA and IEEE); MLX's sign gives 0 or -1 for it.
+    device = op_device([t])
+    op = fn fun, args -> call(device, fun, args, :sign, [t]) end
+    x = ref_as(t, out.type, device)
+    wrap(out, op.(:select, [op.(:unary, [:isnan, x]), x, op.(:unary, [:sign, x])]), device)
+  end
+
+  def sign(out, %T{type: {kind, _}} = t) when kind in [:s, :u], do: unary_op(out, t, :sign, :sign)
+  def sign(out, t), do: NxMlx.Fallback.run(:sign, [out, t], op_device([t]))
+
+  @any_unary [abs: :abs, negate: :negative]
 
   for {nx_op, mlx_op} <- @any_unary do
     @impl true
@@ -484,6 +505,173 @@ defmodule NxMlx.Backend do
     r = ref_as(t, out.type, device)
     wrap(out, call(device, :unary, [mlx_op, r], nx_op, [t]), device)
   end
+
+  ## Element-wise: integer, bitwise and logical semantics of Nx
+
+  # Bitwise ops act on integers only (Nx's front end guarantees it).
+  for {nx_op, mlx_op} <- [
+        bitwise_and: :bitwise_and,
+        bitwise_or: :bitwise_or,
+        bitwise_xor: :bitwise_xor
+      ] do
+    @impl true
+    def unquote(nx_op)(%T{type: {kind, _}} = out, a, b) when kind in [:s, :u],
+      do: binary_op(out, a, b, unquote(nx_op), unquote(mlx_op))
+
+    def unquote(nx_op)(out, a, b),
+      do: NxMlx.Fallback.run(unquote(nx_op), [out, a, b], op_device([a, b]))
+  end
+
+  @impl true
+  def quotient(%T{type: {kind, _}} = out, a, b) when kind in [:s, :u] do
+    # Nx truncates toward zero; MLX's floor_divide floors. Add one where the division was
+    # inexact and the signs differ.
+    {device, op, ar, br} = binary_inputs(out, a, b, :quotient)
+    floor = op.(:binary, [:floor_divide, ar, br])
+    adjust = inexact_with_other_sign(op, ar, br, op.(:binary, [:remainder, ar, br]), ar, br)
+    wrap(out, op.(:binary, [:add, floor, op.(:astype, [adjust, Types.to_mlx(out.type)])]), device)
+  end
+
+  def quotient(out, a, b), do: NxMlx.Fallback.run(:quotient, [out, a, b], op_device([a, b]))
+
+  @impl true
+  def remainder(%T{type: {kind, _}} = out, a, b) when kind in [:s, :u] do
+    # Nx's remainder has the sign of the dividend (C's %); MLX's has the divisor's (Python's).
+    {device, op, ar, br} = binary_inputs(out, a, b, :remainder)
+    r = op.(:binary, [:remainder, ar, br])
+    adjust = inexact_with_other_sign(op, ar, br, r, r, ar)
+    wrap(out, op.(:select, [adjust, op.(:binary, [:subtract, r, br]), r]), device)
+  end
+
+  # Float remainder is C's fmod in Nx; MLX has only the Python-style one, and converting it
+  # loses precision.
+  def remainder(out, a, b), do: NxMlx.Fallback.run(:remainder, [out, a, b], op_device([a, b]))
+
+  # r != 0 and sign(x) != sign(y), as bool.
+  defp inexact_with_other_sign(op, _ar, br, r, x, y) do
+    zero = op.(:binary, [:subtract, br, br])
+    nonzero = op.(:binary, [:not_equal, r, zero])
+
+    other_sign =
+      op.(:binary, [:not_equal, op.(:binary, [:less, x, zero]), op.(:binary, [:less, y, zero])])
+
+    op.(:binary, [:logical_and, nonzero, other_sign])
+  end
+
+  @impl true
+  def left_shift(%T{type: {kind, size}} = out, a, b) when kind in [:s, :u] do
+    # Shifting by the type's width or more gives 0 in Nx; MLX masks the count.
+    {device, op, ar, br} = binary_inputs(out, a, b, :left_shift)
+    too_far = op.(:binary, [:greater_equal, br, scalar_ref(size, out.type, device)])
+    shifted = op.(:binary, [:left_shift, ar, br])
+    wrap(out, op.(:select, [too_far, op.(:binary, [:subtract, br, br]), shifted]), device)
+  end
+
+  def left_shift(out, a, b), do: NxMlx.Fallback.run(:left_shift, [out, a, b], op_device([a, b]))
+
+  @impl true
+  def right_shift(%T{type: {kind, size}} = out, a, b) when kind in [:s, :u] do
+    # Shifting by the width or more gives the sign fill (0 or -1; 0 when unsigned) in Nx;
+    # MLX masks the count.
+    {device, op, ar, br} = binary_inputs(out, a, b, :right_shift)
+    too_far = op.(:binary, [:greater_equal, br, scalar_ref(size, out.type, device)])
+
+    fill =
+      if kind == :s,
+        do: op.(:binary, [:right_shift, ar, scalar_ref(size - 1, out.type, device)]),
+        else: op.(:binary, [:subtract, br, br])
+
+    shifted = op.(:binary, [:right_shift, ar, br])
+    wrap(out, op.(:select, [too_far, fill, shifted]), device)
+  end
+
+  def right_shift(out, a, b), do: NxMlx.Fallback.run(:right_shift, [out, a, b], op_device([a, b]))
+
+  for {nx_op, mlx_op} <- [
+        logical_and: :logical_and,
+        logical_or: :logical_or,
+        logical_xor: :not_equal
+      ] do
+    @impl true
+    # Nx: any non-zero value (NaN included) is true; the result is u8.
+    def unquote(nx_op)(out, %T{type: {ka, _}} = a, %T{type: {kb, _}} = b)
+        when ka != :c and kb != :c do
+      device = op_device([a, b])
+      op = fn fun, args -> call(device, fun, args, unquote(nx_op), [a, b]) end
+      ab = op.(:astype, [ref!(a, device), :bool])
+      bb = op.(:astype, [ref!(b, device), :bool])
+      r = op.(:binary, [unquote(mlx_op), ab, bb])
+      wrap(out, op.(:astype, [r, Types.to_mlx(out.type)]), device)
+    end
+
+    def unquote(nx_op)(out, a, b),
+      do: NxMlx.Fallback.run(unquote(nx_op), [out, a, b], op_device([a, b]))
+  end
+
+  # Both inputs converted to the output type; `op` calls the NIF with errors naming `nx_op`.
+  defp binary_inputs(out, a, b, nx_op) do
+    device = op_device([a, b])
+    op = fn fun, args -> call(device, fun, args, nx_op, [a, b]) end
+    {device, op, ref_as(a, out.type, device), ref_as(b, out.type, device)}
+  end
+
+  @impl true
+  def bitwise_not(%T{type: {kind, _}} = out, t) when kind in [:s, :u],
+    do: unary_op(out, t, :bitwise_not, :bitwise_invert)
+
+  def bitwise_not(out, t), do: NxMlx.Fallback.run(:bitwise_not, [out, t], op_device([t]))
+
+  for {nx_op, mlx_op} <- [is_nan: :isnan, is_infinity: :isinf] do
+    @impl true
+    def unquote(nx_op)(out, %T{type: {kind, _}} = t) when kind in [:f, :bf, :s, :u] do
+      device = op_device([t])
+      op = fn fun, args -> call(device, fun, args, unquote(nx_op), [t]) end
+      r = op.(:unary, [unquote(mlx_op), ref!(t, device)])
+      wrap(out, op.(:astype, [r, Types.to_mlx(out.type)]), device)
+    end
+
+    def unquote(nx_op)(out, t), do: NxMlx.Fallback.run(unquote(nx_op), [out, t], op_device([t]))
+  end
+
+  for {nx_op, mlx_op} <- [ceil: :ceil, floor: :floor] do
+    @impl true
+    def unquote(nx_op)(%T{type: {kind, _}} = out, t) when kind in [:f, :bf],
+      do: unary_op(out, t, unquote(nx_op), unquote(mlx_op))
+
+    def unquote(nx_op)(out, t), do: NxMlx.Fallback.run(unquote(nx_op), [out, t], op_device([t]))
+  end
+
+  @impl true
+  def round(%T{type: {kind, _}} = out, t) when kind in [:f, :bf] do
+    # Nx rounds half away from zero; MLX's round goes to even. Truncate, then step away
+    # from zero where the dropped fraction is at least one half (exact in floating point).
+    device = op_device([t])
+    op = fn fun, args -> call(device, fun, args, :round, [t]) end
+    x = ref_as(t, out.type, device)
+    zero = scalar_ref(0, out.type, device)
+    negative = op.(:binary, [:less, x, zero])
+    trunc = op.(:select, [negative, op.(:unary, [:ceil, x]), op.(:unary, [:floor, x])])
+    frac = op.(:unary, [:abs, op.(:binary, [:subtract, x, trunc])])
+    away = op.(:binary, [:greater_equal, frac, scalar_ref(0.5, out.type, device)])
+    stepped = op.(:binary, [:add, trunc, op.(:unary, [:sign, x])])
+    wrap(out, op.(:select, [away, stepped, trunc]), device)
+  end
+
+  def round(out, t), do: NxMlx.Fallback.run(:round, [out, t], op_device([t]))
+
+  @impl true
+  def clip(%T{type: {kind, _}} = out, t, min, max) when kind != :c do
+    # As Nx: x > min ? x : min, then < max ? : max (so NaN becomes min).
+    device = op_device([t, min, max])
+    op = fn fun, args -> call(device, fun, args, :clip, [t, min, max]) end
+    x = ref_as(t, out.type, device)
+    lo = ref_as(min, out.type, device)
+    hi = ref_as(max, out.type, device)
+    low_clipped = op.(:select, [op.(:binary, [:greater, x, lo]), x, lo])
+    wrap(out, op.(:select, [op.(:binary, [:less, low_clipped, hi]), low_clipped, hi]), device)
+  end
+
+  def clip(out, t, min, max), do: NxMlx.Fallback.run(:clip, [out, t, min, max], op_device([t]))
 
   ## Reductions
 

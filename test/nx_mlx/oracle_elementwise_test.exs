@@ -1,0 +1,281 @@
+defmodule NxMlx.OracleElementwiseTest do
+  # Element-wise ops on NxMlx.Backend against Nx.BinaryBackend, on seeded random inputs with
+  # the values that break naive implementations (NaN, infinities, ties at .5, signed zeros,
+  # integer extremes), across types and broadcasting shapes.
+  #
+  # Tolerance: integers and predicates exactly; floats with equal NaNs and
+  # f32 rtol 1.0e-6 (atol 1.0e-6) for arithmetic, 2.0e-6 for transcendental functions,
+  # f16/bf16 rtol 1.0e-2; f64 rtol 1.0e-12.
+  use ExUnit.Case, async: true
+
+  @mlx {NxMlx.Backend, device: :cpu}
+  # Nx 0.13 has no zero-sized dimensions.
+  @shapes [{{3, 4}, {3, 4}}, {{3, 4}, {4}}, {{2, 1, 3}, {4, 1}}, {{}, {5}}, {{5}, {}}]
+  @int_types [{:s, 8}, {:s, 16}, {:s, 32}, {:s, 64}, {:u, 8}, {:u, 16}, {:u, 32}, {:u, 64}]
+  @float_types [{:f, 32}, {:f, 16}, {:bf, 16}, {:f, 64}]
+
+  setup do
+    :rand.seed(:exsss, {7, 11, 13})
+    :ok
+  end
+
+  # Random values of `type` for `shape`, as a BinaryBackend tensor.
+  defp random(shape, type, opts \\ []) do
+    values = for _ <- 1..Tuple.product(shape), do: value(type, opts)
+    Nx.tensor(values, type: type, backend: Nx.BinaryBackend) |> Nx.reshape(shape)
+  end
+
+  defp value({kind, size}, opts) when kind in [:s, :u] do
+    {min, max} =
+      if kind == :s,
+        do: {-Bitwise.bsl(1, size - 1), Bitwise.bsl(1, size - 1) - 1},
+        else: {0, Bitwise.bsl(1, size) - 1}
+
+    v =
+      case :rand.uniform(6) do
+        1 -> min
+        2 -> max
+        3 -> 0
+        _ -> Enum.random(max(min, -100)..min(max, 100))
+      end
+
+    cond do
+      opts[:nonzero] && v == 0 -> 1
+      opts[:range] -> Enum.random(opts[:range])
+      true -> v
+    end
+  end
+
+  # Floats: ties at .5, signed zeros and, unless `finite: true`, NaN and the infinities.
+  # `positive: true` keeps them above zero; `nonzero: true` avoids zeros.
+  defp value(_type, opts) do
+    specials =
+      if opts[:finite],
+        do: [0.0, -0.0, 0.5, -0.5, 2.5, -2.5],
+        else: [:nan, :infinity, :neg_infinity, 0.0, -0.0, 0.5, -2.5]
+
+    v =
+      case :rand.uniform(4) do
+        1 -> Enum.random(specials)
+        _ -> Float.round((:rand.uniform() - 0.5) * 20, Enum.random(0..3))
+      end
+
+    cond do
+      opts[:positive] == true and is_float(v) -> abs(v) + 0.25
+      opts[:nonzero] == true and v == 0 -> 1.5
+      true -> v
+    end
+  end
+
+  defp mlx(t), do: Nx.backend_copy(t, @mlx)
+
+  defp assert_same(%Nx.Tensor{} = got, %Nx.Tensor{} = expected, rtol, context) do
+    assert %NxMlx.Backend{} = got.data, "#{context}: result not on NxMlx.Backend"
+    assert got.type == expected.type and got.shape == expected.shape, context
+    got = Nx.backend_copy(got, Nx.BinaryBackend)
+
+    case expected.type do
+      {kind, _} when kind in [:s, :u] ->
+        assert Nx.to_binary(got) == Nx.to_binary(expected),
+               "#{context}\n#{inspect(got)}\n#{inspect(expected)}"
+
+      _ ->
+        close = Nx.all_close(got, expected, rtol: rtol, atol: rtol, equal_nan: true)
+        assert Nx.to_number(close) == 1, "#{context}\n#{inspect(got)}\n#{inspect(expected)}"
+    end
+  end
+
+  defp rtol({:f, 64}, _), do: 1.0e-12
+  defp rtol({k, 16}, _) when k in [:f, :bf], do: 1.0e-2
+  defp rtol(_, :transcendental), do: 2.0e-6
+  defp rtol(_, _), do: 1.0e-6
+
+  describe "binary ops" do
+    test "arithmetic, min/max and comparisons on every type, with broadcasting" do
+      for type <- @int_types ++ @float_types,
+          {sa, sb} <- @shapes,
+          op <- [
+            :add,
+            :subtract,
+            :multiply,
+            :min,
+            :max,
+            :equal,
+            :not_equal,
+            :less,
+            :greater_equal
+          ] do
+        a = random(sa, type)
+        b = random(sb, type)
+        expected = apply(Nx, op, [a, b])
+        got = apply(Nx, op, [mlx(a), mlx(b)])
+
+        assert_same(
+          got,
+          expected,
+          rtol(type, :arith),
+          "#{op} #{inspect(type)} #{inspect(sa)} #{inspect(sb)}"
+        )
+      end
+    end
+
+    test "integer division, remainder, bitwise ops and shifts" do
+      for type <- @int_types, {sa, sb} <- @shapes do
+        a = random(sa, type)
+        b = random(sb, type, nonzero: true)
+        {_, size} = type
+        shift = random(sb, type, range: 0..(size + 3))
+
+        for {op, rhs} <- [
+              quotient: b,
+              remainder: b,
+              bitwise_and: b,
+              bitwise_or: b,
+              bitwise_xor: b,
+              left_shift: shift,
+              right_shift: shift
+            ] do
+          expected = apply(Nx, op, [a, rhs])
+          got = apply(Nx, op, [mlx(a), mlx(rhs)])
+          assert_same(got, expected, 0, "#{op} #{inspect(type)} #{inspect(sa)} #{inspect(sb)}")
+        end
+      end
+    end
+
+    test "logical ops treat every non-zero value, NaN included, as true" do
+      for type <- [{:s, 32}, {:u, 8}, {:f, 32}, {:f, 64}],
+          {sa, sb} <- @shapes,
+          op <- [:logical_and, :logical_or, :logical_xor] do
+        a = random(sa, type)
+        b = random(sb, type)
+
+        assert_same(
+          apply(Nx, op, [mlx(a), mlx(b)]),
+          apply(Nx, op, [a, b]),
+          0,
+          "#{op} #{inspect(type)}"
+        )
+      end
+    end
+
+    test "float division, power and atan2" do
+      # Inside Nx.BinaryBackend's domain: no division by zero, no complex powers.
+      for type <- @float_types, {sa, sb} <- @shapes, op <- [:divide, :pow, :atan2] do
+        a = random(sa, type, finite: true, positive: op == :pow)
+        b = random(sb, type, finite: true, nonzero: true)
+        expected = apply(Nx, op, [a, b])
+        got = apply(Nx, op, [mlx(a), mlx(b)])
+
+        assert_same(
+          got,
+          expected,
+          rtol(type, :transcendental),
+          "#{op} #{inspect(type)} #{inspect(sa)} #{inspect(sb)}"
+        )
+      end
+    end
+  end
+
+  describe "unary ops" do
+    test "rounding, predicates and sign-like functions" do
+      for type <- @float_types ++ @int_types,
+          shape <- [{3, 5}, {}],
+          op <- [:ceil, :floor, :round, :is_nan, :is_infinity, :abs, :negate, :sign] do
+        # Nx.BinaryBackend cannot round NaN or the infinities, and gives sign(NaN) = 1.0
+        # (NxMlx gives NaN, tested below).
+        t = random(shape, type, finite: op in [:ceil, :floor, :round, :sign])
+
+        assert_same(
+          apply(Nx, op, [mlx(t)]),
+          apply(Nx, op, [t]),
+          rtol(type, :arith),
+          "#{op} #{inspect(type)} #{inspect(shape)}"
+        )
+      end
+    end
+
+    test "sign keeps NaN and the sign of infinities" do
+      t = Nx.tensor([:nan, :infinity, :neg_infinity, -0.0, 3.0], backend: @mlx)
+      assert Nx.to_flat_list(Nx.sign(t)) == [:nan, 1.0, -1.0, 0.0, 1.0]
+    end
+
+    test "bitwise_not on integers" do
+      for type <- @int_types do
+        t = random({4, 3}, type)
+        assert_same(Nx.bitwise_not(mlx(t)), Nx.bitwise_not(t), 0, "bitwise_not #{inspect(type)}")
+      end
+    end
+
+    test "transcendental functions" do
+      for type <- @float_types, op <- [:exp, :log, :sqrt, :tanh, :sigmoid, :sin, :atan, :erf] do
+        # Real results only (Nx.BinaryBackend turns log/sqrt of negatives into complex).
+        t = random({4, 6}, type, finite: true, positive: op in [:log, :sqrt])
+
+        assert_same(
+          apply(Nx, op, [mlx(t)]),
+          apply(Nx, op, [t]),
+          rtol(type, :transcendental),
+          "#{op} #{inspect(type)}"
+        )
+      end
+    end
+  end
+
+  describe "ternary ops and conversions" do
+    test "clip, with NaN clipped to the minimum as in Nx" do
+      for type <- [{:f, 32}, {:f, 64}, {:s, 32}, {:u, 8}], shape <- [{3, 4}, {}] do
+        t = random(shape, type)
+        lo = Nx.tensor(1, type: type, backend: Nx.BinaryBackend)
+        hi = Nx.tensor(50, type: type, backend: Nx.BinaryBackend)
+
+        assert_same(
+          Nx.clip(mlx(t), mlx(lo), mlx(hi)),
+          Nx.clip(t, lo, hi),
+          0,
+          "clip #{inspect(type)}"
+        )
+      end
+    end
+
+    test "select broadcasts its predicate and branches" do
+      for type <- [{:f, 32}, {:s, 64}, {:u, 16}] do
+        pred = random({3, 4}, {:u, 8}, range: 0..1)
+        a = random({4}, type)
+        b = random({}, type)
+
+        assert_same(
+          Nx.select(mlx(pred), mlx(a), mlx(b)),
+          Nx.select(pred, a, b),
+          0,
+          "select #{inspect(type)}"
+        )
+      end
+    end
+
+    test "as_type between every pair of types" do
+      for from <- @float_types ++ @int_types, to <- @float_types ++ @int_types do
+        t = random({4, 4}, from, finite: false)
+        # Out-of-range finite floats are undefined in C; Nx wraps them. Keep floats in range.
+        t =
+          if elem(from, 0) in [:f, :bf] and elem(to, 0) in [:s, :u],
+            do: Nx.clip(t, 0, 100),
+            else: t
+
+        assert_same(
+          Nx.as_type(mlx(t), to),
+          Nx.as_type(t, to),
+          rtol(to, :arith),
+          "#{inspect(from)} -> #{inspect(to)}"
+        )
+      end
+    end
+
+    test "as_type maps non-finite floats to 0 and the integer extremes" do
+      t = Nx.tensor([:nan, :infinity, :neg_infinity, 1.5], backend: Nx.BinaryBackend)
+
+      for to <- @int_types do
+        assert_same(Nx.as_type(mlx(t), to), Nx.as_type(t, to), 0, "non-finite -> #{inspect(to)}")
+      end
+    end
+  end
+end
