@@ -33,8 +33,44 @@ defmodule NxMlx.TestHelpers do
   end
 
   @doc false
+  def forward(event, measurements, metadata, {:own, pid}) do
+    if self() == pid, do: send(pid, {:telemetry, event, measurements, metadata})
+  end
+
   def forward(event, measurements, metadata, pid) do
     send(pid, {:telemetry, event, measurements, metadata})
+  end
+
+  @doc """
+  Fails if `fun`, run in the calling process, falls back to Nx.BinaryBackend for an op
+  other than those in `allowed`.
+  """
+  def assert_native(fun, allowed \\ []) do
+    id = "native-#{inspect(make_ref())}"
+
+    :ok =
+      :telemetry.attach(id, [:nx_mlx, :fallback, :start], &__MODULE__.forward/4, {:own, self()})
+
+    try do
+      result = fun.()
+      ops = collect_fallbacks([])
+      unexpected = Enum.uniq(ops) -- allowed
+
+      if unexpected != [],
+        do: raise(ExUnit.AssertionError, "fell back for #{inspect(unexpected)}")
+
+      result
+    after
+      :telemetry.detach(id)
+    end
+  end
+
+  defp collect_fallbacks(acc) do
+    receive do
+      {:telemetry, [:nx_mlx, :fallback, :start], _, %{op: op}} -> collect_fallbacks([op | acc])
+    after
+      0 -> acc
+    end
   end
 end
 

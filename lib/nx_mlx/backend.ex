@@ -15,7 +15,9 @@ defmodule NxMlx.Backend do
 
   ## What runs on MLX
 
-  Creation (`constant`, `from_binary`), read-back (`to_binary`, `inspect`), transfers,
+  Creation (`constant`, `from_binary`, `iota`, `eye`), read-back (`to_binary`, `inspect`),
+  transfers, `concatenate`, `stack`, `slice` (starts clamped as in Nx; tensor starts are
+  read back first), `put_slice`, `pad` (interior padding falls back), `reverse`,
   `as_type` (floats to integers map NaN to 0 and the infinities to the type's extremes, as
   Nx does), `reshape`, `squeeze`, `transpose`, `broadcast`, `select`, `clip`, `dot` on
   floating-point types (batched too); element-wise `add`, `subtract`, `multiply`, `min`,
@@ -236,6 +238,45 @@ defmodule NxMlx.Backend do
     :ok
   end
 
+  @impl true
+  def iota(%T{shape: shape, type: type} = out, axis, opts) do
+    device = device_of(opts)
+    check_device_type!(device, type)
+    op = fn fun, args -> call(device, fun, args, :iota, [out]) end
+    dims = Tuple.to_list(shape)
+
+    r =
+      if axis == nil do
+        op.(:reshape, [index_range(op, Enum.product(dims)), dims])
+      else
+        n = elem(shape, axis)
+        line = List.duplicate(1, length(dims)) |> List.replace_at(axis, n)
+        op.(:broadcast_to, [op.(:reshape, [index_range(op, n), line]), dims])
+      end
+
+    wrap(out, op.(:astype, [r, Types.to_mlx(type)]), device)
+  end
+
+  @impl true
+  def eye(%T{shape: shape, type: type} = out, opts) do
+    device = device_of(opts)
+    check_device_type!(device, type)
+    op = fn fun, args -> call(device, fun, args, :eye, [out]) end
+    dims = Tuple.to_list(shape)
+    [m, n] = Enum.take(dims, -2)
+    rows = op.(:reshape, [index_range(op, m), [m, 1]])
+    cols = op.(:reshape, [index_range(op, n), [1, n]])
+    diagonal = op.(:binary, [:equal, rows, cols])
+    r = op.(:broadcast_to, [op.(:astype, [diagonal, Types.to_mlx(type)]), dims])
+    wrap(out, r, device)
+  end
+
+  # 0..n-1 as integers (exact; converted to the output type afterwards).
+  defp index_range(op, n) do
+    op.(:arange, [0.0, n / 1, 1.0, if(n < 2_147_483_647, do: :s32, else: :s64)])
+  end
+
+  ## Shape
   ## Shape
 
   @impl true
@@ -331,6 +372,111 @@ defmodule NxMlx.Backend do
         else: call(device, :reshape, [ref, dims], :broadcast, [t])
 
     wrap(out, call(device, :broadcast_to, [ref, Tuple.to_list(shape)], :broadcast, [t]), device)
+  end
+
+  ## Joining, slicing, padding
+
+  @impl true
+  def concatenate(%T{type: type} = out, tensors, axis) do
+    device = op_device(tensors)
+    refs = Enum.map(tensors, &ref_as(&1, type, device))
+    wrap(out, call(device, :concatenate, [refs, axis], :concatenate, tensors), device)
+  end
+
+  @impl true
+  def stack(%T{type: type} = out, tensors, axis) do
+    device = op_device(tensors)
+
+    refs =
+      Enum.map(tensors, fn t ->
+        shape = t.shape |> Tuple.insert_at(axis, 1) |> Tuple.to_list()
+        call(device, :reshape, [ref_as(t, type, device), shape], :stack, tensors)
+      end)
+
+    wrap(out, call(device, :concatenate, [refs, axis], :stack, tensors), device)
+  end
+
+  @impl true
+  def slice(out, %T{shape: shape} = t, start_indices, lengths, strides) do
+    device = op_device([t])
+    # Nx clamps each start so that the slice fits.
+    start =
+      [Tuple.to_list(shape), start_indices, lengths]
+      |> Enum.zip_with(fn [dim, start, len] ->
+        start |> to_index() |> max(0) |> min(dim - len)
+      end)
+
+    stop = Enum.zip_with(start, lengths, &(&1 + &2))
+    r = call(device, :slice, [ref!(t, device), start, stop, strides], :slice, [t])
+    wrap(out, r, device)
+  end
+
+  @impl true
+  def put_slice(%T{type: type} = out, %T{shape: shape} = t, start_indices, %T{} = slice) do
+    device = op_device([t, slice])
+    lengths = Tuple.to_list(slice.shape)
+
+    start =
+      [Tuple.to_list(shape), start_indices, lengths]
+      |> Enum.zip_with(fn [dim, start, len] ->
+        start |> to_index() |> max(0) |> min(dim - len)
+      end)
+
+    stop = Enum.zip_with(start, lengths, &(&1 + &2))
+    args = [ref_as(t, type, device), ref_as(slice, type, device), start, stop]
+    wrap(out, call(device, :slice_update, args, :put_slice, [t, slice]), device)
+  end
+
+  # A start index given as a number or a scalar tensor (read back: MLX slices take integers).
+  defp to_index(i) when is_integer(i), do: i
+  defp to_index(%T{} = t), do: Nx.to_number(t)
+
+  @impl true
+  def pad(%T{type: type} = out, %T{} = t, %T{} = pad_value, config) do
+    if Enum.any?(config, fn {_, _, interior} -> interior != 0 end) do
+      NxMlx.Fallback.run(:pad, [out, t, pad_value, config], op_device([t]))
+    else
+      device = op_device([t, pad_value])
+      op = fn fun, args -> call(device, fun, args, :pad, [t, pad_value]) end
+      low = Enum.map(config, fn {lo, _, _} -> max(lo, 0) end)
+      high = Enum.map(config, fn {_, hi, _} -> max(hi, 0) end)
+      value = ref_as(pad_value, type, device)
+      padded = op.(:pad, [ref_as(t, type, device), low, high, value])
+
+      # Negative amounts remove elements: slice them off the padded array.
+      r =
+        if Enum.all?(config, fn {lo, hi, _} -> lo >= 0 and hi >= 0 end) do
+          padded
+        else
+          dims = Tuple.to_list(t.shape)
+
+          {start, stop} =
+            Enum.zip_with(dims, config, fn dim, {lo, hi, _} ->
+              start = max(-lo, 0)
+              {start, max(lo, 0) + dim + max(hi, 0) - max(-hi, 0)}
+            end)
+            |> Enum.unzip()
+
+          op.(:slice, [padded, start, stop, List.duplicate(1, length(dims))])
+        end
+
+      wrap(out, r, device)
+    end
+  end
+
+  @impl true
+  def reverse(out, %T{shape: shape} = t, axes) do
+    device = op_device([t])
+    op = fn fun, args -> call(device, fun, args, :reverse, [t]) end
+
+    r =
+      Enum.reduce(axes, ref!(t, device), fn axis, acc ->
+        n = elem(shape, axis)
+        indices = op.(:arange, [(n - 1) / 1, -1.0, -1.0, :s32])
+        op.(:take, [acc, indices, axis])
+      end)
+
+    wrap(out, r, device)
   end
 
   ## dot
@@ -716,12 +862,6 @@ defmodule NxMlx.Backend do
   def to_batched(out, %T{} = t, opts) do
     NxMlx.Fallback.run(:to_batched, [out, t, opts], op_device([t]))
   end
-
-  @impl true
-  def eye(out, opts), do: NxMlx.Fallback.run(:eye, [out, []], device_of(opts))
-
-  @impl true
-  def iota(out, axis, opts), do: NxMlx.Fallback.run(:iota, [out, axis, []], device_of(opts))
 
   @impl true
   def from_pointer(_pointer, _type, _shape, _opts, _keyword) do

@@ -71,5 +71,11 @@ defmodule NxMlx.Native do
   def matmul(_worker, _a, _b), do: nif_error()
   def inv(_worker, _a), do: nif_error()
   def select(_worker, _cond, _a, _b), do: nif_error()
+  def arange(_worker, _start, _stop, _step, _dtype), do: nif_error()
+  def concatenate(_worker, _arrays, _axis), do: nif_error()
+  def slice(_worker, _a, _start, _stop, _strides), do: nif_error()
+  def slice_update(_worker, _src, _update, _start, _stop), do: nif_error()
+  def pad(_worker, _a, _low, _high, _value), do: nif_error()
+  def take(_worker, _a, _indices, _axis), do: nif_error()
   def tensordot(_worker, _a, _b, _axes_a, _axes_b), do: nif_error()
 end

@@ -443,6 +443,45 @@ std::unique_ptr<array> where_(const array& cond, const array& a, const array& b,
   return boxed(mx::where(cond, a, b, to_mx(s)));
 }
 
+std::unique_ptr<array> concatenate(const ArrayList& list, int32_t axis, StreamRef s) {
+  return boxed(mx::concatenate(list.arrays, axis, to_mx(s)));
+}
+
+std::unique_ptr<array> slice(
+    const array& a,
+    rust::Slice<const int32_t> start,
+    rust::Slice<const int32_t> stop,
+    rust::Slice<const int32_t> strides,
+    StreamRef s) {
+  return boxed(mx::slice(a, to_shape(start), to_shape(stop), to_shape(strides), to_mx(s)));
+}
+
+std::unique_ptr<array> slice_update(
+    const array& src,
+    const array& update,
+    rust::Slice<const int32_t> start,
+    rust::Slice<const int32_t> stop,
+    StreamRef s) {
+  return boxed(mx::slice_update(src, update, to_shape(start), to_shape(stop), to_mx(s)));
+}
+
+std::unique_ptr<array> pad(
+    const array& a,
+    rust::Slice<const int32_t> low,
+    rust::Slice<const int32_t> high,
+    const array& value,
+    StreamRef s) {
+  std::vector<int> axes(a.ndim());
+  for (int i = 0; i < static_cast<int>(a.ndim()); ++i) {
+    axes[i] = i;
+  }
+  return boxed(mx::pad(a, axes, to_shape(low), to_shape(high), value, "constant", to_mx(s)));
+}
+
+std::unique_ptr<array> take(const array& a, const array& indices, int32_t axis, StreamRef s) {
+  return boxed(mx::take(a, indices, axis, to_mx(s)));
+}
+
 std::unique_ptr<array> linalg_inv(const array& a, StreamRef s) {
   return boxed(mx::linalg::inv(a, to_mx(s)));
 }

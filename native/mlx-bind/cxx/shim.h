@@ -79,6 +79,26 @@ std::unique_ptr<array> transpose(const array& a, rust::Slice<const int32_t> axes
 std::unique_ptr<array> broadcast_to(const array& a, rust::Slice<const int32_t> shape, StreamRef s);
 std::unique_ptr<array> matmul(const array& a, const array& b, StreamRef s);
 std::unique_ptr<array> linalg_inv(const array& a, StreamRef s);
+std::unique_ptr<array> concatenate(const ArrayList& list, int32_t axis, StreamRef s);
+std::unique_ptr<array> slice(
+    const array& a,
+    rust::Slice<const int32_t> start,
+    rust::Slice<const int32_t> stop,
+    rust::Slice<const int32_t> strides,
+    StreamRef s);
+std::unique_ptr<array> slice_update(
+    const array& src,
+    const array& update,
+    rust::Slice<const int32_t> start,
+    rust::Slice<const int32_t> stop,
+    StreamRef s);
+std::unique_ptr<array> pad(
+    const array& a,
+    rust::Slice<const int32_t> low,
+    rust::Slice<const int32_t> high,
+    const array& value,
+    StreamRef s);
+std::unique_ptr<array> take(const array& a, const array& indices, int32_t axis, StreamRef s);
 std::unique_ptr<array> where_(const array& cond, const array& a, const array& b, StreamRef s);
 std::unique_ptr<array> tensordot(
     const array& a,

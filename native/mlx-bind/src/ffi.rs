@@ -196,6 +196,29 @@ pub(crate) mod bridge {
         fn broadcast_to(a: &Array, shape: &[i32], s: StreamRef) -> Result<UniquePtr<Array>>;
         fn matmul(a: &Array, b: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
         fn linalg_inv(a: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn concatenate(list: &ArrayList, axis: i32, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn slice(
+            a: &Array,
+            start: &[i32],
+            stop: &[i32],
+            strides: &[i32],
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+        fn slice_update(
+            src: &Array,
+            update: &Array,
+            start: &[i32],
+            stop: &[i32],
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+        fn pad(
+            a: &Array,
+            low: &[i32],
+            high: &[i32],
+            value: &Array,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+        fn take(a: &Array, indices: &Array, axis: i32, s: StreamRef) -> Result<UniquePtr<Array>>;
         fn where_(cond: &Array, a: &Array, b: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
         fn tensordot(
             a: &Array,

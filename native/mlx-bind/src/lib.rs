@@ -377,6 +377,48 @@ pub fn matmul(a: &Array, b: &Array, s: &Stream) -> Result<Array> {
     wrap(bridge::matmul(a.inner(), b.inner(), s.0))
 }
 
+/// `arrays` joined along `axis`.
+pub fn concatenate(arrays: &[&Array], axis: i64, s: &Stream) -> Result<Array> {
+    let axis = check_axes(&[axis])?[0];
+    wrap(bridge::concatenate(&list_of(arrays), axis, s.0))
+}
+
+/// The strided slice `[start, stop)` by `strides` on every axis.
+pub fn slice(a: &Array, start: &[i64], stop: &[i64], strides: &[i64], s: &Stream) -> Result<Array> {
+    let (start, stop, strides) = (check_axes(start)?, check_axes(stop)?, check_axes(strides)?);
+    wrap(bridge::slice(a.inner(), &start, &stop, &strides, s.0))
+}
+
+/// `src` with the block `[start, stop)` replaced by `update`.
+pub fn slice_update(
+    src: &Array,
+    update: &Array,
+    start: &[i64],
+    stop: &[i64],
+    s: &Stream,
+) -> Result<Array> {
+    let (start, stop) = (check_axes(start)?, check_axes(stop)?);
+    wrap(bridge::slice_update(
+        src.inner(),
+        update.inner(),
+        &start,
+        &stop,
+        s.0,
+    ))
+}
+
+/// `a` padded on every axis with `low`/`high` copies of the scalar `value` (non-negative).
+pub fn pad(a: &Array, low: &[i64], high: &[i64], value: &Array, s: &Stream) -> Result<Array> {
+    let (low, high) = (check_shape(low)?, check_shape(high)?);
+    wrap(bridge::pad(a.inner(), &low, &high, value.inner(), s.0))
+}
+
+/// The entries of `a` at `indices` along `axis`.
+pub fn take(a: &Array, indices: &Array, axis: i64, s: &Stream) -> Result<Array> {
+    let axis = check_axes(&[axis])?[0];
+    wrap(bridge::take(a.inner(), indices.inner(), axis, s.0))
+}
+
 /// Element-wise `cond ? a : b` (`cond` converted to bool; NumPy broadcasting).
 pub fn where_(cond: &Array, a: &Array, b: &Array, s: &Stream) -> Result<Array> {
     wrap(bridge::where_(cond.inner(), a.inner(), b.inner(), s.0))

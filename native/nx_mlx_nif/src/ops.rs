@@ -146,6 +146,96 @@ fn select(
     })
 }
 
+/// `arange(worker, start, stop, step, dtype)`: `[start, stop)` by `step`.
+#[rustler::nif]
+fn arange<'a>(
+    env: Env<'a>,
+    worker: ResourceArc<WorkerRes>,
+    start: f64,
+    stop: f64,
+    step: f64,
+    dtype: Term<'a>,
+) -> Term<'a> {
+    let dtype = parse_or_return!(env, convert::dtype(dtype));
+    build(env, &worker, &[], |s| {
+        mlx_bind::arange(start, stop, step, dtype, s)
+    })
+}
+
+/// `concatenate(worker, arrays, axis)`.
+#[rustler::nif]
+fn concatenate(
+    env: Env,
+    worker: ResourceArc<WorkerRes>,
+    arrays: Vec<ResourceArc<ArrayRes>>,
+    axis: i64,
+) -> Term {
+    let inputs: Vec<&ResourceArc<ArrayRes>> = arrays.iter().collect();
+    build(env, &worker, &inputs, |s| {
+        let refs: Vec<&mlx_bind::Array> = arrays.iter().map(|a| a.array()).collect();
+        mlx_bind::concatenate(&refs, axis, s)
+    })
+}
+
+/// `slice(worker, a, start, stop, strides)`.
+#[rustler::nif]
+fn slice(
+    env: Env,
+    worker: ResourceArc<WorkerRes>,
+    a: ResourceArc<ArrayRes>,
+    start: Vec<i64>,
+    stop: Vec<i64>,
+    strides: Vec<i64>,
+) -> Term {
+    build(env, &worker, &[&a], |s| {
+        mlx_bind::slice(a.array(), &start, &stop, &strides, s)
+    })
+}
+
+/// `slice_update(worker, src, update, start, stop)`.
+#[rustler::nif]
+fn slice_update(
+    env: Env,
+    worker: ResourceArc<WorkerRes>,
+    src: ResourceArc<ArrayRes>,
+    update: ResourceArc<ArrayRes>,
+    start: Vec<i64>,
+    stop: Vec<i64>,
+) -> Term {
+    build(env, &worker, &[&src, &update], |s| {
+        mlx_bind::slice_update(src.array(), update.array(), &start, &stop, s)
+    })
+}
+
+/// `pad(worker, a, low, high, value)`: constant padding (non-negative amounts).
+#[rustler::nif]
+fn pad(
+    env: Env,
+    worker: ResourceArc<WorkerRes>,
+    a: ResourceArc<ArrayRes>,
+    low: Vec<i64>,
+    high: Vec<i64>,
+    value: ResourceArc<ArrayRes>,
+) -> Term {
+    build(env, &worker, &[&a, &value], |s| {
+        mlx_bind::pad(a.array(), &low, &high, value.array(), s)
+    })
+}
+
+/// `take(worker, a, indices, axis)`.
+#[rustler::nif]
+fn take(
+    env: Env,
+    worker: ResourceArc<WorkerRes>,
+    a: ResourceArc<ArrayRes>,
+    indices: ResourceArc<ArrayRes>,
+    axis: i64,
+) -> Term {
+    build(env, &worker, &[&a, &indices], |s| {
+        mlx_bind::take(a.array(), indices.array(), axis, s)
+    })
+}
+
 /// `inv(worker, a)`: the inverse of the square matrices in the last two axes. A singular
 /// matrix is reported when the array is evaluated.
 #[rustler::nif]

@@ -1,0 +1,147 @@
+defmodule NxMlx.OracleShapeTest do
+  # Creation and structural ops on NxMlx.Backend against Nx.BinaryBackend (exact: they move
+  # values without arithmetic), on seeded random inputs.
+  use ExUnit.Case, async: true
+
+  import NxMlx.TestHelpers
+
+  @mlx {NxMlx.Backend, device: :cpu}
+  @types [{:f, 32}, {:s, 64}, {:u, 8}, {:bf, 16}, {:f, 64}]
+
+  setup do
+    :rand.seed(:exsss, {3, 5, 8})
+    :ok
+  end
+
+  defp random(shape, type) do
+    n = Tuple.product(shape)
+    values = for _ <- 1..n, do: :rand.uniform(200) - 50
+
+    Nx.tensor(values, type: {:s, 64}, backend: Nx.BinaryBackend)
+    |> Nx.reshape(shape)
+    |> Nx.as_type(type)
+  end
+
+  defp mlx(t), do: Nx.backend_copy(t, @mlx)
+
+  # `got_fun` must compute its result without falling back (except for `allowed` ops).
+  defp assert_same(got_fun, %Nx.Tensor{} = expected, context, allowed \\ []) do
+    got = assert_native(got_fun, allowed)
+    assert %NxMlx.Backend{} = got.data, "#{context}: not on NxMlx.Backend"
+
+    assert {got.type, got.shape, got.names} == {expected.type, expected.shape, expected.names},
+           context
+
+    assert Nx.to_binary(got) == Nx.to_binary(expected),
+           "#{context}\n#{inspect(got)}\n#{inspect(expected)}"
+  end
+
+  test "iota and eye for every axis and type" do
+    for type <- @types,
+        shape <- [{5}, {2, 3, 4}, {}],
+        axis <- [nil | Enum.to_list(0..(tuple_size(shape) - 1)//1)] do
+      assert_same(
+        fn -> Nx.iota(shape, type: type, axis: axis, backend: @mlx) end,
+        Nx.iota(shape, type: type, axis: axis, backend: Nx.BinaryBackend),
+        "iota #{inspect(shape)} #{inspect(type)} axis #{inspect(axis)}"
+      )
+    end
+
+    for type <- @types, shape <- [{3, 3}, {2, 4}, {2, 3, 5}] do
+      assert_same(
+        fn -> Nx.eye(shape, type: type, backend: @mlx) end,
+        Nx.eye(shape, type: type, backend: Nx.BinaryBackend),
+        "eye #{inspect(shape)}"
+      )
+    end
+  end
+
+  test "concatenate and stack with mixed types on every axis" do
+    for axis <- 0..2, type <- @types do
+      a = random({2, 3, 4}, type)
+      b = random({2, 3, 4}, {:s, 32})
+      a2 = Nx.slice_along_axis(a, 0, 1, axis: axis)
+
+      assert_same(
+        fn -> Nx.concatenate([mlx(a), mlx(b), mlx(a2)], axis: axis) end,
+        Nx.concatenate([a, b, a2], axis: axis),
+        "concatenate axis #{axis}"
+      )
+
+      assert_same(
+        fn -> Nx.stack([mlx(a), mlx(b)], axis: axis) end,
+        Nx.stack([a, b], axis: axis),
+        "stack axis #{axis}"
+      )
+    end
+  end
+
+  test "slice with strides, clamped starts and tensor starts" do
+    t = random({6, 7, 5}, {:f, 32})
+
+    for _ <- 1..30 do
+      lengths = [Enum.random(1..6), Enum.random(1..7), Enum.random(1..5)]
+      starts = Enum.map(lengths, fn _ -> Enum.random(-3..9) end)
+      strides = Enum.map(lengths, fn _ -> Enum.random(1..3) end)
+
+      assert_same(
+        fn -> Nx.slice(mlx(t), starts, lengths, strides: strides) end,
+        Nx.slice(t, starts, lengths, strides: strides),
+        "slice #{inspect({starts, lengths, strides})}"
+      )
+    end
+
+    starts = [Nx.tensor(4), 1, Nx.tensor(-2)]
+
+    assert_same(
+      fn -> Nx.slice(mlx(t), starts, [3, 2, 2]) end,
+      Nx.slice(t, starts, [3, 2, 2]),
+      "tensor starts"
+    )
+  end
+
+  test "put_slice with clamped starts and type conversion" do
+    for _ <- 1..20, type <- [{:f, 32}, {:s, 32}] do
+      t = random({5, 6}, type)
+      update = random({Enum.random(1..5), Enum.random(1..6)}, {:s, 16})
+      starts = [Enum.random(-2..7), Enum.random(-2..7)]
+
+      assert_same(
+        fn -> Nx.put_slice(mlx(t), starts, mlx(update)) end,
+        Nx.put_slice(t, starts, update),
+        "put_slice #{inspect(starts)}"
+      )
+    end
+  end
+
+  test "pad with positive and negative amounts, and interior padding (fallback)" do
+    t = random({4, 5}, {:f, 32})
+    value = Nx.tensor(-7.0)
+
+    for config <- [
+          [{1, 2, 0}, {0, 3, 0}],
+          [{-1, 2, 0}, {2, -2, 0}],
+          [{-2, -1, 0}, {0, 0, 0}],
+          [{1, 0, 1}, {0, 1, 2}]
+        ] do
+      assert_same(
+        fn -> Nx.pad(mlx(t), mlx(value), config) end,
+        Nx.pad(t, value, config),
+        "pad #{inspect(config)}",
+        [:pad]
+      )
+    end
+  end
+
+  test "reverse on any set of axes" do
+    t = random({3, 4, 2}, {:s, 32})
+
+    for axes <- [[0], [1], [2], [0, 2], [0, 1, 2]] do
+      assert_same(
+        fn -> Nx.reverse(mlx(t), axes: axes) end,
+        Nx.reverse(t, axes: axes),
+        "reverse #{inspect(axes)}"
+      )
+    end
+  end
+end
