@@ -17,7 +17,9 @@ defmodule NxMlx.Backend do
 
   Creation (`constant`, `from_binary`, `iota`, `eye`), read-back (`to_binary`, `inspect`),
   transfers, `concatenate`, `stack`, `slice` (starts clamped as in Nx; tensor starts are
-  read back first), `put_slice`, `pad` (interior padding falls back), `reverse`,
+  read back first), `put_slice`, `pad` (interior padding falls back), `reverse`, `argmax` and
+  `argmin` (both tie breaks; an axis holding NaN answers its last NaN, as in Nx), `sort` and
+  `argsort` (stable in both directions, NaN last ascending and first descending),
   `as_type` (floats to integers map NaN to 0 and the infinities to the type's extremes, as
   Nx does), `reshape`, `squeeze`, `transpose`, `broadcast`, `select`, `clip`, `dot` on
   floating-point types (batched too); element-wise `add`, `subtract`, `multiply`, `min`,
@@ -471,12 +473,104 @@ defmodule NxMlx.Backend do
 
     r =
       Enum.reduce(axes, ref!(t, device), fn axis, acc ->
-        n = elem(shape, axis)
-        indices = op.(:arange, [(n - 1) / 1, -1.0, -1.0, :s32])
-        op.(:take, [acc, indices, axis])
+        reverse_axis(op, acc, axis, elem(shape, axis))
       end)
 
     wrap(out, r, device)
+  end
+
+  ## Arg-reductions and sorting
+
+  @impl true
+  def argmax(out, t, opts), do: arg_reduce(out, t, opts, :argmax)
+
+  @impl true
+  def argmin(out, t, opts), do: arg_reduce(out, t, opts, :argmin)
+
+  defp arg_reduce(out, %T{type: {kind, _}} = t, opts, nx_op) when kind != :c do
+    device = op_device([t])
+    op = fn fun, args -> call(device, fun, args, nx_op, [t]) end
+
+    {x, axis, n} =
+      case opts[:axis] do
+        nil -> {op.(:reshape, [ref!(t, device), [Nx.size(t)]]), 0, Nx.size(t)}
+        axis -> {ref!(t, device), axis, elem(t.shape, axis)}
+      end
+
+    # MLX returns the first index on ties; tie_break: :high searches the reversed axis.
+    high? = opts[:tie_break] == :high
+    last = scalar_ref(n - 1, out.type, device)
+    type = Types.to_mlx(out.type)
+    searched = if high?, do: reverse_axis(op, x, axis, n), else: x
+    idx = op.(:astype, [op.(:arg_reduce, [nx_op == :argmax, searched, axis, false]), type])
+    idx = if high?, do: op.(:binary, [:subtract, last, idx]), else: idx
+
+    # As Nx: along an axis holding NaN, the answer is the index of the last NaN.
+    idx =
+      if kind in [:f, :bf] do
+        nan = op.(:unary, [:isnan, x])
+        reversed = reverse_axis(op, nan, axis, n)
+        from_end = op.(:astype, [op.(:arg_reduce, [true, reversed, axis, false]), type])
+        any_nan = op.(:reduce, [:any, nan, [axis], false])
+        op.(:select, [any_nan, op.(:binary, [:subtract, last, from_end]), idx])
+      else
+        idx
+      end
+
+    wrap(out, op.(:reshape, [idx, Tuple.to_list(out.shape)]), device)
+  end
+
+  defp arg_reduce(out, t, opts, nx_op),
+    do: NxMlx.Fallback.run(nx_op, [out, t, opts], op_device([t]))
+
+  @impl true
+  def sort(out, %T{type: {kind, _}} = t, opts) when kind != :c do
+    device = op_device([t])
+    op = fn fun, args -> call(device, fun, args, :sort, [t]) end
+    axis = opts[:axis] || 0
+    sorted = op.(:sort, [false, ref!(t, device), axis])
+
+    r =
+      if opts[:direction] == :desc,
+        do: reverse_axis(op, sorted, axis, elem(t.shape, axis)),
+        else: sorted
+
+    wrap(out, r, device)
+  end
+
+  def sort(out, t, opts), do: NxMlx.Fallback.run(:sort, [out, t, opts], op_device([t]))
+
+  @impl true
+  def argsort(out, %T{type: {kind, _}} = t, opts) when kind != :c do
+    device = op_device([t])
+    op = fn fun, args -> call(device, fun, args, :argsort, [t]) end
+    axis = opts[:axis] || 0
+    n = elem(t.shape, axis)
+    type = Types.to_mlx(out.type)
+
+    r =
+      if opts[:direction] == :desc do
+        # Stable descending order: sort the reversed axis ascending, reverse the result and
+        # map the positions back (ties keep their original order, as in Nx).
+        reversed = reverse_axis(op, ref!(t, device), axis, n)
+        idx = op.(:astype, [op.(:sort, [true, reversed, axis]), type])
+
+        op.(:binary, [
+          :subtract,
+          scalar_ref(n - 1, out.type, device),
+          reverse_axis(op, idx, axis, n)
+        ])
+      else
+        op.(:astype, [op.(:sort, [true, ref!(t, device), axis]), type])
+      end
+
+    wrap(out, r, device)
+  end
+
+  def argsort(out, t, opts), do: NxMlx.Fallback.run(:argsort, [out, t, opts], op_device([t]))
+
+  defp reverse_axis(op, ref, axis, n) do
+    op.(:take, [ref, op.(:arange, [(n - 1) / 1, -1.0, -1.0, :s32]), axis])
   end
 
   ## dot

@@ -144,4 +144,70 @@ defmodule NxMlx.OracleShapeTest do
       )
     end
   end
+
+  describe "arg-reductions and sorting" do
+    # Values with many ties (and, for floats, NaN and infinities).
+    defp with_ties(shape, type) do
+      n = Tuple.product(shape)
+
+      values =
+        for _ <- 1..n do
+          case {elem(type, 0), :rand.uniform(8)} do
+            {:f, 1} -> :nan
+            {:f, 2} -> Enum.random([:infinity, :neg_infinity])
+            _ -> :rand.uniform(4) - 2
+          end
+        end
+
+      Nx.tensor(values, type: type, backend: Nx.BinaryBackend) |> Nx.reshape(shape)
+    end
+
+    test "argmax and argmin with axes, keep_axis and both tie breaks" do
+      for type <- [{:f, 32}, {:s, 32}, {:u, 8}, {:f, 64}], _ <- 1..3 do
+        t =
+          with_ties(
+            {4, 5, 3},
+            Nx.Type.normalize!(type)
+            |> then(fn {k, s} -> if k == :u, do: {:s, s * 2}, else: {k, s} end)
+          )
+
+        for fun <- [:argmax, :argmin],
+            axis <- [nil, 0, 1, 2],
+            tie <- [:low, :high],
+            keep <- [false, true],
+            axis != nil or not keep do
+          opts =
+            [axis: axis, tie_break: tie, keep_axis: keep] |> Enum.reject(&(elem(&1, 1) == nil))
+
+          assert_same(
+            fn -> apply(Nx, fun, [mlx(t), opts]) end,
+            apply(Nx, fun, [t, opts]),
+            "#{fun} #{inspect(t.type)} #{inspect(opts)}"
+          )
+        end
+      end
+    end
+
+    test "sort and argsort in both directions, stable on ties, NaN ordered as in Nx" do
+      for type <- [{:f, 32}, {:s, 64}, {:f, 64}, {:s, 8}], _ <- 1..3 do
+        t = with_ties({5, 6}, type)
+
+        for axis <- [0, 1], dir <- [:asc, :desc] do
+          opts = [axis: axis, direction: dir]
+
+          assert_same(
+            fn -> Nx.sort(mlx(t), opts) end,
+            Nx.sort(t, opts),
+            "sort #{inspect(type)} #{inspect(opts)}"
+          )
+
+          assert_same(
+            fn -> Nx.argsort(mlx(t), opts ++ [stable: true]) end,
+            Nx.argsort(t, opts ++ [stable: true]),
+            "argsort #{inspect(type)} #{inspect(opts)}"
+          )
+        end
+      end
+    end
+  end
 end

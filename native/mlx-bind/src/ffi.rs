@@ -219,6 +219,15 @@ pub(crate) mod bridge {
             s: StreamRef,
         ) -> Result<UniquePtr<Array>>;
         fn take(a: &Array, indices: &Array, axis: i32, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn arg_reduce(
+            max: bool,
+            a: &Array,
+            axis: i32,
+            keep_dims: bool,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+        fn sort_axis(indices: bool, a: &Array, axis: i32, s: StreamRef)
+            -> Result<UniquePtr<Array>>;
         fn where_(cond: &Array, a: &Array, b: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
         fn tensordot(
             a: &Array,

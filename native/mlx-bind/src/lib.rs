@@ -419,6 +419,18 @@ pub fn take(a: &Array, indices: &Array, axis: i64, s: &Stream) -> Result<Array> 
     wrap(bridge::take(a.inner(), indices.inner(), axis, s.0))
 }
 
+/// The index of the maximum (`max`) or minimum along `axis` (uint32).
+pub fn arg_reduce(max: bool, a: &Array, axis: i64, keep_dims: bool, s: &Stream) -> Result<Array> {
+    let axis = check_axes(&[axis])?[0];
+    wrap(bridge::arg_reduce(max, a.inner(), axis, keep_dims, s.0))
+}
+
+/// `a` sorted ascending along `axis`, or (`indices`) the permutation that sorts it (uint32).
+pub fn sort(indices: bool, a: &Array, axis: i64, s: &Stream) -> Result<Array> {
+    let axis = check_axes(&[axis])?[0];
+    wrap(bridge::sort_axis(indices, a.inner(), axis, s.0))
+}
+
 /// Element-wise `cond ? a : b` (`cond` converted to bool; NumPy broadcasting).
 pub fn where_(cond: &Array, a: &Array, b: &Array, s: &Stream) -> Result<Array> {
     wrap(bridge::where_(cond.inner(), a.inner(), b.inner(), s.0))

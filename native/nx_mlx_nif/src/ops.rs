@@ -236,6 +236,35 @@ fn take(
     })
 }
 
+/// `arg_reduce(worker, max, a, axis, keep_dims)`: argmax (`max`) or argmin along `axis`.
+#[rustler::nif]
+fn arg_reduce(
+    env: Env,
+    worker: ResourceArc<WorkerRes>,
+    max: bool,
+    a: ResourceArc<ArrayRes>,
+    axis: i64,
+    keep_dims: bool,
+) -> Term {
+    build(env, &worker, &[&a], |s| {
+        mlx_bind::arg_reduce(max, a.array(), axis, keep_dims, s)
+    })
+}
+
+/// `sort(worker, indices, a, axis)`: ascending sort (or argsort) along `axis`.
+#[rustler::nif]
+fn sort(
+    env: Env,
+    worker: ResourceArc<WorkerRes>,
+    indices: bool,
+    a: ResourceArc<ArrayRes>,
+    axis: i64,
+) -> Term {
+    build(env, &worker, &[&a], |s| {
+        mlx_bind::sort(indices, a.array(), axis, s)
+    })
+}
+
 /// `inv(worker, a)`: the inverse of the square matrices in the last two axes. A singular
 /// matrix is reported when the array is evaluated.
 #[rustler::nif]
