@@ -17,7 +17,8 @@ defmodule NxMlx.Backend do
 
   Creation (`constant`, `from_binary`, `iota`, `eye`), read-back (`to_binary`, `inspect`),
   transfers, `concatenate`, `stack`, `slice` (starts clamped as in Nx; tensor starts are
-  read back first), `put_slice`, `pad` (interior padding falls back), `reverse`, `argmax` and
+  read back first), `put_slice`, `pad` (interior padding falls back), `reverse`, `gather`
+  (out-of-bounds indices are clamped; `Nx.BinaryBackend` raises), `argmax` and
   `argmin` (both tie breaks; an axis holding NaN answers its last NaN, as in Nx), `sort` and
   `argsort` (stable in both directions, NaN last ascending and first descending),
   `as_type` (floats to integers map NaN to 0 and the infinities to the type's extremes, as
@@ -477,6 +478,40 @@ defmodule NxMlx.Backend do
       end)
 
     wrap(out, r, device)
+  end
+
+  ## Indexing
+
+  @impl true
+  def gather(out, %T{shape: shape} = t, %T{shape: idx_shape} = indices, opts) do
+    axes = opts[:axes]
+    device = op_device([t, indices])
+    op = fn fun, args -> call(device, fun, args, :gather, [t, indices]) end
+    rank = tuple_size(idx_shape)
+    batch = idx_shape |> Tuple.delete_at(rank - 1) |> Tuple.to_list()
+    idx = ref!(indices, device)
+    last = List.duplicate(1, rank - 1)
+
+    # One index array per gathered axis, clamped into bounds: MLX does not check them (an
+    # out-of-bounds read could crash the VM); Nx.BinaryBackend raises instead.
+    per_axis =
+      axes
+      |> Enum.with_index()
+      |> Enum.map(fn {axis, j} ->
+        column =
+          op.(:slice, [idx, List.duplicate(0, rank - 1) ++ [j], batch ++ [j + 1], last ++ [1]])
+
+        column = op.(:reshape, [column, batch])
+        low = scalar_ref(0, indices.type, device)
+        high = scalar_ref(elem(shape, axis) - 1, indices.type, device)
+        op.(:binary, [:minimum, op.(:binary, [:maximum, column, low]), high])
+      end)
+
+    sizes =
+      shape |> Tuple.to_list() |> Enum.with_index(fn dim, i -> if i in axes, do: 1, else: dim end)
+
+    r = op.(:gather, [ref!(t, device), per_axis, axes, sizes])
+    wrap(out, op.(:reshape, [r, Tuple.to_list(out.shape)]), device)
   end
 
   ## Arg-reductions and sorting

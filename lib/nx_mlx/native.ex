@@ -79,5 +79,6 @@ defmodule NxMlx.Native do
   def take(_worker, _a, _indices, _axis), do: nif_error()
   def arg_reduce(_worker, _max, _a, _axis, _keep_dims), do: nif_error()
   def sort(_worker, _indices, _a, _axis), do: nif_error()
+  def gather(_worker, _a, _indices, _axes, _slice_sizes), do: nif_error()
   def tensordot(_worker, _a, _b, _axes_a, _axes_b), do: nif_error()
 end

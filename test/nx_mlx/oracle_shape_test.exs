@@ -210,4 +210,56 @@ defmodule NxMlx.OracleShapeTest do
       end
     end
   end
+
+  describe "indexing" do
+    test "gather on any axes, with batch dimensions and scalar index rows" do
+      t = random({4, 5, 3}, {:f, 32})
+
+      for axes <- [[0], [1], [2], [0, 2], [1, 2], [0, 1, 2]], batch <- [{}, {6}, {2, 3}] do
+        k = length(axes)
+
+        rows =
+          for _ <- 1..max(Tuple.product(batch), 1) do
+            Enum.map(axes, fn axis -> :rand.uniform(elem(t.shape, axis)) - 1 end)
+          end
+
+        indices = Nx.tensor(rows, backend: Nx.BinaryBackend) |> Nx.reshape(Tuple.append(batch, k))
+
+        assert_same(
+          fn -> Nx.gather(mlx(t), mlx(indices), axes: axes) end,
+          Nx.gather(t, indices, axes: axes),
+          "gather axes #{inspect(axes)} batch #{inspect(batch)}"
+        )
+      end
+    end
+
+    test "take and take_along_axis (built on gather by Nx)" do
+      t = random({5, 4}, {:s, 32})
+      idx = Nx.tensor([[4, 0], [1, 1], [3, 2]], backend: Nx.BinaryBackend)
+
+      for axis <- [0, 1] do
+        i = if axis == 1, do: Nx.remainder(idx, 4), else: idx
+
+        assert_same(
+          fn -> Nx.take(mlx(t), mlx(i), axis: axis) end,
+          Nx.take(t, i, axis: axis),
+          "take axis #{axis}"
+        )
+      end
+
+      along = Nx.tensor([[0, 3, 1, 2], [4, 4, 0, 1]], backend: Nx.BinaryBackend)
+
+      assert_same(
+        fn -> Nx.take_along_axis(mlx(t), mlx(along), axis: 0) end,
+        Nx.take_along_axis(t, along, axis: 0),
+        "take_along_axis"
+      )
+    end
+
+    test "out-of-bounds gather indices are clamped instead of reading outside the tensor" do
+      t = Nx.iota({3, 4}, backend: @mlx)
+      got = Nx.gather(t, Nx.tensor([[5, -2], [1, 9]], backend: @mlx), axes: [0, 1])
+      assert Nx.to_flat_list(got) == [Nx.to_number(t[2][0]), Nx.to_number(t[1][3])]
+    end
+  end
 end

@@ -491,6 +491,15 @@ std::unique_ptr<array> sort_axis(bool indices, const array& a, int32_t axis, Str
   return boxed(indices ? mx::argsort(a, axis, to_mx(s)) : mx::sort(a, axis, to_mx(s)));
 }
 
+std::unique_ptr<array> gather(
+    const array& a,
+    const ArrayList& indices,
+    rust::Slice<const int32_t> axes,
+    rust::Slice<const int32_t> slice_sizes,
+    StreamRef s) {
+  return boxed(mx::gather(a, indices.arrays, to_ints(axes), to_shape(slice_sizes), to_mx(s)));
+}
+
 std::unique_ptr<array> linalg_inv(const array& a, StreamRef s) {
   return boxed(mx::linalg::inv(a, to_mx(s)));
 }

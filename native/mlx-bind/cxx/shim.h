@@ -99,6 +99,12 @@ std::unique_ptr<array> pad(
     const array& value,
     StreamRef s);
 std::unique_ptr<array> take(const array& a, const array& indices, int32_t axis, StreamRef s);
+std::unique_ptr<array> gather(
+    const array& a,
+    const ArrayList& indices,
+    rust::Slice<const int32_t> axes,
+    rust::Slice<const int32_t> slice_sizes,
+    StreamRef s);
 std::unique_ptr<array> arg_reduce(bool max, const array& a, int32_t axis, bool keep_dims, StreamRef s);
 std::unique_ptr<array> sort_axis(bool indices, const array& a, int32_t axis, StreamRef s);
 std::unique_ptr<array> where_(const array& cond, const array& a, const array& b, StreamRef s);

@@ -219,6 +219,13 @@ pub(crate) mod bridge {
             s: StreamRef,
         ) -> Result<UniquePtr<Array>>;
         fn take(a: &Array, indices: &Array, axis: i32, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn gather(
+            a: &Array,
+            indices: &ArrayList,
+            axes: &[i32],
+            slice_sizes: &[i32],
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
         fn arg_reduce(
             max: bool,
             a: &Array,

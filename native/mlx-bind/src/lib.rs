@@ -431,6 +431,25 @@ pub fn sort(indices: bool, a: &Array, axis: i64, s: &Stream) -> Result<Array> {
     wrap(bridge::sort_axis(indices, a.inner(), axis, s.0))
 }
 
+/// Slices of `slice_sizes` of `a` starting at the positions given, for each of `axes`, by
+/// the matching array of `indices` (indices must be in bounds: MLX does not check).
+pub fn gather(
+    a: &Array,
+    indices: &[&Array],
+    axes: &[i64],
+    slice_sizes: &[i64],
+    s: &Stream,
+) -> Result<Array> {
+    let (axes, sizes) = (check_axes(axes)?, check_shape(slice_sizes)?);
+    wrap(bridge::gather(
+        a.inner(),
+        &list_of(indices),
+        &axes,
+        &sizes,
+        s.0,
+    ))
+}
+
 /// Element-wise `cond ? a : b` (`cond` converted to bool; NumPy broadcasting).
 pub fn where_(cond: &Array, a: &Array, b: &Array, s: &Stream) -> Result<Array> {
     wrap(bridge::where_(cond.inner(), a.inner(), b.inner(), s.0))

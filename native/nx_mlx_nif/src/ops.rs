@@ -265,6 +265,24 @@ fn sort(
     })
 }
 
+/// `gather(worker, a, indices, axes, slice_sizes)`: the caller keeps indices in bounds.
+#[rustler::nif]
+fn gather(
+    env: Env,
+    worker: ResourceArc<WorkerRes>,
+    a: ResourceArc<ArrayRes>,
+    indices: Vec<ResourceArc<ArrayRes>>,
+    axes: Vec<i64>,
+    slice_sizes: Vec<i64>,
+) -> Term {
+    let mut inputs: Vec<&ResourceArc<ArrayRes>> = vec![&a];
+    inputs.extend(indices.iter());
+    build(env, &worker, &inputs, |s| {
+        let refs: Vec<&mlx_bind::Array> = indices.iter().map(|i| i.array()).collect();
+        mlx_bind::gather(a.array(), &refs, &axes, &slice_sizes, s)
+    })
+}
+
 /// `inv(worker, a)`: the inverse of the square matrices in the last two axes. A singular
 /// matrix is reported when the array is evaluated.
 #[rustler::nif]
