@@ -18,7 +18,9 @@ defmodule NxMlx.Backend do
   Creation (`constant`, `from_binary`, `iota`, `eye`), read-back (`to_binary`, `inspect`),
   transfers, `concatenate`, `stack`, `slice` (starts clamped as in Nx; tensor starts are
   read back first), `put_slice`, `pad` (interior padding falls back), `reverse`, `gather`
-  (out-of-bounds indices are clamped; `Nx.BinaryBackend` raises), `argmax` and
+  (out-of-bounds indices are clamped; `Nx.BinaryBackend` raises), `indexed_add` and
+  `indexed_put` (out-of-bounds rows write nothing; `Nx.BinaryBackend` raises; with duplicate
+  indices `indexed_put` keeps the last row on the CPU device, any one of them on the GPU), `argmax` and
   `argmin` (both tie breaks; an axis holding NaN answers its last NaN, as in Nx), `sort` and
   `argsort` (stable in both directions, NaN last ascending and first descending),
   `as_type` (floats to integers map NaN to 0 and the infinities to the type's extremes, as
@@ -483,35 +485,86 @@ defmodule NxMlx.Backend do
   ## Indexing
 
   @impl true
-  def gather(out, %T{shape: shape} = t, %T{shape: idx_shape} = indices, opts) do
+  def gather(out, %T{shape: shape} = t, %T{} = indices, opts) do
     axes = opts[:axes]
     device = op_device([t, indices])
     op = fn fun, args -> call(device, fun, args, :gather, [t, indices]) end
-    rank = tuple_size(idx_shape)
-    batch = idx_shape |> Tuple.delete_at(rank - 1) |> Tuple.to_list()
-    idx = ref!(indices, device)
-    last = List.duplicate(1, rank - 1)
-
-    # One index array per gathered axis, clamped into bounds: MLX does not check them (an
-    # out-of-bounds read could crash the VM); Nx.BinaryBackend raises instead.
-    per_axis =
-      axes
-      |> Enum.with_index()
-      |> Enum.map(fn {axis, j} ->
-        column =
-          op.(:slice, [idx, List.duplicate(0, rank - 1) ++ [j], batch ++ [j + 1], last ++ [1]])
-
-        column = op.(:reshape, [column, batch])
-        low = scalar_ref(0, indices.type, device)
-        high = scalar_ref(elem(shape, axis) - 1, indices.type, device)
-        op.(:binary, [:minimum, op.(:binary, [:maximum, column, low]), high])
-      end)
+    {per_axis, _in_bounds} = index_columns(op, indices, axes, shape, device)
 
     sizes =
       shape |> Tuple.to_list() |> Enum.with_index(fn dim, i -> if i in axes, do: 1, else: dim end)
 
     r = op.(:gather, [ref!(t, device), per_axis, axes, sizes])
     wrap(out, op.(:reshape, [r, Tuple.to_list(out.shape)]), device)
+  end
+
+  @impl true
+  def indexed_add(out, t, indices, updates, opts),
+    do: indexed(out, t, indices, updates, opts, :indexed_add)
+
+  @impl true
+  def indexed_put(out, t, indices, updates, opts),
+    do: indexed(out, t, indices, updates, opts, :indexed_put)
+
+  defp indexed(
+         %T{type: type} = out,
+         %T{shape: shape} = t,
+         %T{} = indices,
+         %T{} = updates,
+         opts,
+         nx_op
+       ) do
+    axes = opts[:axes]
+    device = op_device([t, indices, updates])
+    op = fn fun, args -> call(device, fun, args, nx_op, [t, indices, updates]) end
+    {per_axis, in_bounds} = index_columns(op, indices, axes, shape, device)
+    batch = indices.shape |> Tuple.delete_at(tuple_size(indices.shape) - 1) |> Tuple.to_list()
+
+    slice =
+      shape |> Tuple.to_list() |> Enum.with_index(fn dim, i -> if i in axes, do: 1, else: dim end)
+
+    values = op.(:reshape, [ref_as(updates, type, device), batch ++ slice])
+
+    # Out-of-bounds rows (Nx.BinaryBackend raises) must not write, and MLX does not check
+    # indices: they are sent to a spare slot past the end of each indexed axis, which is cut
+    # off afterwards.
+    dims = Tuple.to_list(shape)
+    spare = Enum.with_index(dims, fn _, i -> if i in axes, do: 1, else: 0 end)
+    zeros = List.duplicate(0, length(dims))
+    padded = op.(:pad, [ref_as(t, type, device), zeros, spare, scalar_ref(0, type, device)])
+
+    routed =
+      Enum.zip_with(per_axis, axes, fn column, axis ->
+        op.(:select, [in_bounds, column, scalar_ref(elem(shape, axis), indices.type, device)])
+      end)
+
+    r = op.(:scatter, [nx_op == :indexed_add, padded, routed, values, axes])
+    r = op.(:slice, [r, zeros, dims, List.duplicate(1, length(dims))])
+    wrap(out, r, device)
+  end
+
+  # One index array per indexed axis (the batch shape of `indices`), clamped into bounds:
+  # MLX does not check indices, and an out-of-bounds access could take the VM down. Also
+  # returns a bool array telling which rows were fully in bounds.
+  defp index_columns(op, %T{shape: idx_shape} = indices, axes, shape, device) do
+    rank = tuple_size(idx_shape)
+    batch = idx_shape |> Tuple.delete_at(rank - 1) |> Tuple.to_list()
+    idx = ref!(indices, device)
+    ones = List.duplicate(1, rank - 1)
+    zero = scalar_ref(0, indices.type, device)
+
+    axes
+    |> Enum.with_index()
+    |> Enum.map_reduce(nil, fn {axis, j}, in_bounds ->
+      column =
+        op.(:slice, [idx, List.duplicate(0, rank - 1) ++ [j], batch ++ [j + 1], ones ++ [1]])
+
+      column = op.(:reshape, [column, batch])
+      high = scalar_ref(elem(shape, axis) - 1, indices.type, device)
+      clamped = op.(:binary, [:minimum, op.(:binary, [:maximum, column, zero]), high])
+      ok = op.(:binary, [:equal, clamped, column])
+      {clamped, if(in_bounds, do: op.(:binary, [:logical_and, in_bounds, ok]), else: ok)}
+    end)
   end
 
   ## Arg-reductions and sorting

@@ -80,5 +80,6 @@ defmodule NxMlx.Native do
   def arg_reduce(_worker, _max, _a, _axis, _keep_dims), do: nif_error()
   def sort(_worker, _indices, _a, _axis), do: nif_error()
   def gather(_worker, _a, _indices, _axes, _slice_sizes), do: nif_error()
+  def scatter(_worker, _add, _a, _indices, _updates, _axes), do: nif_error()
   def tensordot(_worker, _a, _b, _axes_a, _axes_b), do: nif_error()
 end

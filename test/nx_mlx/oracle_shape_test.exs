@@ -262,4 +262,67 @@ defmodule NxMlx.OracleShapeTest do
       assert Nx.to_flat_list(got) == [Nx.to_number(t[2][0]), Nx.to_number(t[1][3])]
     end
   end
+
+  describe "scatter" do
+    test "indexed_add and indexed_put on any axes, with duplicate indices" do
+      t = random({4, 5, 3}, {:f, 32})
+
+      for axes <- [[0], [1], [0, 2], [0, 1, 2]], fun <- [:indexed_add, :indexed_put] do
+        rows =
+          for _ <- 1..7, do: Enum.map(axes, fn axis -> :rand.uniform(elem(t.shape, axis)) - 1 end)
+
+        # Duplicates: the last row repeats the first.
+        rows = rows ++ [hd(rows)]
+        indices = Nx.tensor(rows, backend: Nx.BinaryBackend)
+
+        update_shape =
+          List.to_tuple([
+            length(rows)
+            | for({d, i} <- Enum.with_index(Tuple.to_list(t.shape)), i not in axes, do: d)
+          ])
+
+        updates = random(update_shape, {:s, 32})
+        # Duplicate puts are deterministic only with equal values.
+        updates =
+          if fun == :indexed_put,
+            do:
+              Nx.put_slice(
+                updates,
+                [length(rows) - 1 | List.duplicate(0, tuple_size(update_shape) - 1)],
+                Nx.slice_along_axis(updates, 0, 1, axis: 0)
+              ),
+            else: updates
+
+        assert_same(
+          fn -> apply(Nx, fun, [mlx(t), mlx(indices), mlx(updates), [axes: axes]]) end,
+          apply(Nx, fun, [t, indices, updates, [axes: axes]]),
+          "#{fun} axes #{inspect(axes)}"
+        )
+      end
+    end
+
+    test "out-of-bounds rows write nothing (Nx.BinaryBackend raises)" do
+      t = Nx.iota({3, 2}, type: :f32, backend: @mlx)
+      indices = Nx.tensor([[0], [7], [-1], [2]], backend: @mlx)
+      updates = Nx.tensor([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0], [40.0, 40.0]], backend: @mlx)
+
+      assert Nx.to_flat_list(Nx.indexed_add(t, indices, updates)) == [
+               10.0,
+               11.0,
+               2.0,
+               3.0,
+               44.0,
+               45.0
+             ]
+
+      assert Nx.to_flat_list(Nx.indexed_put(t, indices, updates)) == [
+               10.0,
+               10.0,
+               2.0,
+               3.0,
+               40.0,
+               40.0
+             ]
+    end
+  end
 end

@@ -491,6 +491,19 @@ std::unique_ptr<array> sort_axis(bool indices, const array& a, int32_t axis, Str
   return boxed(indices ? mx::argsort(a, axis, to_mx(s)) : mx::sort(a, axis, to_mx(s)));
 }
 
+std::unique_ptr<array> scatter(
+    bool add,
+    const array& a,
+    const ArrayList& indices,
+    const array& updates,
+    rust::Slice<const int32_t> axes,
+    StreamRef s) {
+  auto ax = to_ints(axes);
+  return boxed(
+      add ? mx::scatter_add(a, indices.arrays, updates, ax, to_mx(s))
+          : mx::scatter(a, indices.arrays, updates, ax, to_mx(s)));
+}
+
 std::unique_ptr<array> gather(
     const array& a,
     const ArrayList& indices,

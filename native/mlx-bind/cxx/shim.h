@@ -99,6 +99,13 @@ std::unique_ptr<array> pad(
     const array& value,
     StreamRef s);
 std::unique_ptr<array> take(const array& a, const array& indices, int32_t axis, StreamRef s);
+std::unique_ptr<array> scatter(
+    bool add,
+    const array& a,
+    const ArrayList& indices,
+    const array& updates,
+    rust::Slice<const int32_t> axes,
+    StreamRef s);
 std::unique_ptr<array> gather(
     const array& a,
     const ArrayList& indices,

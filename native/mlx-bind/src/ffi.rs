@@ -219,6 +219,14 @@ pub(crate) mod bridge {
             s: StreamRef,
         ) -> Result<UniquePtr<Array>>;
         fn take(a: &Array, indices: &Array, axis: i32, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn scatter(
+            add: bool,
+            a: &Array,
+            indices: &ArrayList,
+            updates: &Array,
+            axes: &[i32],
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
         fn gather(
             a: &Array,
             indices: &ArrayList,

@@ -431,6 +431,28 @@ pub fn sort(indices: bool, a: &Array, axis: i64, s: &Stream) -> Result<Array> {
     wrap(bridge::sort_axis(indices, a.inner(), axis, s.0))
 }
 
+/// `a` with `updates` written (or, with `add`, added) at the positions given, for each of
+/// `axes`, by the matching array of `indices`. `updates` has the indices' shape followed by
+/// one slice of `a`'s rank. Indices must be in bounds: MLX does not check.
+pub fn scatter(
+    add: bool,
+    a: &Array,
+    indices: &[&Array],
+    updates: &Array,
+    axes: &[i64],
+    s: &Stream,
+) -> Result<Array> {
+    let axes = check_axes(axes)?;
+    wrap(bridge::scatter(
+        add,
+        a.inner(),
+        &list_of(indices),
+        updates.inner(),
+        &axes,
+        s.0,
+    ))
+}
+
 /// Slices of `slice_sizes` of `a` starting at the positions given, for each of `axes`, by
 /// the matching array of `indices` (indices must be in bounds: MLX does not check).
 pub fn gather(

@@ -265,6 +265,25 @@ fn sort(
     })
 }
 
+/// `scatter(worker, add, a, indices, updates, axes)`: the caller keeps indices in bounds.
+#[rustler::nif]
+fn scatter(
+    env: Env,
+    worker: ResourceArc<WorkerRes>,
+    add: bool,
+    a: ResourceArc<ArrayRes>,
+    indices: Vec<ResourceArc<ArrayRes>>,
+    updates: ResourceArc<ArrayRes>,
+    axes: Vec<i64>,
+) -> Term {
+    let mut inputs: Vec<&ResourceArc<ArrayRes>> = vec![&a, &updates];
+    inputs.extend(indices.iter());
+    build(env, &worker, &inputs, |s| {
+        let refs: Vec<&mlx_bind::Array> = indices.iter().map(|i| i.array()).collect();
+        mlx_bind::scatter(add, a.array(), &refs, updates.array(), &axes, s)
+    })
+}
+
 /// `gather(worker, a, indices, axes, slice_sizes)`: the caller keeps indices in bounds.
 #[rustler::nif]
 fn gather(
