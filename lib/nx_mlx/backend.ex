@@ -20,8 +20,9 @@ defmodule NxMlx.Backend do
   read back first), `put_slice`, `pad` (interior padding falls back), `reverse`, `gather`
   (out-of-bounds indices are clamped; `Nx.BinaryBackend` raises), `indexed_add` and
   `indexed_put` (out-of-bounds rows write nothing; `Nx.BinaryBackend` raises; with duplicate
-  indices `indexed_put` keeps the last row on the CPU device, any one of them on the GPU), `argmax` and
-  `argmin` (both tie breaks; an axis holding NaN answers its last NaN, as in Nx), `sort` and
+  indices `indexed_put` keeps the last row on the CPU device, any one of them on the GPU), `window_sum`,
+  `window_product`, `window_max`, `window_min` (negative padding falls back), `real`, `imag`,
+  `conjugate` (complex inputs), `bitcast`, `argmax` and `argmin` (both tie breaks; an axis holding NaN answers its last NaN, as in Nx), `sort` and
   `argsort` (stable in both directions, NaN last ascending and first descending),
   `as_type` (floats to integers map NaN to 0 and the infinities to the type's extremes, as
   Nx does), `reshape`, `squeeze`, `transpose`, `broadcast`, `select`, `clip`, `dot` on
@@ -565,6 +566,100 @@ defmodule NxMlx.Backend do
       ok = op.(:binary, [:equal, clamped, column])
       {clamped, if(in_bounds, do: op.(:binary, [:logical_and, in_bounds, ok]), else: ok)}
     end)
+  end
+
+  ## Window reductions
+
+  # Pad with the reduction's identity (as Nx does), take a strided view whose trailing axes
+  # walk each window, and reduce over them.
+  for {nx_op, mlx_op, pad} <- [
+        {:window_sum, :sum, :zero},
+        {:window_product, :prod, :one},
+        {:window_max, :max, :min_value},
+        {:window_min, :min, :max_value}
+      ] do
+    @impl true
+    def unquote(nx_op)(%T{type: {kind, _}} = out, t, window_dims, opts) when kind != :c do
+      window_reduction(out, t, window_dims, opts, unquote(nx_op), unquote(mlx_op), unquote(pad))
+    end
+
+    def unquote(nx_op)(out, t, window_dims, opts),
+      do: NxMlx.Fallback.run(unquote(nx_op), [out, t, window_dims, opts], op_device([t]))
+  end
+
+  defp window_reduction(%T{type: type} = out, t, window_dims, opts, nx_op, mlx_op, pad) do
+    padding = opts[:padding]
+    strides = opts[:strides]
+    dilations = opts[:window_dilations]
+
+    if Enum.any?(padding, fn {lo, hi} -> lo < 0 or hi < 0 end) do
+      NxMlx.Fallback.run(nx_op, [out, t, window_dims, opts], op_device([t]))
+    else
+      device = op_device([t])
+      op = fn fun, args -> call(device, fun, args, nx_op, [t]) end
+      rank = tuple_size(t.shape)
+      low = Enum.map(padding, &elem(&1, 0))
+      high = Enum.map(padding, &elem(&1, 1))
+
+      identity =
+        case pad do
+          :zero -> scalar_ref(0, type, device)
+          :one -> scalar_ref(1, type, device)
+          :min_value -> binary_scalar_ref(Nx.Type.min_binary(type), type, device)
+          :max_value -> binary_scalar_ref(Nx.Type.max_binary(type), type, device)
+        end
+
+      padded = op.(:pad, [ref_as(t, type, device), low, high, identity])
+
+      padded_dims =
+        [Tuple.to_list(t.shape), low, high] |> Enum.zip_with(fn [d, l, h] -> d + l + h end)
+
+      element_strides =
+        padded_dims
+        |> Enum.reverse()
+        |> Enum.scan(1, &(&1 * &2))
+        |> Enum.reverse()
+        |> tl()
+        |> Kernel.++([1])
+
+      out_dims = Tuple.to_list(out.shape)
+      windows = Tuple.to_list(window_dims)
+      view_shape = out_dims ++ windows
+
+      view_strides =
+        Enum.zip_with(strides, element_strides, &(&1 * &2)) ++
+          Enum.zip_with(dilations, element_strides, &(&1 * &2))
+
+      view = op.(:as_strided, [padded, view_shape, view_strides, 0])
+      r = op.(:reduce, [mlx_op, view, Enum.to_list(rank..(2 * rank - 1)//1), false])
+      wrap(out, r, device)
+    end
+  end
+
+  # A scalar array from the bytes of one element of `type`.
+  defp binary_scalar_ref(binary, type, device) do
+    call(device, :from_binary, [binary, [], Types.to_mlx(type)], :constant, [])
+  end
+
+  ## Complex parts and bit casts
+
+  for {nx_op, mlx_op} <- [real: :real, imag: :imag, conjugate: :conjugate] do
+    @impl true
+    def unquote(nx_op)(out, %T{type: {:c, _}} = t) do
+      device = op_device([t])
+      op = fn fun, args -> call(device, fun, args, unquote(nx_op), [t]) end
+      r = op.(:unary, [unquote(mlx_op), ref!(t, device)])
+      wrap(out, op.(:astype, [r, Types.to_mlx(out.type)]), device)
+    end
+
+    def unquote(nx_op)(out, t), do: NxMlx.Fallback.run(unquote(nx_op), [out, t], op_device([t]))
+  end
+
+  @impl true
+  def bitcast(%T{type: type} = out, %T{} = t) do
+    device = op_device([t])
+    r = call(device, :view, [ref!(t, device), Types.to_mlx(type)], :bitcast, [t])
+    wrap(out, r, device)
   end
 
   ## Arg-reductions and sorting

@@ -81,5 +81,7 @@ defmodule NxMlx.Native do
   def sort(_worker, _indices, _a, _axis), do: nif_error()
   def gather(_worker, _a, _indices, _axes, _slice_sizes), do: nif_error()
   def scatter(_worker, _add, _a, _indices, _updates, _axes), do: nif_error()
+  def as_strided(_worker, _a, _shape, _strides, _offset), do: nif_error()
+  def view(_worker, _a, _dtype), do: nif_error()
   def tensordot(_worker, _a, _b, _axes_a, _axes_b), do: nif_error()
 end

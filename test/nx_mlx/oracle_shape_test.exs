@@ -325,4 +325,53 @@ defmodule NxMlx.OracleShapeTest do
              ]
     end
   end
+
+  describe "window reductions" do
+    test "sum, product, max and min with padding, strides and dilations" do
+      t = random({5, 6, 4}, {:f, 32})
+      ti = random({5, 6, 4}, {:s, 32})
+
+      configs = [
+        {{2, 2, 1}, []},
+        {{3, 2, 2}, [strides: [2, 1, 2]]},
+        {{2, 3, 1}, [padding: :same]},
+        {{2, 2, 2}, [padding: [{1, 0}, {0, 2}, {1, 1}], strides: [1, 2, 1]]},
+        {{2, 2, 1}, [window_dilations: [2, 3, 1], padding: :valid]}
+      ]
+
+      for {dims, opts} <- configs,
+          fun <- [:window_sum, :window_max, :window_min, :window_product],
+          x <- [t, ti] do
+        x = if fun == :window_product, do: Nx.divide(x, 40), else: x
+
+        expected = apply(Nx, fun, [x, dims, opts])
+        got = assert_native(fn -> apply(Nx, fun, [mlx(x), dims, opts]) end)
+        assert got.shape == expected.shape and got.type == expected.type
+
+        close =
+          Nx.all_close(Nx.backend_copy(got, Nx.BinaryBackend), expected,
+            rtol: 1.0e-5,
+            atol: 1.0e-5
+          )
+
+        assert Nx.to_number(close) == 1,
+               "#{fun} #{inspect(dims)} #{inspect(opts)}\n#{inspect(got)}\n#{inspect(expected)}"
+      end
+    end
+  end
+
+  describe "complex parts and bitcast" do
+    test "real, imag and conjugate of c64; bitcast keeps the bits" do
+      c = Nx.complex(random({3, 2}, {:f, 32}), random({3, 2}, {:f, 32}))
+
+      for fun <- [:real, :imag, :conjugate] do
+        assert_same(fn -> apply(Nx, fun, [mlx(c)]) end, apply(Nx, fun, [c]), "#{fun}")
+      end
+
+      f = random({4, 3}, {:f, 32})
+      assert_same(fn -> Nx.bitcast(mlx(f), :s32) end, Nx.bitcast(f, :s32), "bitcast f32 -> s32")
+      i = random({4}, {:s, 16})
+      assert_same(fn -> Nx.bitcast(mlx(i), :u16) end, Nx.bitcast(i, :u16), "bitcast s16 -> u16")
+    end
+  end
 end

@@ -504,6 +504,20 @@ std::unique_ptr<array> scatter(
           : mx::scatter(a, indices.arrays, updates, ax, to_mx(s)));
 }
 
+std::unique_ptr<array> as_strided(
+    const array& a,
+    rust::Slice<const int32_t> shape,
+    rust::Slice<const int64_t> strides,
+    size_t offset,
+    StreamRef s) {
+  mx::Strides st(strides.begin(), strides.end());
+  return boxed(mx::as_strided(a, to_shape(shape), std::move(st), offset, to_mx(s)));
+}
+
+std::unique_ptr<array> view(const array& a, Dtype dtype, StreamRef s) {
+  return boxed(mx::view(a, to_mx(dtype), to_mx(s)));
+}
+
 std::unique_ptr<array> gather(
     const array& a,
     const ArrayList& indices,

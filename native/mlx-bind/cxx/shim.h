@@ -106,6 +106,13 @@ std::unique_ptr<array> scatter(
     const array& updates,
     rust::Slice<const int32_t> axes,
     StreamRef s);
+std::unique_ptr<array> as_strided(
+    const array& a,
+    rust::Slice<const int32_t> shape,
+    rust::Slice<const int64_t> strides,
+    size_t offset,
+    StreamRef s);
+std::unique_ptr<array> view(const array& a, Dtype dtype, StreamRef s);
 std::unique_ptr<array> gather(
     const array& a,
     const ArrayList& indices,

@@ -227,6 +227,14 @@ pub(crate) mod bridge {
             axes: &[i32],
             s: StreamRef,
         ) -> Result<UniquePtr<Array>>;
+        fn as_strided(
+            a: &Array,
+            shape: &[i32],
+            strides: &[i64],
+            offset: usize,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+        fn view(a: &Array, dtype: Dtype, s: StreamRef) -> Result<UniquePtr<Array>>;
         fn gather(
             a: &Array,
             indices: &ArrayList,

@@ -453,6 +453,53 @@ pub fn scatter(
     ))
 }
 
+/// A strided view of `a` (made contiguous first): element `i` of the result reads flat
+/// position `offset + sum(i_k * strides[k])`. Fails unless every position is inside `a`.
+pub fn as_strided(
+    a: &Array,
+    shape: &[i64],
+    strides: &[i64],
+    offset: usize,
+    s: &Stream,
+) -> Result<Array> {
+    let shape32 = check_shape(shape)?;
+    if shape.len() != strides.len() {
+        return Err(Error {
+            message: "as_strided: shape and strides differ in length".to_string(),
+        });
+    }
+    let size: i64 = a.shape().iter().product();
+    let empty = shape.contains(&0);
+    let (mut low, mut high) = (offset as i64, offset as i64);
+    for (&d, &st) in shape.iter().zip(strides) {
+        let reach = (d - 1).max(0) * st;
+        if reach < 0 {
+            low += reach;
+        } else {
+            high += reach;
+        }
+    }
+    if !empty && (low < 0 || high >= size) {
+        return Err(Error {
+            message: format!(
+                "as_strided: the view reads positions {low}..={high} of an array of {size}"
+            ),
+        });
+    }
+    wrap(bridge::as_strided(
+        a.inner(),
+        &shape32,
+        strides,
+        offset,
+        s.0,
+    ))
+}
+
+/// The bits of `a` reinterpreted as `dtype` (same element size).
+pub fn view(a: &Array, dtype: Dtype, s: &Stream) -> Result<Array> {
+    wrap(bridge::view(a.inner(), dtype, s.0))
+}
+
 /// Slices of `slice_sizes` of `a` starting at the positions given, for each of `axes`, by
 /// the matching array of `indices` (indices must be in bounds: MLX does not check).
 pub fn gather(

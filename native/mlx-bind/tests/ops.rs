@@ -154,3 +154,15 @@ fn gpu_stream_on_a_cpu_build_is_an_error() {
         assert!(err.message.contains("not available"), "{}", err.message);
     }
 }
+
+#[test]
+fn strided_views_must_stay_inside_the_array() {
+    let s = cpu();
+    let a = arange(0.0, 12.0, 1.0, Dtype::F32, &s).unwrap();
+    // Sliding windows of 3 with step 2: rows [0,1,2], [2,3,4], ...
+    let v = as_strided(&a, &[5, 3], &[2, 1], 0, &s).unwrap();
+    assert_eq!(read_f32(&v, &s)[..6], [0.0, 1.0, 2.0, 2.0, 3.0, 4.0]);
+    // One more row would read position 12 of 12.
+    let err = as_strided(&a, &[6, 3], &[2, 1], 0, &s).unwrap_err();
+    assert!(err.message.contains("as_strided"), "{}", err.message);
+}

@@ -284,6 +284,33 @@ fn scatter(
     })
 }
 
+/// `as_strided(worker, a, shape, strides, offset)`: a checked strided view.
+#[rustler::nif]
+fn as_strided(
+    env: Env,
+    worker: ResourceArc<WorkerRes>,
+    a: ResourceArc<ArrayRes>,
+    shape: Vec<i64>,
+    strides: Vec<i64>,
+    offset: usize,
+) -> Term {
+    build(env, &worker, &[&a], |s| {
+        mlx_bind::as_strided(a.array(), &shape, &strides, offset, s)
+    })
+}
+
+/// `view(worker, a, dtype)`: the same bits as another type of the same size.
+#[rustler::nif]
+fn view<'a>(
+    env: Env<'a>,
+    worker: ResourceArc<WorkerRes>,
+    a: ResourceArc<ArrayRes>,
+    dtype: Term<'a>,
+) -> Term<'a> {
+    let dtype = parse_or_return!(env, convert::dtype(dtype));
+    build(env, &worker, &[&a], |s| mlx_bind::view(a.array(), dtype, s))
+}
+
 /// `gather(worker, a, indices, axes, slice_sizes)`: the caller keeps indices in bounds.
 #[rustler::nif]
 fn gather(
