@@ -41,6 +41,13 @@ defmodule NxMlx.Backend do
       and shifting by a negative amount gives an unspecified value instead of raising.
     * Float results may differ in the last bits (BLAS matmul, MLX's kernels); see the tests.
 
+  ## Blocks
+
+  `block/4` runs native kernels for `Nx.Block.CumulativeSum`, `CumulativeProduct`,
+  `CumulativeMax`, `CumulativeMin` (MLX's scans) and `Nx.Block.LogicalNot`; every other block
+  runs its default function, made of the callbacks above (so `Nx.take` and
+  `take_along_axis` still run on MLX, through `gather`).
+
   ## Fallbacks
 
   Every other callback runs on `Nx.BinaryBackend`: the inputs are copied off the device, the
@@ -1130,7 +1137,31 @@ defmodule NxMlx.Backend do
 
   ## Block
 
+  # Native kernels for the Nx.Block structs MLX serves; every other block runs its default
+  # function (made of backend callbacks).
+  @scans %{
+    Nx.Block.CumulativeSum => :sum,
+    Nx.Block.CumulativeProduct => :prod,
+    Nx.Block.CumulativeMax => :max,
+    Nx.Block.CumulativeMin => :min
+  }
+
   @impl true
+  def block(%mod{axis: axis, reverse: reverse}, %T{type: {kind, _}} = out, [t], _fun)
+      when is_map_key(@scans, mod) and kind != :c do
+    device = op_device([t])
+    op = fn f, args -> call(device, f, args, :block, [t]) end
+    r = op.(:scan, [Map.fetch!(@scans, mod), ref_as(t, out.type, device), axis, reverse])
+    wrap(out, op.(:astype, [r, Types.to_mlx(out.type)]), device)
+  end
+
+  def block(%Nx.Block.LogicalNot{}, out, [%T{type: {kind, _}} = t], _fun) when kind != :c do
+    device = op_device([t])
+    op = fn f, args -> call(device, f, args, :logical_not, [t]) end
+    r = op.(:unary, [:logical_not, op.(:astype, [ref!(t, device), :bool])])
+    wrap(out, op.(:astype, [r, Types.to_mlx(out.type)]), device)
+  end
+
   def block(struct, _output, args, fun), do: apply(fun, [struct | args])
 
   ## Everything else runs on Nx.BinaryBackend (see "Fallbacks" above).

@@ -83,5 +83,6 @@ defmodule NxMlx.Native do
   def scatter(_worker, _add, _a, _indices, _updates, _axes), do: nif_error()
   def as_strided(_worker, _a, _shape, _strides, _offset), do: nif_error()
   def view(_worker, _a, _dtype), do: nif_error()
+  def scan(_worker, _op, _a, _axis, _reverse), do: nif_error()
   def tensordot(_worker, _a, _b, _axes_a, _axes_b), do: nif_error()
 end

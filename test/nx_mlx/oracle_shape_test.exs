@@ -374,4 +374,40 @@ defmodule NxMlx.OracleShapeTest do
       assert_same(fn -> Nx.bitcast(mlx(i), :u16) end, Nx.bitcast(i, :u16), "bitcast s16 -> u16")
     end
   end
+
+  describe "blocks" do
+    test "cumulative sum, product, max and min on any axis, both directions" do
+      for type <- [{:f, 32}, {:s, 32}, {:u, 8}, {:f, 64}],
+          fun <- [:cumulative_sum, :cumulative_product, :cumulative_max, :cumulative_min],
+          axis <- [0, 1, 2],
+          reverse <- [false, true] do
+        t = with_ties({3, 4, 2}, if(type == {:u, 8}, do: {:s, 16}, else: type))
+        t = if type == {:u, 8}, do: Nx.as_type(Nx.abs(t), :u8), else: t
+        # Products of NaN/infinity are compared too; keep the magnitudes small.
+        opts = [axis: axis, reverse: reverse]
+        expected = apply(Nx, fun, [t, opts])
+        got = assert_native(fn -> apply(Nx, fun, [mlx(t), opts]) end)
+        assert got.type == expected.type and got.shape == expected.shape
+
+        close =
+          Nx.all_close(Nx.backend_copy(got, Nx.BinaryBackend), expected, equal_nan: true)
+
+        assert Nx.to_number(close) == 1,
+               "#{fun} #{inspect(type)} #{inspect(opts)}\n#{inspect(got)}\n#{inspect(expected)}"
+      end
+    end
+  end
+
+  test "logical_not runs as a native block" do
+    for type <- [{:f, 32}, {:s, 64}, {:u, 8}] do
+      t = with_ties({4, 3}, if(type == {:u, 8}, do: {:s, 16}, else: type))
+      t = if type == {:u, 8}, do: Nx.as_type(Nx.abs(t), :u8), else: t
+
+      assert_same(
+        fn -> Nx.logical_not(mlx(t)) end,
+        Nx.logical_not(t),
+        "logical_not #{inspect(type)}"
+      )
+    end
+  end
 end

@@ -518,6 +518,18 @@ std::unique_ptr<array> view(const array& a, Dtype dtype, StreamRef s) {
   return boxed(mx::view(a, to_mx(dtype), to_mx(s)));
 }
 
+// Inclusive scans along `axis` (from the end when `reverse`).
+std::unique_ptr<array> scan(ScanOp op, const array& a, int32_t axis, bool reverse, StreamRef s) {
+  auto st = to_mx(s);
+  switch (op) {
+    case ScanOp::Sum: return boxed(mx::cumsum(a, axis, reverse, true, st));
+    case ScanOp::Prod: return boxed(mx::cumprod(a, axis, reverse, true, st));
+    case ScanOp::Max: return boxed(mx::cummax(a, axis, reverse, true, st));
+    case ScanOp::Min: return boxed(mx::cummin(a, axis, reverse, true, st));
+  }
+  throw std::invalid_argument("unknown scan op code");
+}
+
 std::unique_ptr<array> gather(
     const array& a,
     const ArrayList& indices,

@@ -16,6 +16,7 @@ enum class DeviceKind : int32_t;
 enum class UnaryOp : int32_t;
 enum class BinaryOp : int32_t;
 enum class ReduceOp : int32_t;
+enum class ScanOp : int32_t;
 struct StreamRef;
 
 using mlx::core::array;
@@ -113,6 +114,7 @@ std::unique_ptr<array> as_strided(
     size_t offset,
     StreamRef s);
 std::unique_ptr<array> view(const array& a, Dtype dtype, StreamRef s);
+std::unique_ptr<array> scan(ScanOp op, const array& a, int32_t axis, bool reverse, StreamRef s);
 std::unique_ptr<array> gather(
     const array& a,
     const ArrayList& indices,

@@ -107,6 +107,15 @@ pub(crate) mod bridge {
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     #[repr(i32)]
+    enum ScanOp {
+        Sum,
+        Prod,
+        Max,
+        Min,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    #[repr(i32)]
     enum ReduceOp {
         Sum,
         Prod,
@@ -235,6 +244,13 @@ pub(crate) mod bridge {
             s: StreamRef,
         ) -> Result<UniquePtr<Array>>;
         fn view(a: &Array, dtype: Dtype, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn scan(
+            op: ScanOp,
+            a: &Array,
+            axis: i32,
+            reverse: bool,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
         fn gather(
             a: &Array,
             indices: &ArrayList,

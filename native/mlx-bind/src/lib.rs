@@ -17,7 +17,7 @@
 
 mod ffi;
 
-pub use ffi::bridge::{BinaryOp, DeviceKind, Dtype, ReduceOp, UnaryOp};
+pub use ffi::bridge::{BinaryOp, DeviceKind, Dtype, ReduceOp, ScanOp, UnaryOp};
 
 use cxx::UniquePtr;
 use ffi::bridge;
@@ -498,6 +498,13 @@ pub fn as_strided(
 /// The bits of `a` reinterpreted as `dtype` (same element size).
 pub fn view(a: &Array, dtype: Dtype, s: &Stream) -> Result<Array> {
     wrap(bridge::view(a.inner(), dtype, s.0))
+}
+
+/// The inclusive scan (cumulative sum, product, max or min) of `a` along `axis`, from the
+/// end when `reverse`.
+pub fn scan(op: ScanOp, a: &Array, axis: i64, reverse: bool, s: &Stream) -> Result<Array> {
+    let axis = check_axes(&[axis])?[0];
+    wrap(bridge::scan(op, a.inner(), axis, reverse, s.0))
 }
 
 /// Slices of `slice_sizes` of `a` starting at the positions given, for each of `axes`, by

@@ -1,6 +1,6 @@
 //! Term <-> binding-type conversions: dtype, device and op names as atoms.
 
-use mlx_bind::{BinaryOp, DeviceKind, Dtype, ReduceOp, UnaryOp};
+use mlx_bind::{BinaryOp, DeviceKind, Dtype, ReduceOp, ScanOp, UnaryOp};
 use rustler::{Atom, Encoder, Env, Term};
 
 use crate::error::{NifError, NifResult};
@@ -59,6 +59,10 @@ atom_table!(binary_op, BinaryOp, "binary op", {
     "logical_or" => BinaryOp::LogicalOr, "bitwise_and" => BinaryOp::BitwiseAnd,
     "bitwise_or" => BinaryOp::BitwiseOr, "bitwise_xor" => BinaryOp::BitwiseXor,
     "left_shift" => BinaryOp::LeftShift, "right_shift" => BinaryOp::RightShift,
+});
+
+atom_table!(scan_op, ScanOp, "scan", {
+    "sum" => ScanOp::Sum, "prod" => ScanOp::Prod, "max" => ScanOp::Max, "min" => ScanOp::Min,
 });
 
 atom_table!(reduce_op, ReduceOp, "reduction", {

@@ -311,6 +311,22 @@ fn view<'a>(
     build(env, &worker, &[&a], |s| mlx_bind::view(a.array(), dtype, s))
 }
 
+/// `scan(worker, op, a, axis, reverse)`: an inclusive cumulative `op` along `axis`.
+#[rustler::nif]
+fn scan<'a>(
+    env: Env<'a>,
+    worker: ResourceArc<WorkerRes>,
+    op: Term<'a>,
+    a: ResourceArc<ArrayRes>,
+    axis: i64,
+    reverse: bool,
+) -> Term<'a> {
+    let op = parse_or_return!(env, convert::scan_op(op));
+    build(env, &worker, &[&a], |s| {
+        mlx_bind::scan(op, a.array(), axis, reverse, s)
+    })
+}
+
 /// `gather(worker, a, indices, axes, slice_sizes)`: the caller keeps indices in bounds.
 #[rustler::nif]
 fn gather(
