@@ -112,6 +112,16 @@ defmodule NxMlx.Backend do
 
   ## Plumbing: calling the NIF with errors that name the op, shapes and types
 
+  # The size of `axis` of `t`, or an ArgumentError naming `op`.
+  defp axis_size!(%T{shape: shape}, axis, _op)
+       when is_integer(axis) and axis >= 0 and axis < tuple_size(shape),
+       do: elem(shape, axis)
+
+  defp axis_size!(%T{shape: shape}, axis, op) do
+    raise ArgumentError,
+          "NxMlx.Backend.#{op}: axis #{inspect(axis)} is out of range for shape #{inspect(shape)}"
+  end
+
   # Runs `fun` on the worker for `device`: the bound command queue when it is on `device`,
   # else the device's default queue.
   defp call(device, fun, args, op, tensors) do
@@ -262,7 +272,7 @@ defmodule NxMlx.Backend do
       if axis == nil do
         op.(:reshape, [index_range(op, Enum.product(dims)), dims])
       else
-        n = elem(shape, axis)
+        n = axis_size!(out, axis, :iota)
         line = List.duplicate(1, length(dims)) |> List.replace_at(axis, n)
         op.(:broadcast_to, [op.(:reshape, [index_range(op, n), line]), dims])
       end
@@ -478,13 +488,13 @@ defmodule NxMlx.Backend do
   end
 
   @impl true
-  def reverse(out, %T{shape: shape} = t, axes) do
+  def reverse(out, %T{} = t, axes) do
     device = op_device([t])
     op = fn fun, args -> call(device, fun, args, :reverse, [t]) end
 
     r =
       Enum.reduce(axes, ref!(t, device), fn axis, acc ->
-        reverse_axis(op, acc, axis, elem(shape, axis))
+        reverse_axis(op, acc, axis, axis_size!(t, axis, :reverse))
       end)
 
     wrap(out, r, device)
@@ -663,7 +673,13 @@ defmodule NxMlx.Backend do
   end
 
   @impl true
-  def bitcast(%T{type: type} = out, %T{} = t) do
+  def bitcast(%T{type: {_, out_bits} = type} = out, %T{type: {_, in_bits}} = t) do
+    if out_bits != in_bits do
+      raise ArgumentError,
+            "NxMlx.Backend.bitcast: cannot reinterpret #{inspect(t.type)} as #{inspect(type)} " <>
+              "(different sizes)"
+    end
+
     device = op_device([t])
     r = call(device, :view, [ref!(t, device), Types.to_mlx(type)], :bitcast, [t])
     wrap(out, r, device)
@@ -684,7 +700,7 @@ defmodule NxMlx.Backend do
     {x, axis, n} =
       case opts[:axis] do
         nil -> {op.(:reshape, [ref!(t, device), [Nx.size(t)]]), 0, Nx.size(t)}
-        axis -> {ref!(t, device), axis, elem(t.shape, axis)}
+        axis -> {ref!(t, device), axis, axis_size!(t, axis, nx_op)}
       end
 
     # MLX returns the first index on ties; tie_break: :high searches the reversed axis.
@@ -722,7 +738,7 @@ defmodule NxMlx.Backend do
 
     r =
       if opts[:direction] == :desc,
-        do: reverse_axis(op, sorted, axis, elem(t.shape, axis)),
+        do: reverse_axis(op, sorted, axis, axis_size!(t, axis, :sort)),
         else: sorted
 
     wrap(out, r, device)
@@ -735,7 +751,7 @@ defmodule NxMlx.Backend do
     device = op_device([t])
     op = fn fun, args -> call(device, fun, args, :argsort, [t]) end
     axis = opts[:axis] || 0
-    n = elem(t.shape, axis)
+    n = axis_size!(t, axis, :argsort)
     type = Types.to_mlx(out.type)
 
     r =
