@@ -20,7 +20,9 @@ defmodule NxMlx.Backend do
   read back first), `put_slice`, `pad` (interior padding falls back), `reverse`, `gather`
   (out-of-bounds indices are clamped; `Nx.BinaryBackend` raises), `indexed_add` and
   `indexed_put` (out-of-bounds rows write nothing; `Nx.BinaryBackend` raises; with duplicate
-  indices `indexed_put` keeps the last row on the CPU device, any one of them on the GPU), `window_sum`,
+  indices `indexed_put` keeps the last row on the CPU device, any one of them on the GPU), `conv` (f16,
+  bf16, f32; any layout, strides, padding, dilations and feature groups; batch groups,
+  negative padding and f64 fall back), `window_sum`,
   `window_product`, `window_max`, `window_min` (negative padding falls back), `real`, `imag`,
   `conjugate` (complex inputs), `bitcast`, `argmax` and `argmin` (both tie breaks; an axis holding NaN answers its last NaN, as in Nx), `sort` and
   `argsort` (stable in both directions, NaN last ascending and first descending),
@@ -777,6 +779,57 @@ defmodule NxMlx.Backend do
 
   defp reverse_axis(op, ref, axis, n) do
     op.(:take, [ref, op.(:arange, [(n - 1) / 1, -1.0, -1.0, :s32]), axis])
+  end
+
+  ## Convolution
+
+  @impl true
+  def conv(%T{type: {kind, size}} = out, %T{} = t, %T{} = k, opts)
+      when kind in [:f, :bf] and size <= 32 do
+    if opts[:batch_group_size] != 1 or
+         Enum.any?(opts[:padding], fn {lo, hi} -> lo < 0 or hi < 0 end) do
+      NxMlx.Fallback.run(:conv, [out, t, k, opts], op_device([t, k]))
+    else
+      native_conv(out, t, k, opts)
+    end
+  end
+
+  def conv(out, t, k, opts), do: NxMlx.Fallback.run(:conv, [out, t, k, opts], op_device([t, k]))
+
+  # Nx's layout is {batch, channels, spatial...} for the input, {filters, channels / groups,
+  # spatial...} for the kernel and {batch, filters, spatial...} for the output, each reached
+  # through its permutation option; MLX's is channels last.
+  defp native_conv(%T{type: type} = out, t, k, opts) do
+    device = op_device([t, k])
+    op = fn fun, args -> call(device, fun, args, :conv, [t, k]) end
+    rank = tuple_size(t.shape)
+    spatial = Enum.to_list(2..(rank - 1)//1)
+    to_channels_last = [0 | spatial] ++ [1]
+
+    x = op.(:transpose, [ref_as(t, type, device), opts[:input_permutation]])
+    w = op.(:transpose, [ref_as(k, type, device), opts[:kernel_permutation]])
+    x = op.(:transpose, [x, to_channels_last])
+    w = op.(:transpose, [w, to_channels_last])
+
+    r =
+      op.(:conv, [
+        x,
+        w,
+        opts[:strides],
+        Enum.map(opts[:padding], &elem(&1, 0)),
+        Enum.map(opts[:padding], &elem(&1, 1)),
+        opts[:kernel_dilation],
+        opts[:input_dilation],
+        opts[:feature_group_size]
+      ])
+
+    # Back to {batch, filters, spatial...}, then to the requested output layout.
+    r = op.(:transpose, [r, [0, rank - 1 | Enum.to_list(1..(rank - 2)//1)]])
+
+    inverse =
+      opts[:output_permutation] |> Enum.with_index() |> Enum.sort() |> Enum.map(&elem(&1, 1))
+
+    wrap(out, op.(:transpose, [r, inverse]), device)
   end
 
   ## dot

@@ -84,5 +84,19 @@ defmodule NxMlx.Native do
   def as_strided(_worker, _a, _shape, _strides, _offset), do: nif_error()
   def view(_worker, _a, _dtype), do: nif_error()
   def scan(_worker, _op, _a, _axis, _reverse), do: nif_error()
+
+  def conv(
+        _worker,
+        _input,
+        _weight,
+        _strides,
+        _lo,
+        _hi,
+        _kernel_dilation,
+        _input_dilation,
+        _groups
+      ),
+      do: nif_error()
+
   def tensordot(_worker, _a, _b, _axes_a, _axes_b), do: nif_error()
 end

@@ -410,4 +410,44 @@ defmodule NxMlx.OracleShapeTest do
       )
     end
   end
+
+  describe "convolution" do
+    test "1-d to 3-d, with strides, padding, dilations, groups and layouts" do
+      configs = [
+        {{2, 3, 9}, {4, 3, 3}, []},
+        {{2, 3, 9}, {4, 3, 2}, [strides: [2], padding: [{1, 2}]]},
+        {{1, 4, 7, 6}, {6, 2, 3, 2}, [feature_group_size: 2, padding: :same]},
+        {{2, 2, 6, 5}, {3, 2, 2, 2},
+         [kernel_dilation: [2, 1], input_dilation: [1, 2], strides: [1, 2]]},
+        {{1, 2, 4, 4, 3}, {2, 2, 2, 2, 2}, [padding: :valid]},
+        {{2, 5, 5, 3}, {4, 3, 3, 3},
+         [input_permutation: [0, 3, 1, 2], output_permutation: [0, 3, 1, 2]]}
+      ]
+
+      for {{ts, ks, opts}, i} <- Enum.with_index(configs) do
+        t = Nx.divide(random(ts, {:f, 32}), 50)
+        k = Nx.divide(random(ks, {:f, 32}), 50)
+        expected = Nx.conv(t, k, opts)
+        got = assert_native(fn -> Nx.conv(mlx(t), mlx(k), opts) end)
+        assert got.shape == expected.shape, "config #{i}"
+
+        close =
+          Nx.all_close(Nx.backend_copy(got, Nx.BinaryBackend), expected,
+            rtol: 1.0e-4,
+            atol: 1.0e-5
+          )
+
+        assert Nx.to_number(close) == 1,
+               "config #{i} #{inspect(opts)}\n#{inspect(got)}\n#{inspect(expected)}"
+      end
+    end
+
+    test "batch groups and f64 fall back" do
+      t = Nx.divide(random({4, 2, 5}, {:f, 64}), 10)
+      k = Nx.divide(random({2, 2, 2}, {:f, 64}), 10)
+      expected = Nx.conv(t, k, [])
+      got = assert_native(fn -> Nx.conv(mlx(t), mlx(k), []) end, [:conv])
+      assert Nx.to_number(Nx.all_close(Nx.backend_copy(got, Nx.BinaryBackend), expected)) == 1
+    end
+  end
 end

@@ -530,6 +530,29 @@ std::unique_ptr<array> scan(ScanOp op, const array& a, int32_t axis, bool revers
   throw std::invalid_argument("unknown scan op code");
 }
 
+std::unique_ptr<array> conv_general(
+    const array& input,
+    const array& weight,
+    rust::Slice<const int32_t> strides,
+    rust::Slice<const int32_t> padding_lo,
+    rust::Slice<const int32_t> padding_hi,
+    rust::Slice<const int32_t> kernel_dilation,
+    rust::Slice<const int32_t> input_dilation,
+    int32_t groups,
+    StreamRef s) {
+  return boxed(mx::conv_general(
+      input,
+      weight,
+      to_ints(strides),
+      to_ints(padding_lo),
+      to_ints(padding_hi),
+      to_ints(kernel_dilation),
+      to_ints(input_dilation),
+      groups,
+      false,
+      to_mx(s)));
+}
+
 std::unique_ptr<array> gather(
     const array& a,
     const ArrayList& indices,

@@ -115,6 +115,16 @@ std::unique_ptr<array> as_strided(
     StreamRef s);
 std::unique_ptr<array> view(const array& a, Dtype dtype, StreamRef s);
 std::unique_ptr<array> scan(ScanOp op, const array& a, int32_t axis, bool reverse, StreamRef s);
+std::unique_ptr<array> conv_general(
+    const array& input,
+    const array& weight,
+    rust::Slice<const int32_t> strides,
+    rust::Slice<const int32_t> padding_lo,
+    rust::Slice<const int32_t> padding_hi,
+    rust::Slice<const int32_t> kernel_dilation,
+    rust::Slice<const int32_t> input_dilation,
+    int32_t groups,
+    StreamRef s);
 std::unique_ptr<array> gather(
     const array& a,
     const ArrayList& indices,

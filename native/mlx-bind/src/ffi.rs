@@ -251,6 +251,18 @@ pub(crate) mod bridge {
             reverse: bool,
             s: StreamRef,
         ) -> Result<UniquePtr<Array>>;
+        #[allow(clippy::too_many_arguments)]
+        fn conv_general(
+            input: &Array,
+            weight: &Array,
+            strides: &[i32],
+            padding_lo: &[i32],
+            padding_hi: &[i32],
+            kernel_dilation: &[i32],
+            input_dilation: &[i32],
+            groups: i32,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
         fn gather(
             a: &Array,
             indices: &ArrayList,

@@ -507,6 +507,37 @@ pub fn scan(op: ScanOp, a: &Array, axis: i64, reverse: bool, s: &Stream) -> Resu
     wrap(bridge::scan(op, a.inner(), axis, reverse, s.0))
 }
 
+/// Options of [`conv`]: one entry per spatial axis.
+#[derive(Debug, Clone, Default)]
+pub struct ConvOpts {
+    pub strides: Vec<i64>,
+    pub padding_lo: Vec<i64>,
+    pub padding_hi: Vec<i64>,
+    pub kernel_dilation: Vec<i64>,
+    pub input_dilation: Vec<i64>,
+    pub groups: i64,
+}
+
+/// Convolution, channels last: `input` is `[N, spatial..., C]`, `weight` is
+/// `[O, spatial..., C / groups]`; the result is `[N, spatial..., O]`. Not flipped
+/// (cross-correlation, as in Nx).
+pub fn conv(input: &Array, weight: &Array, o: &ConvOpts, s: &Stream) -> Result<Array> {
+    let groups = i32::try_from(o.groups).map_err(|_| Error {
+        message: format!("conv: {} groups", o.groups),
+    })?;
+    wrap(bridge::conv_general(
+        input.inner(),
+        weight.inner(),
+        &check_shape(&o.strides)?,
+        &check_shape(&o.padding_lo)?,
+        &check_shape(&o.padding_hi)?,
+        &check_shape(&o.kernel_dilation)?,
+        &check_shape(&o.input_dilation)?,
+        groups,
+        s.0,
+    ))
+}
+
 /// Slices of `slice_sizes` of `a` starting at the positions given, for each of `axes`, by
 /// the matching array of `indices` (indices must be in bounds: MLX does not check).
 pub fn gather(

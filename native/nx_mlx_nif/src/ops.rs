@@ -327,6 +327,35 @@ fn scan<'a>(
     })
 }
 
+/// `conv(worker, input, weight, strides, padding_lo, padding_hi, kernel_dilation,
+/// input_dilation, groups)`: channels-last convolution (see `mlx_bind::conv`).
+#[allow(clippy::too_many_arguments)]
+#[rustler::nif]
+fn conv(
+    env: Env,
+    worker: ResourceArc<WorkerRes>,
+    input: ResourceArc<ArrayRes>,
+    weight: ResourceArc<ArrayRes>,
+    strides: Vec<i64>,
+    padding_lo: Vec<i64>,
+    padding_hi: Vec<i64>,
+    kernel_dilation: Vec<i64>,
+    input_dilation: Vec<i64>,
+    groups: i64,
+) -> Term {
+    let opts = mlx_bind::ConvOpts {
+        strides,
+        padding_lo,
+        padding_hi,
+        kernel_dilation,
+        input_dilation,
+        groups,
+    };
+    build(env, &worker, &[&input, &weight], |s| {
+        mlx_bind::conv(input.array(), weight.array(), &opts, s)
+    })
+}
+
 /// `gather(worker, a, indices, axes, slice_sizes)`: the caller keeps indices in bounds.
 #[rustler::nif]
 fn gather(
