@@ -20,7 +20,7 @@ defmodule NxMlx.Backend do
   read back first), `put_slice`, `pad` (interior padding falls back), `reverse`, `gather`
   (out-of-bounds indices are clamped; `Nx.BinaryBackend` raises), `indexed_add` and
   `indexed_put` (out-of-bounds rows write nothing; `Nx.BinaryBackend` raises; with duplicate
-  indices `indexed_put` keeps the last row on the CPU device, any one of them on the GPU), `conv` (f16,
+  indices `indexed_put` keeps the last row on the CPU device, any one of them on the GPU), `fft` and `ifft` (with `:length` and `:eps`), `conv` (f16,
   bf16, f32; any layout, strides, padding, dilations and feature groups; batch groups,
   negative padding and f64 fall back), `window_sum`,
   `window_product`, `window_max`, `window_min` (negative padding falls back), `real`, `imag`,
@@ -780,6 +780,46 @@ defmodule NxMlx.Backend do
   defp reverse_axis(op, ref, axis, n) do
     op.(:take, [ref, op.(:arange, [(n - 1) / 1, -1.0, -1.0, :s32]), axis])
   end
+
+  ## Fourier transforms
+
+  @impl true
+  def fft(out, t, opts), do: fourier(out, t, opts, :fft)
+
+  @impl true
+  def ifft(out, t, opts), do: fourier(out, t, opts, :ifft)
+
+  defp fourier(%T{type: {:c, 64}} = out, %T{} = t, opts, nx_op) do
+    device = op_device([t])
+    op = fn fun, args -> call(device, fun, args, nx_op, [t]) end
+    x = ref_as(t, {:c, 64}, device)
+    r = op.(:fft, [nx_op == :ifft, x, opts[:length], opts[:axis]])
+
+    # As Nx: real and imaginary parts within eps of zero become zero.
+    r =
+      case opts[:eps] do
+        nil ->
+          r
+
+        eps ->
+          zero = scalar_ref(0, {:f, 32}, device)
+          tolerance = scalar_ref(eps, {:f, 32}, device)
+
+          clean = fn part ->
+            small = op.(:binary, [:less_equal, op.(:unary, [:abs, part]), tolerance])
+            op.(:select, [small, zero, part])
+          end
+
+          re = clean.(op.(:unary, [:real, r]))
+          im = clean.(op.(:unary, [:imag, r]))
+          i = scalar_ref(Complex.new(0.0, 1.0), {:c, 64}, device)
+          op.(:binary, [:add, op.(:astype, [re, :c64]), op.(:binary, [:multiply, im, i])])
+      end
+
+    wrap(out, r, device)
+  end
+
+  defp fourier(out, t, opts, nx_op), do: NxMlx.Fallback.run(nx_op, [out, t, opts], op_device([t]))
 
   ## Convolution
 

@@ -84,6 +84,7 @@ defmodule NxMlx.Native do
   def as_strided(_worker, _a, _shape, _strides, _offset), do: nif_error()
   def view(_worker, _a, _dtype), do: nif_error()
   def scan(_worker, _op, _a, _axis, _reverse), do: nif_error()
+  def fft(_worker, _inverse, _a, _n, _axis), do: nif_error()
 
   def conv(
         _worker,

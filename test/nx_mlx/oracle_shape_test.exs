@@ -450,4 +450,27 @@ defmodule NxMlx.OracleShapeTest do
       assert Nx.to_number(Nx.all_close(Nx.backend_copy(got, Nx.BinaryBackend), expected)) == 1
     end
   end
+
+  describe "fourier transforms" do
+    test "fft and ifft with padding, truncation and eps, on real and complex input" do
+      real = Nx.divide(random({3, 6}, {:f, 32}), 10)
+      complex = Nx.complex(real, Nx.divide(random({3, 6}, {:f, 32}), 10))
+
+      for t <- [real, complex], fun <- [:fft, :ifft], length <- [6, 4, 9], eps <- [nil, 1.0e-3] do
+        opts = Enum.reject([length: length, eps: eps], &(elem(&1, 1) == nil))
+        expected = apply(Nx, fun, [t, opts])
+        got = assert_native(fn -> apply(Nx, fun, [mlx(t), opts]) end)
+        assert got.shape == expected.shape and got.type == expected.type
+
+        close =
+          Nx.all_close(Nx.backend_copy(got, Nx.BinaryBackend), expected,
+            rtol: 1.0e-4,
+            atol: 1.0e-4
+          )
+
+        assert Nx.to_number(close) == 1,
+               "#{fun} #{inspect(opts)}\n#{inspect(got)}\n#{inspect(expected)}"
+      end
+    end
+  end
 end

@@ -101,6 +101,10 @@ void synchronize(StreamRef stream) {
   mx::synchronize(to_mx(stream));
 }
 
+void set_default_stream(StreamRef stream) {
+  mx::set_default_stream(to_mx(stream));
+}
+
 rust::String library_path() {
   return rust::String(path_of(reinterpret_cast<const void*>(&mx::version)));
 }
@@ -551,6 +555,12 @@ std::unique_ptr<array> conv_general(
       groups,
       false,
       to_mx(s)));
+}
+
+std::unique_ptr<array> fft(bool inverse, const array& a, int32_t n, int32_t axis, StreamRef s) {
+  return boxed(
+      inverse ? mx::fft::ifft(a, n, axis, mx::fft::FFTNorm::Backward, to_mx(s))
+              : mx::fft::fft(a, n, axis, mx::fft::FFTNorm::Backward, to_mx(s)));
 }
 
 std::unique_ptr<array> gather(

@@ -30,6 +30,7 @@ rust::String version();
 bool is_available(DeviceKind device);
 StreamRef new_stream(DeviceKind device);
 void synchronize(StreamRef stream);
+void set_default_stream(StreamRef stream);
 rust::String library_path();
 rust::String blas_library_path();
 
@@ -125,6 +126,7 @@ std::unique_ptr<array> conv_general(
     rust::Slice<const int32_t> input_dilation,
     int32_t groups,
     StreamRef s);
+std::unique_ptr<array> fft(bool inverse, const array& a, int32_t n, int32_t axis, StreamRef s);
 std::unique_ptr<array> gather(
     const array& a,
     const ArrayList& indices,

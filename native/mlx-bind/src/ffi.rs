@@ -139,6 +139,7 @@ pub(crate) mod bridge {
         fn is_available(device: DeviceKind) -> bool;
         fn new_stream(device: DeviceKind) -> Result<StreamRef>;
         fn synchronize(stream: StreamRef) -> Result<()>;
+        fn set_default_stream(stream: StreamRef) -> Result<()>;
         fn library_path() -> String;
         fn blas_library_path() -> String;
 
@@ -261,6 +262,13 @@ pub(crate) mod bridge {
             kernel_dilation: &[i32],
             input_dilation: &[i32],
             groups: i32,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+        fn fft(
+            inverse: bool,
+            a: &Array,
+            n: i32,
+            axis: i32,
             s: StreamRef,
         ) -> Result<UniquePtr<Array>>;
         fn gather(

@@ -106,6 +106,12 @@ impl Stream {
         self.0.index
     }
 
+    /// Makes this stream the calling thread's default for its device: ops that MLX builds
+    /// internally without naming a stream then land on it.
+    pub fn make_default(&self) -> Result<()> {
+        Ok(bridge::set_default_stream(self.0)?)
+    }
+
     /// Blocks until every operation queued on this stream has finished.
     pub fn synchronize(&self) -> Result<()> {
         Ok(bridge::synchronize(self.0)?)
@@ -536,6 +542,14 @@ pub fn conv(input: &Array, weight: &Array, o: &ConvOpts, s: &Stream) -> Result<A
         groups,
         s.0,
     ))
+}
+
+/// The discrete Fourier transform (or its inverse, scaled by 1/n) of length `n` along
+/// `axis`, padding with zeros or truncating.
+pub fn fft(inverse: bool, a: &Array, n: i64, axis: i64, s: &Stream) -> Result<Array> {
+    let n = check_shape(&[n])?[0];
+    let axis = check_axes(&[axis])?[0];
+    wrap(bridge::fft(inverse, a.inner(), n, axis, s.0))
 }
 
 /// Slices of `slice_sizes` of `a` starting at the positions given, for each of `axes`, by

@@ -23,7 +23,7 @@ use rustler::{Encoder, Env, ResourceArc, Term};
 
 use crate::error::{NifError, NifResult};
 use crate::resources::{ArrayRes, WorkerRes};
-use crate::submit::reply;
+use crate::submit::{reply, submit};
 use crate::worker::{eval_spin_budget, SpinToken};
 
 /// Unevaluated ops in a chain before the worker is asked to evaluate it.
@@ -78,6 +78,42 @@ where
         })
         .map(|r| r.encode(env));
     reply(env, result)
+}
+
+/// Builds an op on the worker thread instead, replying `{:async, ref}` then `{ref, {:ok,
+/// array}}`: for MLX ops that build internal nodes without naming the stream (they land on
+/// the building thread's default stream, which on a worker is the worker's own) and for
+/// multi-output ops (see the module doc).
+pub fn build_on_worker<'a, F>(
+    env: Env<'a>,
+    worker: &ResourceArc<WorkerRes>,
+    inputs: &[&ResourceArc<ArrayRes>],
+    f: F,
+) -> Term<'a>
+where
+    F: FnOnce(&mlx_bind::Stream) -> mlx_bind::Result<Array> + Send + 'static,
+{
+    let w = worker.0.clone();
+    let mut foreign = Vec::new();
+    for input in inputs {
+        if let Err(e) = input.check() {
+            return e.encode(env);
+        }
+        if !input.is_evaluated()
+            && (!std::sync::Arc::ptr_eq(input.worker(), &w) || input.predates_failure())
+        {
+            foreign.push((*input).clone());
+        }
+    }
+    if !foreign.is_empty() {
+        return (atoms::error(), (atoms::foreign(), foreign)).encode(env);
+    }
+    let job_worker = w.clone();
+    submit(env, &w, move |env, ctx| {
+        let a = f(&ctx.stream)?;
+        check_size(&a)?;
+        Ok(ArrayRes::lazy(a, job_worker, 1).encode(env))
+    })
 }
 
 /// Refuses arrays larger than MLX's memory limit: MLX's CPU allocator does not check for a

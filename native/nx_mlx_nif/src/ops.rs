@@ -4,7 +4,7 @@
 
 use rustler::{Encoder, Env, ResourceArc, Term};
 
-use crate::build::build;
+use crate::build::{build, build_on_worker};
 use crate::convert;
 use crate::resources::{ArrayRes, WorkerRes};
 
@@ -353,6 +353,23 @@ fn conv(
     };
     build(env, &worker, &[&input, &weight], |s| {
         mlx_bind::conv(input.array(), weight.array(), &opts, s)
+    })
+}
+
+/// `fft(worker, inverse, a, n, axis)`.
+#[rustler::nif]
+fn fft(
+    env: Env,
+    worker: ResourceArc<WorkerRes>,
+    inverse: bool,
+    a: ResourceArc<ArrayRes>,
+    n: i64,
+    axis: i64,
+) -> Term {
+    // MLX's fft builds internal nodes on the default stream: build it on the worker.
+    let input = a.clone();
+    build_on_worker(env, &worker, &[&a], move |s| {
+        mlx_bind::fft(inverse, input.array(), n, axis, s)
     })
 }
 

@@ -276,7 +276,7 @@ fn run(
         // a niced GPU worker read a 16-element result back in 160-190 us instead of 40-45.
         lower_thread_priority(NICE.load(Ordering::Relaxed));
     }
-    let stream = match Stream::new(device) {
+    let stream = match Stream::new(device).and_then(|s| s.make_default().map(|_| s)) {
         Ok(s) => s,
         Err(e) => {
             on_ready(Err(NifError::Runtime(e.message)));
