@@ -1,6 +1,19 @@
 defmodule NxMlx.TestHelpers do
   @moduledoc false
 
+  @doc """
+  The device the oracle tests run on: `NX_MLX_TEST_DEVICE` (`cpu` by default, `gpu` to run
+  them on a GPU build).
+  """
+  def oracle_device do
+    if System.get_env("NX_MLX_TEST_DEVICE") == "gpu", do: :gpu, else: :cpu
+  end
+
+  @doc "The types of `list` the oracle device has (MLX has no f64 on the GPU)."
+  def device_types(list) do
+    if oracle_device() == :gpu, do: List.delete(list, {:f, 64}), else: list
+  end
+
   @doc "Polls `fun` (after a garbage collection) until it returns true, for at most `ms` ms."
   def eventually(fun, ms \\ 5_000) do
     poll_until(fun, System.monotonic_time(:millisecond) + ms)
@@ -107,4 +120,6 @@ end
 
 # GPU-tagged tests run only where MLX sees a GPU (the CUDA or Metal variant).
 exclude = if :gpu in NxMlx.devices(), do: [], else: [:gpu]
+# f64 exists only on the CPU device: leave its tests out when the oracles run on the GPU.
+exclude = if NxMlx.TestHelpers.oracle_device() == :gpu, do: [:f64 | exclude], else: exclude
 ExUnit.start(exclude: exclude)

@@ -8,11 +8,11 @@ defmodule NxMlx.OracleElementwiseTest do
   # f16/bf16 rtol 1.0e-2; f64 rtol 1.0e-12.
   use ExUnit.Case, async: true
 
-  @mlx {NxMlx.Backend, device: :cpu}
+  @mlx {NxMlx.Backend, device: NxMlx.TestHelpers.oracle_device()}
   # Nx 0.13 has no zero-sized dimensions.
   @shapes [{{3, 4}, {3, 4}}, {{3, 4}, {4}}, {{2, 1, 3}, {4, 1}}, {{}, {5}}, {{5}, {}}]
   @int_types [{:s, 8}, {:s, 16}, {:s, 32}, {:s, 64}, {:u, 8}, {:u, 16}, {:u, 32}, {:u, 64}]
-  @float_types [{:f, 32}, {:f, 16}, {:bf, 16}, {:f, 64}]
+  @float_types NxMlx.TestHelpers.device_types([{:f, 32}, {:f, 16}, {:bf, 16}, {:f, 64}])
 
   setup do
     :rand.seed(:exsss, {7, 11, 13})
@@ -143,7 +143,7 @@ defmodule NxMlx.OracleElementwiseTest do
     end
 
     test "logical ops treat every non-zero value, NaN included, as true" do
-      for type <- [{:s, 32}, {:u, 8}, {:f, 32}, {:f, 64}],
+      for type <- NxMlx.TestHelpers.device_types([{:s, 32}, {:u, 8}, {:f, 32}, {:f, 64}]),
           {sa, sb} <- @shapes,
           op <- [:logical_and, :logical_or, :logical_xor] do
         a = random(sa, type)
@@ -223,7 +223,8 @@ defmodule NxMlx.OracleElementwiseTest do
 
   describe "ternary ops and conversions" do
     test "clip, with NaN clipped to the minimum as in Nx" do
-      for type <- [{:f, 32}, {:f, 64}, {:s, 32}, {:u, 8}], shape <- [{3, 4}, {}] do
+      for type <- NxMlx.TestHelpers.device_types([{:f, 32}, {:f, 64}, {:s, 32}, {:u, 8}]),
+          shape <- [{3, 4}, {}] do
         t = random(shape, type)
         lo = Nx.tensor(1, type: type, backend: Nx.BinaryBackend)
         hi = Nx.tensor(50, type: type, backend: Nx.BinaryBackend)
@@ -238,7 +239,7 @@ defmodule NxMlx.OracleElementwiseTest do
     end
 
     test "select broadcasts its predicate and branches" do
-      for type <- [{:f, 32}, {:s, 64}, {:u, 16}] do
+      for type <- NxMlx.TestHelpers.device_types([{:f, 32}, {:s, 64}, {:u, 16}]) do
         pred = random({3, 4}, {:u, 8}, range: 0..1)
         a = random({4}, type)
         b = random({}, type)

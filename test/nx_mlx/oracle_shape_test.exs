@@ -5,8 +5,8 @@ defmodule NxMlx.OracleShapeTest do
 
   import NxMlx.TestHelpers
 
-  @mlx {NxMlx.Backend, device: :cpu}
-  @types [{:f, 32}, {:s, 64}, {:u, 8}, {:bf, 16}, {:f, 64}]
+  @mlx {NxMlx.Backend, device: NxMlx.TestHelpers.oracle_device()}
+  @types NxMlx.TestHelpers.device_types([{:f, 32}, {:s, 64}, {:u, 8}, {:bf, 16}, {:f, 64}])
 
   setup do
     :rand.seed(:exsss, {3, 5, 8})
@@ -163,7 +163,8 @@ defmodule NxMlx.OracleShapeTest do
     end
 
     test "argmax and argmin with axes, keep_axis and both tie breaks" do
-      for type <- [{:f, 32}, {:s, 32}, {:u, 8}, {:f, 64}], _ <- 1..3 do
+      for type <- NxMlx.TestHelpers.device_types([{:f, 32}, {:s, 32}, {:u, 8}, {:f, 64}]),
+          _ <- 1..3 do
         t =
           with_ties(
             {4, 5, 3},
@@ -189,7 +190,8 @@ defmodule NxMlx.OracleShapeTest do
     end
 
     test "sort and argsort in both directions, stable on ties, NaN ordered as in Nx" do
-      for type <- [{:f, 32}, {:s, 64}, {:f, 64}, {:s, 8}], _ <- 1..3 do
+      for type <- NxMlx.TestHelpers.device_types([{:f, 32}, {:s, 64}, {:f, 64}, {:s, 8}]),
+          _ <- 1..3 do
         t = with_ties({5, 6}, type)
 
         for axis <- [0, 1], dir <- [:asc, :desc] do
@@ -377,7 +379,7 @@ defmodule NxMlx.OracleShapeTest do
 
   describe "blocks" do
     test "cumulative sum, product, max and min on any axis, both directions" do
-      for type <- [{:f, 32}, {:s, 32}, {:u, 8}, {:f, 64}],
+      for type <- NxMlx.TestHelpers.device_types([{:f, 32}, {:s, 32}, {:u, 8}, {:f, 64}]),
           fun <- [:cumulative_sum, :cumulative_product, :cumulative_max, :cumulative_min],
           axis <- [0, 1, 2],
           reverse <- [false, true] do
@@ -399,7 +401,7 @@ defmodule NxMlx.OracleShapeTest do
   end
 
   test "logical_not runs as a native block" do
-    for type <- [{:f, 32}, {:s, 64}, {:u, 8}] do
+    for type <- NxMlx.TestHelpers.device_types([{:f, 32}, {:s, 64}, {:u, 8}]) do
       t = with_ties({4, 3}, if(type == {:u, 8}, do: {:s, 16}, else: type))
       t = if type == {:u, 8}, do: Nx.as_type(Nx.abs(t), :u8), else: t
 
@@ -442,6 +444,7 @@ defmodule NxMlx.OracleShapeTest do
       end
     end
 
+    @tag :f64
     test "batch groups and f64 fall back" do
       t = Nx.divide(random({4, 2, 5}, {:f, 64}), 10)
       k = Nx.divide(random({2, 2, 2}, {:f, 64}), 10)
