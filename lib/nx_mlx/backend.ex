@@ -22,7 +22,7 @@ defmodule NxMlx.Backend do
   `indexed_put` (out-of-bounds rows write nothing; `Nx.BinaryBackend` raises; with duplicate
   indices `indexed_put` keeps the last row on the CPU device, any one of them on the GPU), `fft` and `ifft` (with `:length` and `:eps`), `conv` (f16,
   bf16, f32; any layout, strides, padding, dilations and feature groups; batch groups,
-  negative padding and f64 fall back), `window_sum`,
+  negative padding, f64 and input dilation on the GPU fall back), `window_sum`,
   `window_product`, `window_max`, `window_min` (negative padding falls back), `real`, `imag`,
   `conjugate` (complex inputs), `bitcast`, `argmax` and `argmin` (both tie breaks; an axis holding NaN answers its last NaN, as in Nx), `sort` and
   `argsort` (stable in both directions, NaN last ascending and first descending),
@@ -826,7 +826,10 @@ defmodule NxMlx.Backend do
   @impl true
   def conv(%T{type: {kind, size}} = out, %T{} = t, %T{} = k, opts)
       when kind in [:f, :bf] and size <= 32 do
-    if opts[:batch_group_size] != 1 or
+    # MLX's GPU convolution gives wrong results with input dilation (seen on CUDA).
+    gpu_dilation? = op_device([t, k]) == :gpu and Enum.any?(opts[:input_dilation], &(&1 != 1))
+
+    if opts[:batch_group_size] != 1 or gpu_dilation? or
          Enum.any?(opts[:padding], fn {lo, hi} -> lo < 0 or hi < 0 end) do
       NxMlx.Fallback.run(:conv, [out, t, k, opts], op_device([t, k]))
     else
