@@ -56,6 +56,16 @@ defmodule NxMlx.LinAlgToleranceTest do
     same_on_both(fn -> Nx.LinAlg.matrix_power(Nx.iota({2, 2, 2}), -3) end)
   end
 
+  test "least_squares/3 (examples 106 and 108)" do
+    same_on_both(fn ->
+      Nx.LinAlg.least_squares(Nx.tensor([[1, 2, 3], [4, 5, 6]]), Nx.tensor([1, 2]))
+    end)
+
+    same_on_both(fn ->
+      Nx.LinAlg.least_squares(Nx.tensor([[1, 2], [2, 3]]), Nx.tensor([1, 2]))
+    end)
+  end
+
   test "least_squares/3 (example 107)" do
     same_on_both(fn ->
       Nx.LinAlg.least_squares(
