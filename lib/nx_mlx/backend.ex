@@ -15,26 +15,28 @@ defmodule NxMlx.Backend do
 
   ## What runs on MLX
 
-  Creation (`constant`, `from_binary`, `iota`, `eye`), read-back (`to_binary`, `inspect`),
-  transfers, `concatenate`, `stack`, `slice` (starts clamped as in Nx; tensor starts are
-  read back first), `put_slice`, `pad` (interior padding falls back), `reverse`, `gather`
-  (out-of-bounds indices are clamped; `Nx.BinaryBackend` raises), `indexed_add` and
-  `indexed_put` (out-of-bounds rows write nothing; `Nx.BinaryBackend` raises; with duplicate
-  indices `indexed_put` keeps the last row on the CPU device, any one of them on the GPU), `fft` and `ifft` (with `:length` and `:eps`), `conv` (f16,
-  bf16, f32; any layout, strides, padding, dilations and feature groups; batch groups,
-  negative padding, f64 and input dilation on the GPU fall back), `window_sum`,
-  `window_product`, `window_max`, `window_min` (negative padding falls back), `real`, `imag`,
-  `conjugate` (complex inputs), `bitcast`, `argmax` and `argmin` (both tie breaks; an axis holding NaN answers its last NaN, as in Nx), `sort` and
-  `argsort` (stable in both directions, NaN last ascending and first descending),
-  `as_type` (floats to integers map NaN to 0 and the infinities to the type's extremes, as
-  Nx does), `reshape`, `squeeze`, `transpose`, `broadcast`, `select`, `clip`, `dot` on
-  floating-point types (batched too); element-wise `add`, `subtract`, `multiply`, `min`,
-  `max`, the comparisons, `divide`, `pow` and `atan2` (floats), `quotient`, `remainder`,
-  `bitwise_and`/`or`/`xor`, `left_shift`, `right_shift` (integers), `logical_and`/`or`/`xor`;
-  `abs`, `negate`, `sign`, `ceil`, `floor`, `round` (half away from zero, as Nx), `is_nan`,
-  `is_infinity`, `bitwise_not`, and the floating-point unary functions (f16, bf16 and f32;
-  f64 falls back, because MLX's CPU kernels compute them on f64 with about f32 accuracy);
-  the reductions `sum`, `product`, `reduce_max`, `reduce_min`, `all`, `any`.
+    * Creation and transfer: `constant`, `from_binary`, `iota`, `eye`, `to_binary`,
+      `inspect`, `backend_copy`/`transfer`, `as_type` (floats to integers map NaN to 0 and the
+      infinities to the type's extremes, as Nx does), `bitcast`.
+    * Shape: `reshape`, `squeeze`, `transpose`, `broadcast`, `concatenate`, `stack`, `slice`
+      (starts clamped as in Nx; tensor starts are read back first), `put_slice`, `pad`,
+      `reverse`.
+    * Indexing: `gather` (so `Nx.take` and `take_along_axis`), `indexed_add`, `indexed_put`.
+      Out-of-bounds indices never read or write outside the tensor: gather clamps them and
+      out-of-bounds scatter rows write nothing (`Nx.BinaryBackend` raises). With duplicate
+      indices `indexed_put` keeps the last row on the CPU device, any one of them on the GPU.
+    * Element-wise: `add`, `subtract`, `multiply`, `min`, `max`, the comparisons, `divide`,
+      `pow`, `atan2` (floats), `quotient`, `remainder`, `bitwise_and`/`or`/`xor`,
+      `left_shift`, `right_shift` (integers, with Nx's truncation, sign and width rules),
+      `logical_and`/`or`/`xor`, `select`, `clip`, `abs`, `negate`, `sign`, `ceil`, `floor`,
+      `round` (half away from zero), `is_nan`, `is_infinity`, `bitwise_not`, `real`, `imag`,
+      `conjugate`, and the floating-point unary functions.
+    * Reductions and scans: `sum`, `product`, `reduce_max`, `reduce_min`, `all`, `any`,
+      `argmax`/`argmin` (both tie breaks; an axis holding NaN answers its last NaN, as in
+      Nx), `sort`/`argsort` (stable in both directions; NaN last ascending, first
+      descending), `window_sum`/`product`/`max`/`min`, cumulative ops (see "Blocks").
+    * `dot` on floating-point types (batched too), `conv` (f16, bf16, f32; any layout,
+      strides, padding, dilations and feature groups), `fft`/`ifft`.
 
   ## Divergences from Nx.BinaryBackend
 
@@ -52,8 +54,14 @@ defmodule NxMlx.Backend do
 
   ## Fallbacks
 
-  Every other callback runs on `Nx.BinaryBackend`: the inputs are copied off the device, the
-  result is copied back. Each such call emits `[:nx_mlx, :fallback, :start | :stop |
+  These run on `Nx.BinaryBackend`: `cbrt`, `erfc`, `count_leading_zeros`,
+  `population_count`, `reduce` and `window_reduce` (they take Elixir functions),
+  `window_scatter_max`/`min`, `triangular_solve`; and, within native callbacks, integer
+  `dot`, f64 floating-point unary functions (MLX's CPU kernels compute them on f64 with about
+  f32 accuracy), float `remainder` (C's fmod), complex inputs of the element-wise ops,
+  interior padding, negative window padding, `conv` with batch groups, negative padding,
+  f64, or input dilation on the GPU. The inputs are copied off the device and the result is
+  copied back. Each such call emits `[:nx_mlx, :fallback, :start | :stop |
   :exception]` telemetry with `%{op: name}`, and `config :nx_mlx, fallback: :silent | :warn |
   :raise` (default `:silent`) makes it silent, log a warning once per op, or raise.
 
