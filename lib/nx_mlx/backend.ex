@@ -132,6 +132,9 @@ defmodule NxMlx.Backend do
           "NxMlx.Backend.#{op}: axis #{inspect(axis)} is out of range for shape #{inspect(shape)}"
   end
 
+  # `op.(fun, args)` calls the NIF like `call/5`, for the many steps of one callback.
+  defp op_fn(device, op, tensors), do: fn fun, args -> call(device, fun, args, op, tensors) end
+
   # Runs `fun` on the worker for `device`: the bound command queue when it is on `device`,
   # else the device's default queue.
   defp call(device, fun, args, op, tensors) do
@@ -275,7 +278,7 @@ defmodule NxMlx.Backend do
   def iota(%T{shape: shape, type: type} = out, axis, opts) do
     device = device_of(opts)
     check_device_type!(device, type)
-    op = fn fun, args -> call(device, fun, args, :iota, [out]) end
+    op = op_fn(device, :iota, [out])
     dims = Tuple.to_list(shape)
 
     r =
@@ -294,7 +297,7 @@ defmodule NxMlx.Backend do
   def eye(%T{shape: shape, type: type} = out, opts) do
     device = device_of(opts)
     check_device_type!(device, type)
-    op = fn fun, args -> call(device, fun, args, :eye, [out]) end
+    op = op_fn(device, :eye, [out])
     dims = Tuple.to_list(shape)
     [m, n] = Enum.take(dims, -2)
     rows = op.(:reshape, [index_range(op, m), [m, 1]])
@@ -318,7 +321,7 @@ defmodule NxMlx.Backend do
     # Nx maps NaN to 0 and the infinities to the type's extremes; MLX's cast leaves them
     # undefined.
     device = op_device([t])
-    op = fn fun, args -> call(device, fun, args, :as_type, [t]) end
+    op = op_fn(device, :as_type, [t])
     x = ref!(t, device)
     inf = op.(:unary, [:isinf, x])
     positive = op.(:binary, [:greater, x, scalar_ref(0, t.type, device)])
@@ -470,7 +473,7 @@ defmodule NxMlx.Backend do
       NxMlx.Fallback.run(:pad, [out, t, pad_value, config], op_device([t]))
     else
       device = op_device([t, pad_value])
-      op = fn fun, args -> call(device, fun, args, :pad, [t, pad_value]) end
+      op = op_fn(device, :pad, [t, pad_value])
       low = Enum.map(config, fn {lo, _, _} -> max(lo, 0) end)
       high = Enum.map(config, fn {_, hi, _} -> max(hi, 0) end)
       value = ref_as(pad_value, type, device)
@@ -500,7 +503,7 @@ defmodule NxMlx.Backend do
   @impl true
   def reverse(out, %T{} = t, axes) do
     device = op_device([t])
-    op = fn fun, args -> call(device, fun, args, :reverse, [t]) end
+    op = op_fn(device, :reverse, [t])
 
     r =
       Enum.reduce(axes, ref!(t, device), fn axis, acc ->
@@ -516,7 +519,7 @@ defmodule NxMlx.Backend do
   def gather(out, %T{shape: shape} = t, %T{} = indices, opts) do
     axes = opts[:axes]
     device = op_device([t, indices])
-    op = fn fun, args -> call(device, fun, args, :gather, [t, indices]) end
+    op = op_fn(device, :gather, [t, indices])
     {per_axis, _in_bounds} = index_columns(op, indices, axes, shape, device)
 
     sizes =
@@ -544,7 +547,7 @@ defmodule NxMlx.Backend do
        ) do
     axes = opts[:axes]
     device = op_device([t, indices, updates])
-    op = fn fun, args -> call(device, fun, args, nx_op, [t, indices, updates]) end
+    op = op_fn(device, nx_op, [t, indices, updates])
     {per_axis, in_bounds} = index_columns(op, indices, axes, shape, device)
     batch = indices.shape |> Tuple.delete_at(tuple_size(indices.shape) - 1) |> Tuple.to_list()
 
@@ -623,7 +626,7 @@ defmodule NxMlx.Backend do
       NxMlx.Fallback.run(nx_op, [out, t, window_dims, opts], op_device([t]))
     else
       device = op_device([t])
-      op = fn fun, args -> call(device, fun, args, nx_op, [t]) end
+      op = op_fn(device, nx_op, [t])
       rank = tuple_size(t.shape)
       low = Enum.map(padding, &elem(&1, 0))
       high = Enum.map(padding, &elem(&1, 1))
@@ -674,7 +677,7 @@ defmodule NxMlx.Backend do
     @impl true
     def unquote(nx_op)(out, %T{type: {:c, _}} = t) do
       device = op_device([t])
-      op = fn fun, args -> call(device, fun, args, unquote(nx_op), [t]) end
+      op = op_fn(device, unquote(nx_op), [t])
       r = op.(:unary, [unquote(mlx_op), ref!(t, device)])
       wrap(out, op.(:astype, [r, Types.to_mlx(out.type)]), device)
     end
@@ -705,7 +708,7 @@ defmodule NxMlx.Backend do
 
   defp arg_reduce(out, %T{type: {kind, _}} = t, opts, nx_op) when kind != :c do
     device = op_device([t])
-    op = fn fun, args -> call(device, fun, args, nx_op, [t]) end
+    op = op_fn(device, nx_op, [t])
 
     {x, axis, n} =
       case opts[:axis] do
@@ -742,7 +745,7 @@ defmodule NxMlx.Backend do
   @impl true
   def sort(out, %T{type: {kind, _}} = t, opts) when kind != :c do
     device = op_device([t])
-    op = fn fun, args -> call(device, fun, args, :sort, [t]) end
+    op = op_fn(device, :sort, [t])
     axis = opts[:axis] || 0
     sorted = op.(:sort, [false, ref!(t, device), axis])
 
@@ -759,7 +762,7 @@ defmodule NxMlx.Backend do
   @impl true
   def argsort(out, %T{type: {kind, _}} = t, opts) when kind != :c do
     device = op_device([t])
-    op = fn fun, args -> call(device, fun, args, :argsort, [t]) end
+    op = op_fn(device, :argsort, [t])
     axis = opts[:axis] || 0
     n = axis_size!(t, axis, :argsort)
     type = Types.to_mlx(out.type)
@@ -799,7 +802,7 @@ defmodule NxMlx.Backend do
 
   defp fourier(%T{type: {:c, 64}} = out, %T{} = t, opts, nx_op) do
     device = op_device([t])
-    op = fn fun, args -> call(device, fun, args, nx_op, [t]) end
+    op = op_fn(device, nx_op, [t])
     x = ref_as(t, {:c, 64}, device)
     r = op.(:fft, [nx_op == :ifft, x, opts[:length], opts[:axis]])
 
@@ -852,7 +855,7 @@ defmodule NxMlx.Backend do
   # through its permutation option; MLX's is channels last.
   defp native_conv(%T{type: type} = out, t, k, opts) do
     device = op_device([t, k])
-    op = fn fun, args -> call(device, fun, args, :conv, [t, k]) end
+    op = op_fn(device, :conv, [t, k])
     rank = tuple_size(t.shape)
     spatial = Enum.to_list(2..(rank - 1)//1)
     to_channels_last = [0 | spatial] ++ [1]
@@ -1031,7 +1034,7 @@ defmodule NxMlx.Backend do
   def sign(%T{type: {kind, _}} = out, t) when kind in [:f, :bf] do
     # NaN stays NaN (as in XLA and IEEE); MLX's sign gives 0 or -1 for it.
     device = op_device([t])
-    op = fn fun, args -> call(device, fun, args, :sign, [t]) end
+    op = op_fn(device, :sign, [t])
     x = ref_as(t, out.type, device)
     wrap(out, op.(:select, [op.(:unary, [:isnan, x]), x, op.(:unary, [:sign, x])]), device)
   end
@@ -1147,7 +1150,7 @@ defmodule NxMlx.Backend do
     def unquote(nx_op)(out, %T{type: {ka, _}} = a, %T{type: {kb, _}} = b)
         when ka != :c and kb != :c do
       device = op_device([a, b])
-      op = fn fun, args -> call(device, fun, args, unquote(nx_op), [a, b]) end
+      op = op_fn(device, unquote(nx_op), [a, b])
       ab = op.(:astype, [ref!(a, device), :bool])
       bb = op.(:astype, [ref!(b, device), :bool])
       r = op.(:binary, [unquote(mlx_op), ab, bb])
@@ -1161,7 +1164,7 @@ defmodule NxMlx.Backend do
   # Both inputs converted to the output type; `op` calls the NIF with errors naming `nx_op`.
   defp binary_inputs(out, a, b, nx_op) do
     device = op_device([a, b])
-    op = fn fun, args -> call(device, fun, args, nx_op, [a, b]) end
+    op = op_fn(device, nx_op, [a, b])
     {device, op, ref_as(a, out.type, device), ref_as(b, out.type, device)}
   end
 
@@ -1175,7 +1178,7 @@ defmodule NxMlx.Backend do
     @impl true
     def unquote(nx_op)(out, %T{type: {kind, _}} = t) when kind in [:f, :bf, :s, :u] do
       device = op_device([t])
-      op = fn fun, args -> call(device, fun, args, unquote(nx_op), [t]) end
+      op = op_fn(device, unquote(nx_op), [t])
       r = op.(:unary, [unquote(mlx_op), ref!(t, device)])
       wrap(out, op.(:astype, [r, Types.to_mlx(out.type)]), device)
     end
@@ -1196,7 +1199,7 @@ defmodule NxMlx.Backend do
     # Nx rounds half away from zero; MLX's round goes to even. Truncate, then step away
     # from zero where the dropped fraction is at least one half (exact in floating point).
     device = op_device([t])
-    op = fn fun, args -> call(device, fun, args, :round, [t]) end
+    op = op_fn(device, :round, [t])
     x = ref_as(t, out.type, device)
     zero = scalar_ref(0, out.type, device)
     negative = op.(:binary, [:less, x, zero])
@@ -1213,7 +1216,7 @@ defmodule NxMlx.Backend do
   def clip(%T{type: {kind, _}} = out, t, min, max) when kind != :c do
     # As Nx: x > min ? x : min, then < max ? : max (so NaN becomes min).
     device = op_device([t, min, max])
-    op = fn fun, args -> call(device, fun, args, :clip, [t, min, max]) end
+    op = op_fn(device, :clip, [t, min, max])
     x = ref_as(t, out.type, device)
     lo = ref_as(min, out.type, device)
     hi = ref_as(max, out.type, device)
@@ -1270,14 +1273,14 @@ defmodule NxMlx.Backend do
   def block(%mod{axis: axis, reverse: reverse}, %T{type: {kind, _}} = out, [t], _fun)
       when is_map_key(@scans, mod) and kind != :c do
     device = op_device([t])
-    op = fn f, args -> call(device, f, args, :block, [t]) end
+    op = op_fn(device, :block, [t])
     r = op.(:scan, [Map.fetch!(@scans, mod), ref_as(t, out.type, device), axis, reverse])
     wrap(out, op.(:astype, [r, Types.to_mlx(out.type)]), device)
   end
 
   def block(%Nx.Block.LogicalNot{}, out, [%T{type: {kind, _}} = t], _fun) when kind != :c do
     device = op_device([t])
-    op = fn f, args -> call(device, f, args, :logical_not, [t]) end
+    op = op_fn(device, :logical_not, [t])
     r = op.(:unary, [:logical_not, op.(:astype, [ref!(t, device), :bool])])
     wrap(out, op.(:astype, [r, Types.to_mlx(out.type)]), device)
   end
