@@ -33,6 +33,34 @@ mod atoms {
     rustler::atoms! { error, foreign }
 }
 
+/// The depth of the longest unevaluated chain among `inputs`; or the reply to give instead:
+/// an input's earlier failure, or `{:error, {:foreign, inputs}}` for the inputs that must be
+/// evaluated on their own worker first (lazy on another worker, or created before a failure
+/// on this one: see `Worker::evaluate`).
+fn check_inputs<'a>(
+    env: Env<'a>,
+    worker: &std::sync::Arc<crate::worker::Worker>,
+    inputs: &[&ResourceArc<ArrayRes>],
+) -> Result<u32, Term<'a>> {
+    let mut foreign = Vec::new();
+    let mut depth = 0;
+    for input in inputs {
+        input.check().map_err(|e| e.encode(env))?;
+        if input.is_evaluated() {
+            continue;
+        }
+        if !std::sync::Arc::ptr_eq(input.worker(), worker) || input.predates_failure() {
+            foreign.push((*input).clone());
+        }
+        depth = depth.max(input.depth);
+    }
+    if foreign.is_empty() {
+        Ok(depth)
+    } else {
+        Err((atoms::error(), (atoms::foreign(), foreign)).encode(env))
+    }
+}
+
 /// Builds an op with `f` on `worker`'s stream from `inputs`, replying `{:ok, array}`.
 pub fn build<'a, F>(
     env: Env<'a>,
@@ -44,25 +72,10 @@ where
     F: FnOnce(&mlx_bind::Stream) -> mlx_bind::Result<Array>,
 {
     let w = &worker.0;
-    let mut foreign = Vec::new();
-    let mut depth = 0;
-    for input in inputs {
-        if let Err(e) = input.check() {
-            return e.encode(env);
-        }
-        if input.is_evaluated() {
-            continue;
-        }
-        // Lazy on another worker, or created before a failure on its own: evaluate it first
-        // (see Worker::evaluate).
-        if !std::sync::Arc::ptr_eq(input.worker(), w) || input.predates_failure() {
-            foreign.push((*input).clone());
-        }
-        depth = depth.max(input.depth);
-    }
-    if !foreign.is_empty() {
-        return (atoms::error(), (atoms::foreign(), foreign)).encode(env);
-    }
+    let depth = match check_inputs(env, w, inputs) {
+        Ok(depth) => depth,
+        Err(reply) => return reply,
+    };
     let result = f(w.stream())
         .map_err(NifError::from)
         .and_then(|a| check_size(&a).map(|_| a))
@@ -94,19 +107,8 @@ where
     F: FnOnce(&mlx_bind::Stream) -> mlx_bind::Result<Array> + Send + 'static,
 {
     let w = worker.0.clone();
-    let mut foreign = Vec::new();
-    for input in inputs {
-        if let Err(e) = input.check() {
-            return e.encode(env);
-        }
-        if !input.is_evaluated()
-            && (!std::sync::Arc::ptr_eq(input.worker(), &w) || input.predates_failure())
-        {
-            foreign.push((*input).clone());
-        }
-    }
-    if !foreign.is_empty() {
-        return (atoms::error(), (atoms::foreign(), foreign)).encode(env);
+    if let Err(reply) = check_inputs(env, &w, inputs) {
+        return reply;
     }
     let job_worker = w.clone();
     submit(env, &w, move |env, ctx| {
