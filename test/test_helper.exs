@@ -120,6 +120,13 @@ end
 
 # GPU-tagged tests run only where MLX sees a GPU (the CUDA or Metal variant).
 exclude = if :gpu in NxMlx.devices(), do: [], else: [:gpu]
+# Tests of the debug checks run only in a build that has them compiled in, and tests of the
+# behaviour without them only in a build that has not.
+exclude =
+  if Application.get_env(:nx_mlx, :debug_bounds_check),
+    do: [:no_debug_checks | exclude],
+    else: [:debug_checks | exclude]
+
 # f64 exists only on the CPU device: leave its tests out when the oracles run on the GPU.
 exclude = if NxMlx.TestHelpers.oracle_device() == :gpu, do: [:f64 | exclude], else: exclude
 ExUnit.start(exclude: exclude)

@@ -65,6 +65,19 @@ defmodule NxMlx.Backend do
   :exception]` telemetry with `%{op: name}`, and `config :nx_mlx, fallback: :silent | :warn |
   :raise` (default `:silent`) makes it silent, log a warning once per op, or raise.
 
+  ## Debug settings
+
+  Compiled in only when on (`Application.compile_env`; no cost otherwise):
+
+      config :nx_mlx, debug_bounds_check: true, debug_detect_nan_inf: true
+
+    * `debug_bounds_check`: `gather`, `indexed_add` and `indexed_put` (and so `Nx.take`)
+      read their index rows back and raise `ArgumentError` naming the op when one is out of
+      bounds, instead of clamping or skipping it.
+    * `debug_detect_nan_inf`: after each floating-point callback, raises `ArgumentError`
+      naming the op when the result holds NaN or an infinity while its inputs were finite.
+      Every op then waits for its result: for debugging only.
+
   ## Types
 
   u8–u64, s8–s64, f16, bf16, f32, f64 (CPU device only in MLX) and c64. Tensors of the types
@@ -81,6 +94,10 @@ defmodule NxMlx.Backend do
   alias NxMlx.{CommandQueue, Runtime, Types}
 
   @type t :: %__MODULE__{ref: reference(), device: :cpu | :gpu}
+
+  @debug_bounds_check Application.compile_env(:nx_mlx, :debug_bounds_check, false)
+  @debug_detect_nan_inf Application.compile_env(:nx_mlx, :debug_detect_nan_inf, false)
+  @debug_key :nx_mlx_debug_last_op
 
   # Nx types MLX has no dtype for, whose tensors are created on (and stay on)
   # Nx.BinaryBackend: 8-bit floats and 2- and 4-bit integers. (complex128 raises instead.)
@@ -138,7 +155,69 @@ defmodule NxMlx.Backend do
   # Runs `fun` on the worker for `device`: the bound command queue when it is on `device`,
   # else the device's default queue.
   defp call(device, fun, args, op, tensors) do
+    if @debug_detect_nan_inf, do: Process.put(@debug_key, {op, tensors})
     Runtime.call(fun, [CommandQueue.worker(device) | args], fn -> describe(op, tensors) end)
+  end
+
+  ## Debug checks (compiled in only when their setting is on; see "Debug settings")
+
+  # debug_detect_nan_inf: the result of the callback that is finishing holds NaN or an
+  # infinity while its inputs were finite.
+  defp check_finite!(%T{type: {kind, _}} = out, ref, device) when kind in [:f, :bf, :c] do
+    case Process.delete(@debug_key) do
+      {op, inputs} when inputs != [] ->
+        if Enum.any?(inputs, &has_data?/1) and non_finite?(ref, tuple_size(out.shape), device) and
+             not Enum.any?(inputs, &input_non_finite?(&1, device)) do
+          raise ArgumentError,
+                "NxMlx.Backend.#{op} produced NaN or infinity from finite inputs " <>
+                  "(shapes #{Enum.map_join(inputs, ", ", &inspect(&1.shape))}, " <>
+                  "result #{inspect(out.shape)}; config :nx_mlx, debug_detect_nan_inf: true)"
+        end
+
+      _ ->
+        :ok
+    end
+  end
+
+  defp check_finite!(_out, _ref, _device), do: Process.delete(@debug_key)
+
+  # Templates (the output of creation ops) hold no data.
+  defp has_data?(%T{data: nil}), do: false
+  defp has_data?(%T{data: %Nx.TemplateBackend{}}), do: false
+  defp has_data?(%T{}), do: true
+
+  defp input_non_finite?(%T{data: nil}, _device), do: false
+  defp input_non_finite?(%T{data: %Nx.TemplateBackend{}}, _device), do: false
+
+  defp input_non_finite?(%T{data: %__MODULE__{ref: ref}, type: {kind, _}} = t, device)
+       when kind in [:f, :bf, :c],
+       do: non_finite?(ref, tuple_size(t.shape), device)
+
+  defp input_non_finite?(%T{type: {kind, _}} = t, _device) when kind in [:f, :bf, :c] do
+    t = Nx.backend_copy(t, Nx.BinaryBackend)
+    Nx.to_number(Nx.any(Nx.logical_or(Nx.is_nan(t), Nx.is_infinity(t)))) == 1
+  end
+
+  defp input_non_finite?(_t, _device), do: false
+
+  defp non_finite?(ref, rank, device) do
+    d = fn fun, args -> Runtime.call(fun, [Runtime.worker(device) | args], fn -> "debug" end) end
+    bad = d.(:binary, [:logical_or, d.(:unary, [:isnan, ref]), d.(:unary, [:isinf, ref])])
+    any = d.(:reduce, [:any, bad, Enum.to_list(0..(rank - 1)//1), false])
+    Runtime.call(:to_binary, [any], fn -> "debug" end) == <<1>>
+  end
+
+  # debug_bounds_check: every index row of a gather or scatter is inside the tensor.
+  defp check_bounds!(op, in_bounds, nx_op, indices, shape) do
+    rank = tuple_size(indices.shape) - 1
+    all = op.(:reduce, [:all, in_bounds, Enum.to_list(0..(rank - 1)//1), false])
+
+    if Runtime.call(:to_binary, [all], fn -> "NxMlx.Backend.#{nx_op}" end) != <<1>> do
+      raise ArgumentError,
+            "NxMlx.Backend.#{nx_op}: an index is out of bounds for shape #{inspect(shape)} " <>
+              "(indices of shape #{inspect(indices.shape)}; config :nx_mlx, " <>
+              "debug_bounds_check: true)"
+    end
   end
 
   defp describe(op, tensors) do
@@ -147,7 +226,10 @@ defmodule NxMlx.Backend do
     "NxMlx.Backend.#{op} failed for shapes #{shapes} and types #{types}"
   end
 
-  defp wrap(%T{} = out, ref, device), do: %{out | data: %__MODULE__{ref: ref, device: device}}
+  defp wrap(%T{} = out, ref, device) do
+    if @debug_detect_nan_inf, do: check_finite!(out, ref, device)
+    %{out | data: %__MODULE__{ref: ref, device: device}}
+  end
 
   # The MLX array of `t`. Arrays of another queue or device are used in place: the NIF has
   # them evaluated on their own queue first when they are still lazy. Tensors of other
@@ -520,7 +602,7 @@ defmodule NxMlx.Backend do
     axes = opts[:axes]
     device = op_device([t, indices])
     op = op_fn(device, :gather, [t, indices])
-    {per_axis, _in_bounds} = index_columns(op, indices, axes, shape, device)
+    {per_axis, _in_bounds} = index_columns(op, :gather, indices, axes, shape, device)
 
     sizes =
       shape |> Tuple.to_list() |> Enum.with_index(fn dim, i -> if i in axes, do: 1, else: dim end)
@@ -548,7 +630,7 @@ defmodule NxMlx.Backend do
     axes = opts[:axes]
     device = op_device([t, indices, updates])
     op = op_fn(device, nx_op, [t, indices, updates])
-    {per_axis, in_bounds} = index_columns(op, indices, axes, shape, device)
+    {per_axis, in_bounds} = index_columns(op, nx_op, indices, axes, shape, device)
     batch = indices.shape |> Tuple.delete_at(tuple_size(indices.shape) - 1) |> Tuple.to_list()
 
     slice =
@@ -577,7 +659,7 @@ defmodule NxMlx.Backend do
   # One index array per indexed axis (the batch shape of `indices`), clamped into bounds:
   # MLX does not check indices, and an out-of-bounds access could take the VM down. Also
   # returns a bool array telling which rows were fully in bounds.
-  defp index_columns(op, %T{shape: idx_shape} = indices, axes, shape, device) do
+  defp index_columns(op, nx_op, %T{shape: idx_shape} = indices, axes, shape, device) do
     rank = tuple_size(idx_shape)
     batch = idx_shape |> Tuple.delete_at(rank - 1) |> Tuple.to_list()
     idx = ref!(indices, device)
@@ -595,6 +677,9 @@ defmodule NxMlx.Backend do
       clamped = op.(:binary, [:minimum, op.(:binary, [:maximum, column, zero]), high])
       ok = op.(:binary, [:equal, clamped, column])
       {clamped, if(in_bounds, do: op.(:binary, [:logical_and, in_bounds, ok]), else: ok)}
+    end)
+    |> tap(fn {_, in_bounds} ->
+      if @debug_bounds_check, do: check_bounds!(op, in_bounds, nx_op, indices, shape)
     end)
   end
 
