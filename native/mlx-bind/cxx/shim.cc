@@ -238,10 +238,6 @@ void array_list_push(ArrayList& list, const array& a) {
   list.arrays.push_back(a);
 }
 
-void eval_list(const ArrayList& list) {
-  mx::eval(list.arrays);
-}
-
 void async_eval_list(const ArrayList& list) {
   mx::async_eval(list.arrays);
 }

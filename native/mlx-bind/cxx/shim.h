@@ -48,7 +48,6 @@ bool try_copy_to(const array& a, rust::Slice<uint8_t> out);
 
 std::unique_ptr<ArrayList> new_array_list();
 void array_list_push(ArrayList& list, const array& a);
-void eval_list(const ArrayList& list);
 void async_eval_list(const ArrayList& list);
 void wait_list(const ArrayList& list);
 void scan_graph(

@@ -156,7 +156,6 @@ pub(crate) mod bridge {
 
         fn new_array_list() -> UniquePtr<ArrayList>;
         fn array_list_push(list: Pin<&mut ArrayList>, a: &Array);
-        fn eval_list(list: &ArrayList) -> Result<()>;
         fn async_eval_list(list: &ArrayList) -> Result<()>;
         fn wait_list(list: &ArrayList) -> Result<()>;
         fn scan_graph(outputs: &ArrayList, pending: &mut Vec<u64>, boundary: &mut Vec<u64>);

@@ -252,12 +252,6 @@ fn list_of(arrays: &[&Array]) -> UniquePtr<bridge::ArrayList> {
     list
 }
 
-/// Evaluates `arrays` as one graph and waits for the results. Call it on the thread that
-/// created the arrays' streams.
-pub fn eval_all(arrays: &[&Array]) -> Result<()> {
-    Ok(bridge::eval_list(&list_of(arrays))?)
-}
-
 /// Starts evaluating `arrays` as one graph and returns once the work is queued on the
 /// streams (on the CPU, MLX runs it on the stream's own thread). [`wait_all`] waits for it.
 pub fn async_eval_all(arrays: &[&Array]) -> Result<()> {
@@ -526,7 +520,7 @@ pub struct ConvOpts {
 
 /// Convolution, channels last: `input` is `[N, spatial..., C]`, `weight` is
 /// `[O, spatial..., C / groups]`; the result is `[N, spatial..., O]`. Not flipped
-/// (cross-correlation, as in Nx).
+/// (cross-correlation).
 pub fn conv(input: &Array, weight: &Array, o: &ConvOpts, s: &Stream) -> Result<Array> {
     let groups = i32::try_from(o.groups).map_err(|_| Error {
         message: format!("conv: {} groups", o.groups),

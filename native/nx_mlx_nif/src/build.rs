@@ -126,7 +126,7 @@ pub fn check_size(a: &Array) -> NifResult<()> {
     if limit > 0 && bytes > limit {
         return Err(NifError::Argument(format!(
             "the result needs {bytes} bytes, more than MLX's memory limit of {limit} bytes \
-             (see NxMlx.set_memory_limit/1)"
+             (the limit can be raised)"
         )));
     }
     Ok(())
