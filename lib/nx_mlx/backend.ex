@@ -37,6 +37,8 @@ defmodule NxMlx.Backend do
       descending), `window_sum`/`product`/`max`/`min`, cumulative ops (see "Blocks").
     * `dot` on floating-point types (batched too), `conv` (f16, bf16, f32; any layout,
       strides, padding, dilations and feature groups), `fft`/`ifft`.
+    * `triangular_solve` (every option; computed in f64 on the CPU device, see "Linear
+      algebra"), `to_batched` (slices of the input, both leftover policies).
 
   ## Divergences from Nx.BinaryBackend
 
@@ -44,19 +46,49 @@ defmodule NxMlx.Backend do
     * Integer `quotient`/`remainder` by zero give an unspecified value instead of raising,
       and shifting by a negative amount gives an unspecified value instead of raising.
     * Float results may differ in the last bits (BLAS matmul, MLX's kernels); see the tests.
+    * `fft`/`ifft` along a non-last axis of a tensor of rank 3 or more give the DFT; Nx
+      0.13.1's `Nx.BinaryBackend` gives something else there (e.g. row 0 of `fft(axis: 0)` of
+      a `{2, 3, 5}` tensor is not `t[0] + t[1]`).
 
   ## Blocks
 
-  `block/4` runs native kernels for `Nx.Block.CumulativeSum`, `CumulativeProduct`,
-  `CumulativeMax`, `CumulativeMin` (MLX's scans) and `Nx.Block.LogicalNot`; every other block
-  runs its default function, made of the callbacks above (so `Nx.take` and
-  `take_along_axis` still run on MLX, through `gather`).
+  `block/4` runs native kernels for:
+
+    * `Nx.Block.CumulativeSum`, `CumulativeProduct`, `CumulativeMax`, `CumulativeMin` (MLX's
+      scans, any axis and direction) and `Nx.Block.LogicalNot`;
+    * `Nx.Block.FFT2`, `IFFT2`, `RFFT`, `IRFFT` (one n-dimensional MLX transform; c64 and
+      f32 results), `Nx.Block.Phase` (c64), `Nx.Block.AllClose` (a floating-point input);
+    * the `Nx.Block.LinAlg` blocks with `config :nx_mlx, linalg: :lapack` (see "Linear
+      algebra").
+
+  Every other block runs its default function, which is made of the callbacks above and so
+  runs on MLX too: `Nx.take` and `take_along_axis` (through `gather`), `Nx.top_k` (through
+  `argsort` and `gather`), `Nx.LinAlg.*` in the default `linalg: :nx` mode, all_close of two
+  integer tensors.
+
+  ## Linear algebra
+
+  MLX's linear algebra is LAPACK on the CPU (MLX has no GPU kernels for it): tensors on the
+  `:gpu` device are copied to the CPU device and the results back.
+
+    * `triangular_solve` always runs there, in f64 whatever the tensor type (so its f32
+      results are those of `Nx.BinaryBackend`, which solves in Elixir floats), and raises
+      Nx's `ArgumentError` on a zero diagonal (it waits for its result to know).
+    * `Nx.LinAlg.cholesky`, `solve`, `qr`, `eigh`, `svd`, `lu` and `determinant` are blocks.
+      By default (`config :nx_mlx, linalg: :nx`) they run Nx's own algorithms, on MLX ops: the
+      answers are Nx's, to the last printed digit. With `linalg: :lapack` they run LAPACK
+      through MLX, faster on large matrices, with valid but not identical answers: the last
+      digits of f32 results, the signs of QR, SVD and eigenvector columns, the basis of a
+      repeated eigenvalue's eigenspace and LU's pivots (partial pivoting) may differ from
+      Nx's. f16/bf16 inputs are computed in f32; QR's `:complete` mode of a tall matrix and
+      complex inputs keep the default function. MLX's f64 `det`, `solve` and `eigh` were
+      measured within about 5.0e-8 relative of the exact value, not at f64 precision.
 
   ## Fallbacks
 
   These run on `Nx.BinaryBackend`: `cbrt`, `erfc`, `count_leading_zeros`,
   `population_count`, `reduce` and `window_reduce` (they take Elixir functions),
-  `window_scatter_max`/`min`, `triangular_solve`; and, within native callbacks, integer
+  `window_scatter_max`/`min`; and, within native callbacks, integer
   `dot`, f64 floating-point unary functions (MLX's CPU kernels compute them on f64 with about
   f32 accuracy), float `remainder` (C's fmod), complex inputs of the element-wise ops,
   interior padding, negative window padding, `conv` with batch groups, negative padding,
@@ -891,31 +923,43 @@ defmodule NxMlx.Backend do
     x = ref_as(t, {:c, 64}, device)
     r = op.(:fft, [nx_op == :ifft, x, opts[:length], opts[:axis]])
 
-    # As Nx: real and imaginary parts within eps of zero become zero.
-    r =
-      case opts[:eps] do
-        nil ->
-          r
-
-        eps ->
-          zero = scalar_ref(0, {:f, 32}, device)
-          tolerance = scalar_ref(eps, {:f, 32}, device)
-
-          clean = fn part ->
-            small = op.(:binary, [:less_equal, op.(:unary, [:abs, part]), tolerance])
-            op.(:select, [small, zero, part])
-          end
-
-          re = clean.(op.(:unary, [:real, r]))
-          im = clean.(op.(:unary, [:imag, r]))
-          i = scalar_ref(Complex.new(0.0, 1.0), {:c, 64}, device)
-          op.(:binary, [:add, op.(:astype, [re, :c64]), op.(:binary, [:multiply, im, i])])
-      end
+    r = clean_small(op, r, opts[:eps], true, device)
 
     wrap(out, r, device)
   end
 
   defp fourier(out, t, opts, nx_op), do: NxMlx.Fallback.run(nx_op, [out, t, opts], op_device([t]))
+
+  # As Nx: values (real and imaginary parts of complex ones) within eps of zero become zero.
+  defp clean_small(_op, r, nil, _complex?, _device), do: r
+
+  defp clean_small(op, r, eps, complex?, device) do
+    zero = scalar_ref(0, {:f, 32}, device)
+    tolerance = scalar_ref(eps, {:f, 32}, device)
+
+    clean = fn part ->
+      small = op.(:binary, [:less_equal, op.(:unary, [:abs, part]), tolerance])
+      op.(:select, [small, zero, part])
+    end
+
+    if complex? do
+      re = clean.(op.(:unary, [:real, r]))
+      im = clean.(op.(:unary, [:imag, r]))
+      i = scalar_ref(Complex.new(0.0, 1.0), {:c, 64}, device)
+      op.(:binary, [:add, op.(:astype, [re, :c64]), op.(:binary, [:multiply, im, i])])
+    else
+      clean.(r)
+    end
+  end
+
+  # The FFT2/IFFT2/RFFT/IRFFT blocks: one n-dimensional MLX transform.
+  defp fourier_block(kind, %T{} = out, %T{} = t, lengths, axes, eps) do
+    device = op_device([t])
+    op = op_fn(device, kind, [t])
+    x = ref_as(t, if(kind == :rfft, do: {:f, 32}, else: {:c, 64}), device)
+    r = op.(:fftn, [kind, x, lengths, axes])
+    wrap(out, clean_small(op, r, eps, kind != :irfft, device), device)
+  end
 
   ## Convolution
 
@@ -1347,6 +1391,19 @@ defmodule NxMlx.Backend do
 
   # Native kernels for the Nx.Block structs MLX serves; every other block runs its default
   # function (made of backend callbacks).
+  @linalg_blocks Map.new(
+                   [
+                     Nx.Block.LinAlg.Cholesky,
+                     Nx.Block.LinAlg.Solve,
+                     Nx.Block.LinAlg.QR,
+                     Nx.Block.LinAlg.Eigh,
+                     Nx.Block.LinAlg.SVD,
+                     Nx.Block.LinAlg.LU,
+                     Nx.Block.LinAlg.Determinant
+                   ],
+                   &{&1, true}
+                 )
+
   @scans %{
     Nx.Block.CumulativeSum => :sum,
     Nx.Block.CumulativeProduct => :prod,
@@ -1370,14 +1427,282 @@ defmodule NxMlx.Backend do
     wrap(out, op.(:astype, [r, Types.to_mlx(out.type)]), device)
   end
 
+  def block(%Nx.Block.Phase{}, %T{type: {:f, 32}} = out, [%T{type: {:c, 64}} = t], _fun) do
+    device = op_device([t])
+    op = op_fn(device, :phase, [t])
+    z = ref!(t, device)
+    wrap(out, op.(:binary, [:arctan2, op.(:unary, [:imag, z]), op.(:unary, [:real, z])]), device)
+  end
+
+  def block(%Nx.Block.AllClose{} = o, out, [%T{type: {ka, _}} = a, %T{type: {kb, _}} = b], _fun)
+      when ka in [:f, :bf] or kb in [:f, :bf] do
+    all_close(out, a, b, o)
+  end
+
+  def block(%mod{eps: eps, lengths: lengths, axes: axes}, %T{type: {:c, 64}} = out, [t], _fun)
+      when mod in [Nx.Block.FFT2, Nx.Block.IFFT2] do
+    kind = if mod == Nx.Block.FFT2, do: :fft, else: :ifft
+    fourier_block(kind, out, t, lengths, axes, eps)
+  end
+
+  def block(%Nx.Block.RFFT{} = s, %T{type: {:c, 64}} = out, [%T{type: {k, _}} = t], _fun)
+      when k != :c do
+    fourier_block(:rfft, out, t, [s.length], [s.axis], s.eps)
+  end
+
+  def block(%Nx.Block.IRFFT{} = s, %T{type: {:f, 32}} = out, [%T{type: {:c, 64}} = t], _fun) do
+    fourier_block(:irfft, out, t, [s.length], [s.axis], s.eps)
+  end
+
+  def block(%mod{} = struct, output, args, fun) when is_map_key(@linalg_blocks, mod) do
+    if Application.get_env(:nx_mlx, :linalg, :nx) == :lapack and
+         linalg_native?(struct, output, args),
+       do: linalg_block(struct, output, args),
+       else: apply(fun, [struct | args])
+  end
+
   def block(struct, _output, args, fun), do: apply(fun, [struct | args])
 
-  ## Everything else runs on Nx.BinaryBackend (see "Fallbacks" above).
+  # Nx.all_close with a floating-point input, as Nx computes it: |a - b| <= atol + rtol * |b|
+  # where both are finite, equality where either is infinite, and NaN equal to NaN only with
+  # :equal_nan. (Integer inputs take the default function: Nx's integer arithmetic wraps.)
+  defp all_close(out, a, b, %Nx.Block.AllClose{rtol: rtol, atol: atol, equal_nan: equal_nan}) do
+    device = op_device([a, b])
+    op = op_fn(device, :all_close, [a, b])
+    type = Nx.Type.merge(a.type, b.type)
+    x = ref_as(a, type, device)
+    y = ref_as(b, type, device)
+    bin = fn name, l, r -> op.(:binary, [name, l, r]) end
+    un = fn name, v -> op.(:unary, [name, v]) end
+
+    tolerance =
+      bin.(
+        :add,
+        scalar_ref(atol, type, device),
+        bin.(:multiply, scalar_ref(rtol, type, device), un.(:abs, y))
+      )
+
+    finite = bin.(:less_equal, un.(:abs, bin.(:subtract, x, y)), tolerance)
+    either_inf = bin.(:logical_or, un.(:isinf, x), un.(:isinf, y))
+    close = op.(:select, [either_inf, bin.(:equal, x, y), finite])
+
+    close =
+      if equal_nan,
+        do: bin.(:logical_or, close, bin.(:logical_and, un.(:isnan, x), un.(:isnan, y))),
+        else: close
+
+    axes = Enum.to_list(0..(tuple_size(close_shape(a, b)) - 1)//1)
+    r = op.(:reduce, [:all, close, axes, false])
+    wrap(out, op.(:astype, [r, Types.to_mlx(out.type)]), device)
+  end
+
+  defp close_shape(%T{shape: a, names: na}, %T{shape: b, names: nb}),
+    do: Nx.Shape.binary_broadcast(a, na, b, nb) |> elem(0)
 
   @impl true
-  def to_batched(out, %T{} = t, opts) do
-    NxMlx.Fallback.run(:to_batched, [out, t, opts], op_device([t]))
+  def to_batched(%T{shape: batch_shape} = out, %T{shape: shape} = t, opts) do
+    device = op_device([t])
+    op = op_fn(device, :to_batched, [t])
+    ref = ref!(t, device)
+    batch = elem(batch_shape, 0)
+    size = elem(shape, 0)
+    full = div(size, batch)
+    last = if rem(size, batch) != 0 and opts[:leftover] == :repeat, do: full, else: full - 1
+    dims = Tuple.to_list(shape)
+
+    rows = fn from, to ->
+      op.(:slice, [ref, [from | tl(zeros(dims))], [to | tl(dims)], ones(dims)])
+    end
+
+    Stream.map(0..last//1, fn
+      ^full ->
+        # The leftover rows, completed with the first ones (leftover: :repeat).
+        tail = rows.(full * batch, size)
+        wrap(out, op.(:concatenate, [[tail, rows.(0, batch - (size - full * batch))], 0]), device)
+
+      i ->
+        wrap(out, rows.(i * batch, (i + 1) * batch), device)
+    end)
   end
+
+  defp zeros(dims), do: List.duplicate(0, length(dims))
+  defp ones(dims), do: List.duplicate(1, length(dims))
+
+  ## Linear algebra: LAPACK through MLX, which runs it on CPU streams only (GPU tensors are
+  ## copied to the CPU device and the results back).
+
+  @impl true
+  def triangular_solve(%T{type: {k, _}} = out, %T{type: {ka, _}} = a, %T{type: {kb, _}} = b, opts)
+      when k in [:f, :bf] and ka != :c and kb != :c do
+    rank = tuple_size(a.shape)
+    vector? = tuple_size(b.shape) == rank - 1
+    # :conjugate is :none on real matrices. X op(A) = B is solved as op(A)^T X^T = B^T.
+    transpose_a? = opts[:transform_a] == :transpose != not opts[:left_side]
+    upper = if transpose_a?, do: opts[:lower], else: not opts[:lower]
+
+    [x] =
+      linalg(:triangular_solve, [out], [a, b], {:f, 64}, fn [a_ref, b_ref], op ->
+        swap = &op.(:transpose, [&1, swap_last_two(rank)])
+        a_ref = if transpose_a?, do: swap.(a_ref), else: a_ref
+
+        if vector? do
+          b_ref = op.(:reshape, [b_ref, Tuple.to_list(b.shape) ++ [1]])
+          x = op.(:linalg, [:solve_triangular, a_ref, b_ref, upper])
+          [op.(:reshape, [x, Tuple.to_list(out.shape)])]
+        else
+          b_ref = if opts[:left_side], do: b_ref, else: swap.(b_ref)
+          x = op.(:linalg, [:solve_triangular, a_ref, b_ref, upper])
+          [if(opts[:left_side], do: x, else: swap.(x))]
+        end
+      end)
+
+    x
+  end
+
+  def triangular_solve(out, a, b, opts),
+    do: NxMlx.Fallback.run(:triangular_solve, [out, a, b, opts], op_device([a, b]))
+
+  defp swap_last_two(rank),
+    do: Enum.to_list(0..(rank - 3)//1) ++ [rank - 1, rank - 2]
+
+  # MLX's LAPACK takes real f32 and f64; QR in :complete mode of a tall matrix (MLX has the
+  # reduced one only) and complex inputs take the default function.
+  defp linalg_native?(struct, output, args) do
+    outputs = if is_tuple(output), do: Tuple.to_list(output), else: [output]
+
+    Enum.all?(args, fn %T{type: {k, _}} -> k != :c end) and
+      Enum.all?(outputs, fn %T{type: {k, _}} -> k != :c end) and
+      case struct do
+        %Nx.Block.LinAlg.QR{} ->
+          {%T{shape: q}, _} = output
+          [m, n] = Enum.take(Tuple.to_list(hd(args).shape), -2)
+          elem(q, tuple_size(q) - 1) == min(m, n)
+
+        _ ->
+          true
+      end
+  end
+
+  defp linalg_block(%Nx.Block.LinAlg.Cholesky{}, out, [t]) do
+    [l] =
+      linalg(:cholesky, [out], [t], fn [a], op -> [op.(:linalg, [:cholesky, a, a, false])] end)
+
+    l
+  end
+
+  defp linalg_block(%Nx.Block.LinAlg.Determinant{}, out, [t]) do
+    [d] = linalg(:determinant, [out], [t], fn [a], op -> [op.(:linalg, [:det, a, a, false])] end)
+    d
+  end
+
+  defp linalg_block(%Nx.Block.LinAlg.Solve{}, out, [a, b]) do
+    vector? = tuple_size(b.shape) < tuple_size(a.shape)
+
+    [x] =
+      linalg(:solve, [out], [a, b], fn [a_ref, b_ref], op ->
+        b_ref = if vector?, do: op.(:reshape, [b_ref, Tuple.to_list(b.shape) ++ [1]]), else: b_ref
+        x = op.(:linalg, [:solve, a_ref, b_ref, false])
+        [op.(:reshape, [x, Tuple.to_list(out.shape)])]
+      end)
+
+    x
+  end
+
+  defp linalg_block(%Nx.Block.LinAlg.QR{}, {_, _} = out, [t]) do
+    List.to_tuple(
+      linalg(:qr, Tuple.to_list(out), [t], fn [a], op -> op.(:decompose, [:qr, a]) end)
+    )
+  end
+
+  defp linalg_block(%Nx.Block.LinAlg.Eigh{}, {_, _} = out, [t]) do
+    # MLX orders eigenvalues ascending; Nx descending.
+    rank = tuple_size(t.shape)
+    n = elem(t.shape, rank - 1)
+
+    linalg(:eigh, Tuple.to_list(out), [t], fn [a], op ->
+      [w, v] = op.(:decompose, [:eigh, a])
+      [reverse_axis(op, w, rank - 2, n), reverse_axis(op, v, rank - 1, n)]
+    end)
+    |> List.to_tuple()
+  end
+
+  defp linalg_block(%Nx.Block.LinAlg.SVD{}, {%T{shape: u_shape}, _, %T{shape: vt_shape}} = out, [
+         t
+       ]) do
+    linalg(:svd, Tuple.to_list(out), [t], fn [a], op ->
+      [u, s, vt] = op.(:decompose, [:svd, a])
+      [leading(op, u, u_shape), s, leading(op, vt, vt_shape)]
+    end)
+    |> List.to_tuple()
+  end
+
+  defp linalg_block(%Nx.Block.LinAlg.LU{}, {%T{shape: p_shape}, _, _} = out, [t]) do
+    rank = tuple_size(p_shape)
+    n = elem(p_shape, rank - 1)
+
+    linalg(:lu, Tuple.to_list(out), [t], fn [a], op ->
+      [pivots, l, u] = op.(:decompose, [:lu, a])
+      # Row r of a is row pivots[r] of l u, so a = p l u with p[r][i] = (pivots[r] == i).
+      cols = op.(:reshape, [op.(:arange, [0.0, n / 1, 1.0, :u32]), [1, n]])
+      batch = Enum.take(Tuple.to_list(p_shape), rank - 2)
+      rows = op.(:reshape, [pivots, batch ++ [n, 1]])
+      [op.(:binary, [:equal, rows, cols]), l, u]
+    end)
+    |> List.to_tuple()
+  end
+
+  # The leading block of `ref` with the shape of `shape` (full to reduced SVD factors).
+  defp leading(op, ref, shape) do
+    dims = Tuple.to_list(shape)
+    op.(:slice, [ref, List.duplicate(0, length(dims)), dims, List.duplicate(1, length(dims))])
+  end
+
+  # Runs `fun.(refs, op)` on the CPU device, with `inputs` converted to the type LAPACK takes
+  # (f64 for f64 outputs, else f32), and returns `outputs` holding its results (converted to
+  # their types) on the inputs' device. Solutions are evaluated here, so that a singular
+  # matrix raises the ArgumentError Nx raises.
+  defp linalg(nx_op, outputs, inputs, fun) do
+    type = if Enum.any?(outputs, &(&1.type == {:f, 64})), do: {:f, 64}, else: {:f, 32}
+    linalg(nx_op, outputs, inputs, type, fun)
+  end
+
+  defp linalg(nx_op, outputs, inputs, type, fun) do
+    device = op_device(inputs)
+    op = op_fn(:cpu, nx_op, inputs)
+
+    refs =
+      Enum.map(inputs, fn
+        %T{data: %__MODULE__{device: :gpu}} = t ->
+          ref_as(backend_transfer_in(t, :cpu), type, :cpu)
+
+        t ->
+          ref_as(t, type, :cpu)
+      end)
+
+    outputs
+    |> Enum.zip_with(fun.(refs, op), fn out, r ->
+      r = op.(:astype, [r, Types.to_mlx(out.type)])
+      {out, r}
+    end)
+    |> tap(fn results ->
+      if nx_op in [:solve, :triangular_solve],
+        do: evaluate_linalg!(nx_op, inputs, Enum.map(results, &elem(&1, 1)))
+    end)
+    |> Enum.map(fn {out, r} ->
+      t = wrap(out, r, :cpu)
+      if device == :gpu, do: backend_transfer_in(t, :gpu), else: t
+    end)
+  end
+
+  defp evaluate_linalg!(nx_op, inputs, refs) do
+    Enum.each(refs, &Runtime.call(:eval, [&1], fn -> describe(nx_op, inputs) end))
+  rescue
+    NxMlx.NIFError ->
+      # Nx's message; MLX fails only on an exactly singular triangular factor here.
+      reraise ArgumentError, "can't solve for singular matrix", __STACKTRACE__
+  end
+
+  ## Everything else runs on Nx.BinaryBackend (see "Fallbacks" above).
 
   @impl true
   def from_pointer(_pointer, _type, _shape, _opts, _keyword) do

@@ -85,6 +85,9 @@ defmodule NxMlx.Native do
   def view(_worker, _a, _dtype), do: nif_error()
   def scan(_worker, _op, _a, _axis, _reverse), do: nif_error()
   def fft(_worker, _inverse, _a, _n, _axis), do: nif_error()
+  def fftn(_worker, _kind, _a, _lengths, _axes), do: nif_error()
+  def linalg(_worker, _op, _a, _b, _upper), do: nif_error()
+  def decompose(_worker, _op, _a), do: nif_error()
 
   def conv(
         _worker,

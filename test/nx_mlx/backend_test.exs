@@ -251,28 +251,106 @@ defmodule NxMlx.FallbackTest do
       on_exit(fn -> Application.put_env(:nx_mlx, :fallback, previous) end)
     end
 
-    test "run on Nx.BinaryBackend with telemetry and return NxMlx tensors" do
-      ref = make_ref()
-      parent = self()
-      id = "fallback-#{inspect(ref)}"
+    # Every fallback path: {op reported, input type, computation, input}. Each runs the
+    # computation with its input on NxMlx.Backend and compares with the same on
+    # Nx.BinaryBackend.
+    defp paths do
+      [
+        {:cbrt, {:f, 32}, &Nx.cbrt/1, [8.0, -27.0, 2.0]},
+        {:erfc, {:f, 32}, &Nx.erfc/1, [0.5, -1.0, 3.0]},
+        {:count_leading_zeros, {:s, 32}, &Nx.count_leading_zeros/1, [1, 255, -1, 0]},
+        {:population_count, {:u, 8}, &Nx.population_count/1, [0, 7, 255]},
+        {:reduce, {:s, 32}, &Nx.reduce(&1, 0, fn x, acc -> Nx.add(x, acc) end), [3, 9, 2]},
+        {:window_reduce, {:s, 32}, &Nx.window_reduce(&1, 0, {2}, fn x, acc -> Nx.max(x, acc) end),
+         [3, 9, 2, 5]},
+        {:window_scatter_max, {:f, 32},
+         &Nx.window_scatter_max(&1, Nx.tensor([1.0, 2.0], backend: @mlx), 0.0, {2}, strides: [2]),
+         [3.0, 9.0, 2.0, 5.0]},
+        {:window_scatter_min, {:f, 32},
+         &Nx.window_scatter_min(&1, Nx.tensor([1.0, 2.0], backend: @mlx), 0.0, {2}, strides: [2]),
+         [3.0, 9.0, 2.0, 5.0]},
+        {:dot, {:s, 32}, &Nx.dot(&1, &1), [1, 2, 3]},
+        {:exp, {:f, 64}, &Nx.exp/1, [0.5, 1.0]},
+        {:remainder, {:f, 32}, &Nx.remainder(&1, 0.75), [5.5, -5.5]},
+        {:sin, {:c, 64}, &Nx.sin/1, [Complex.new(1, 2), Complex.new(0, -1)]},
+        {:pad, {:s, 32}, &Nx.pad(&1, 0, [{0, 0, 1}]), [1, 2, 3]},
+        {:conv, {:f, 64}, &Nx.conv(Nx.reshape(&1, {1, 1, 3}), Nx.reshape(&1, {1, 1, 3})),
+         [1.0, 2.0, 3.0]}
+      ]
+    end
 
-      :telemetry.attach_many(
-        id,
-        [[:nx_mlx, :fallback, :start], [:nx_mlx, :fallback, :stop]],
-        &__MODULE__.forward/4,
-        {parent, ref}
-      )
+    for op <- ~w(cbrt erfc count_leading_zeros population_count reduce window_reduce
+                 window_scatter_max window_scatter_min dot exp remainder sin pad conv)a do
+      test "#{op} runs on Nx.BinaryBackend with telemetry; :raise refuses it" do
+        {op, type, fun, data} = List.keyfind(paths(), unquote(op), 0)
+        ref = make_ref()
+        id = "fallback-#{inspect(ref)}"
 
-      try do
-        # reduce/5 takes an Elixir function: it always runs on Nx.BinaryBackend.
-        r = Nx.reduce(mlx([3, 9, 2]), 0, fn x, acc -> Nx.add(x, acc) end)
-        assert %NxMlx.Backend{} = r.data
-        assert Nx.to_number(r) == 14
-        assert_received {^ref, [:nx_mlx, :fallback, :start], :reduce}
-        assert_received {^ref, [:nx_mlx, :fallback, :stop], :reduce}
-      after
-        :telemetry.detach(id)
+        :telemetry.attach_many(
+          id,
+          [[:nx_mlx, :fallback, :start], [:nx_mlx, :fallback, :stop]],
+          &__MODULE__.forward/4,
+          {self(), ref}
+        )
+
+        try do
+          input = Nx.tensor(data, type: type, backend: @mlx)
+          r = fun.(input)
+          expected = fun.(Nx.backend_copy(input, Nx.BinaryBackend))
+          assert %NxMlx.Backend{} = r.data
+          assert r.type == expected.type and r.shape == expected.shape
+          assert Nx.to_binary(r) == Nx.to_binary(expected)
+          assert_received {^ref, [:nx_mlx, :fallback, :start], ^op}
+          assert_received {^ref, [:nx_mlx, :fallback, :stop], ^op}
+        after
+          :telemetry.detach(id)
+        end
+
+        Application.put_env(:nx_mlx, :fallback, :raise)
+        input = Nx.tensor(data, type: type, backend: @mlx)
+
+        assert_raise ArgumentError, ~r/NxMlx.Backend.#{op} has no MLX implementation/, fn ->
+          fun.(input)
+        end
       end
+    end
+
+    test "types MLX lacks stay on Nx.BinaryBackend, with the same telemetry and settings" do
+      forward = fn -> NxMlx.TestHelpers.forward_telemetry([:nx_mlx, :fallback, :stop]) end
+      forward.()
+      t = Nx.tensor([1, -2, 3], type: {:s, 4}, backend: @mlx)
+      assert %Nx.BinaryBackend{} = t.data
+      assert Nx.to_flat_list(Nx.add(t, 1)) == [2, -1, 4]
+      assert_received {:telemetry, [:nx_mlx, :fallback, :stop], _, %{op: :from_binary}}
+
+      Application.put_env(:nx_mlx, :fallback, :raise)
+
+      assert_raise ArgumentError, ~r/from_binary has no MLX implementation/, fn ->
+        Nx.tensor([1, 2], type: {:f, 8}, backend: @mlx)
+      end
+    end
+
+    test ":exception telemetry when the fallback raises" do
+      NxMlx.TestHelpers.forward_telemetry([:nx_mlx, :fallback, :exception])
+
+      assert_raise RuntimeError, "boom", fn ->
+        Nx.reduce(mlx([1, 2]), 0, fn _, _ -> raise "boom" end)
+      end
+
+      assert_received {:telemetry, [:nx_mlx, :fallback, :exception], _, %{op: :reduce}}
+    end
+
+    test ":warn logs once per op" do
+      Application.put_env(:nx_mlx, :fallback, :warn)
+      :persistent_term.erase({NxMlx.Fallback, :warned, :cbrt})
+
+      log =
+        ExUnit.CaptureLog.capture_log(fn ->
+          Nx.cbrt(mlx([8.0]))
+          Nx.cbrt(mlx([27.0]))
+        end)
+
+      assert length(Regex.scan(~r/NxMlx.Backend.cbrt runs on Nx.BinaryBackend/, log)) == 1
     end
 
     test ":raise refuses" do

@@ -559,6 +559,25 @@ std::unique_ptr<array> fft(bool inverse, const array& a, int32_t n, int32_t axis
               : mx::fft::fft(a, n, axis, mx::fft::FFTNorm::Backward, to_mx(s)));
 }
 
+// kind: 0 fftn, 1 ifftn, 2 rfftn, 3 irfftn (unnormalized forward, 1/n inverse).
+std::unique_ptr<array> fftn(
+    uint8_t kind,
+    const array& a,
+    rust::Slice<const int32_t> lengths,
+    rust::Slice<const int32_t> axes,
+    StreamRef s) {
+  auto n = to_shape(lengths);
+  auto ax = to_ints(axes);
+  auto norm = mx::fft::FFTNorm::Backward;
+  switch (kind) {
+    case 0: return boxed(mx::fft::fftn(a, n, ax, norm, to_mx(s)));
+    case 1: return boxed(mx::fft::ifftn(a, n, ax, norm, to_mx(s)));
+    case 2: return boxed(mx::fft::rfftn(a, n, ax, norm, to_mx(s)));
+    case 3: return boxed(mx::fft::irfftn(a, n, ax, norm, to_mx(s)));
+  }
+  throw std::invalid_argument("unknown fft kind");
+}
+
 std::unique_ptr<array> gather(
     const array& a,
     const ArrayList& indices,
@@ -570,6 +589,57 @@ std::unique_ptr<array> gather(
 
 std::unique_ptr<array> linalg_inv(const array& a, StreamRef s) {
   return boxed(mx::linalg::inv(a, to_mx(s)));
+}
+
+std::unique_ptr<array> linalg_solve(const array& a, const array& b, StreamRef s) {
+  return boxed(mx::linalg::solve(a, b, to_mx(s)));
+}
+
+std::unique_ptr<array> linalg_solve_triangular(
+    const array& a, const array& b, bool upper, StreamRef s) {
+  return boxed(mx::linalg::solve_triangular(a, b, upper, to_mx(s)));
+}
+
+std::unique_ptr<array> linalg_cholesky(const array& a, bool upper, StreamRef s) {
+  return boxed(mx::linalg::cholesky(a, upper, to_mx(s)));
+}
+
+std::unique_ptr<array> linalg_det(const array& a, StreamRef s) {
+  return boxed(mx::linalg::det(a, to_mx(s)));
+}
+
+// op: 0 qr -> [q, r] (reduced), 1 svd -> [u, s, vt] (full), 2 eigh -> [values, vectors]
+// (ascending, from the lower triangle), 3 lu -> [row_pivots, l, u].
+std::unique_ptr<ArrayList> linalg_multi(uint8_t op, const array& a, StreamRef s) {
+  auto list = std::make_unique<ArrayList>();
+  auto st = to_mx(s);
+  switch (op) {
+    case 0: {
+      auto [q, r] = mx::linalg::qr(a, st);
+      list->arrays = {q, r};
+      return list;
+    }
+    case 1:
+      list->arrays = mx::linalg::svd(a, true, st);
+      return list;
+    case 2: {
+      auto [w, v] = mx::linalg::eigh(a, "L", st);
+      list->arrays = {w, v};
+      return list;
+    }
+    case 3:
+      list->arrays = mx::linalg::lu(a, st);
+      return list;
+  }
+  throw std::invalid_argument("unknown linalg op");
+}
+
+size_t array_list_len(const ArrayList& list) {
+  return list.arrays.size();
+}
+
+std::unique_ptr<array> array_list_get(const ArrayList& list, size_t i) {
+  return boxed(list.arrays.at(i));
 }
 
 std::unique_ptr<array> tensordot(

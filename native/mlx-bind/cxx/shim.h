@@ -126,6 +126,20 @@ std::unique_ptr<array> conv_general(
     int32_t groups,
     StreamRef s);
 std::unique_ptr<array> fft(bool inverse, const array& a, int32_t n, int32_t axis, StreamRef s);
+std::unique_ptr<array> fftn(
+    uint8_t kind,
+    const array& a,
+    rust::Slice<const int32_t> lengths,
+    rust::Slice<const int32_t> axes,
+    StreamRef s);
+std::unique_ptr<array> linalg_solve(const array& a, const array& b, StreamRef s);
+std::unique_ptr<array> linalg_solve_triangular(
+    const array& a, const array& b, bool upper, StreamRef s);
+std::unique_ptr<array> linalg_cholesky(const array& a, bool upper, StreamRef s);
+std::unique_ptr<array> linalg_det(const array& a, StreamRef s);
+std::unique_ptr<ArrayList> linalg_multi(uint8_t op, const array& a, StreamRef s);
+size_t array_list_len(const ArrayList& list);
+std::unique_ptr<array> array_list_get(const ArrayList& list, size_t i);
 std::unique_ptr<array> gather(
     const array& a,
     const ArrayList& indices,

@@ -205,6 +205,18 @@ pub(crate) mod bridge {
         fn broadcast_to(a: &Array, shape: &[i32], s: StreamRef) -> Result<UniquePtr<Array>>;
         fn matmul(a: &Array, b: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
         fn linalg_inv(a: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn linalg_solve(a: &Array, b: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn linalg_solve_triangular(
+            a: &Array,
+            b: &Array,
+            upper: bool,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+        fn linalg_cholesky(a: &Array, upper: bool, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn linalg_det(a: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn linalg_multi(op: u8, a: &Array, s: StreamRef) -> Result<UniquePtr<ArrayList>>;
+        fn array_list_len(list: &ArrayList) -> usize;
+        fn array_list_get(list: &ArrayList, i: usize) -> Result<UniquePtr<Array>>;
         fn concatenate(list: &ArrayList, axis: i32, s: StreamRef) -> Result<UniquePtr<Array>>;
         fn slice(
             a: &Array,
@@ -261,6 +273,13 @@ pub(crate) mod bridge {
             kernel_dilation: &[i32],
             input_dilation: &[i32],
             groups: i32,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+        fn fftn(
+            kind: u8,
+            a: &Array,
+            lengths: &[i32],
+            axes: &[i32],
             s: StreamRef,
         ) -> Result<UniquePtr<Array>>;
         fn fft(

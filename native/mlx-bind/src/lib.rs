@@ -11,7 +11,9 @@
 //!
 //! Threading: since MLX 0.32 a stream may only be *evaluated* on the thread that created it.
 //! Callers must create a [`Stream`] and evaluate arrays built on it from the same thread. Array
-//! handles themselves may be moved and dropped on any thread.
+//! handles themselves may be moved and dropped on any thread, except the outputs of a
+//! multi-output op ([`decompose`]) while their node is being evaluated: dropping one reads the
+//! sibling list that evaluation clears. Once evaluated they have no siblings left.
 //!
 //! This crate knows nothing of the BEAM.
 
@@ -546,6 +548,27 @@ pub fn fft(inverse: bool, a: &Array, n: i64, axis: i64, s: &Stream) -> Result<Ar
     wrap(bridge::fft(inverse, a.inner(), n, axis, s.0))
 }
 
+/// The kinds of n-dimensional Fourier transform [`fftn`] computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FftKind {
+    /// Complex to complex, unnormalized.
+    Forward = 0,
+    /// Complex to complex, scaled by 1/n.
+    Inverse = 1,
+    /// Real to complex: the last axis keeps `n / 2 + 1` frequencies.
+    Real = 2,
+    /// The inverse of `Real`, to a real result of the given lengths.
+    InverseReal = 3,
+}
+
+/// The n-dimensional transform of `kind` over `axes`, with `lengths[i]` points along
+/// `axes[i]` (zero-padding or truncating the input).
+pub fn fftn(kind: FftKind, a: &Array, lengths: &[i64], axes: &[i64], s: &Stream) -> Result<Array> {
+    let lengths = check_shape(lengths)?;
+    let axes = check_axes(axes)?;
+    wrap(bridge::fftn(kind as u8, a.inner(), &lengths, &axes, s.0))
+}
+
 /// Slices of `slice_sizes` of `a` starting at the positions given, for each of `axes`, by
 /// the matching array of `indices` (indices must be in bounds: MLX does not check).
 pub fn gather(
@@ -574,6 +597,57 @@ pub fn where_(cond: &Array, a: &Array, b: &Array, s: &Stream) -> Result<Array> {
 /// only). A singular matrix fails at evaluation time, not here.
 pub fn inv(a: &Array, s: &Stream) -> Result<Array> {
     wrap(bridge::linalg_inv(a.inner(), s.0))
+}
+
+/// Solves `a x = b` for the square matrices in the last two axes of `a` (LU with partial
+/// pivoting; MLX runs it on the CPU only). `b` is a matrix, or a vector when `a` is one matrix.
+pub fn solve(a: &Array, b: &Array, s: &Stream) -> Result<Array> {
+    wrap(bridge::linalg_solve(a.inner(), b.inner(), s.0))
+}
+
+/// Solves `a x = b` with `a` triangular: only its lower (or, with `upper`, upper) triangle is
+/// read. A zero on the diagonal fails at evaluation time. CPU only.
+pub fn solve_triangular(a: &Array, b: &Array, upper: bool, s: &Stream) -> Result<Array> {
+    wrap(bridge::linalg_solve_triangular(
+        a.inner(),
+        b.inner(),
+        upper,
+        s.0,
+    ))
+}
+
+/// The Cholesky factor (lower, or with `upper` upper) of each symmetric positive-definite
+/// matrix in the last two axes. CPU only.
+pub fn cholesky(a: &Array, upper: bool, s: &Stream) -> Result<Array> {
+    wrap(bridge::linalg_cholesky(a.inner(), upper, s.0))
+}
+
+/// The determinant of each square matrix in the last two axes. CPU only.
+pub fn det(a: &Array, s: &Stream) -> Result<Array> {
+    wrap(bridge::linalg_det(a.inner(), s.0))
+}
+
+/// The multi-output decompositions of [`decompose`]. CPU only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decomposition {
+    /// `[q, r]`, reduced: `q` is m×k and `r` k×n with k = min(m, n).
+    Qr = 0,
+    /// `[u, s, vt]` with full `u` (m×m) and `vt` (n×n).
+    Svd = 1,
+    /// `[eigenvalues, eigenvectors]` of a symmetric matrix (lower triangle read), ascending.
+    Eigh = 2,
+    /// `[row_pivots, l, u]`: row `i` of `a` is row `row_pivots[i]` of `l u`.
+    Lu = 3,
+}
+
+/// The outputs of decomposing each matrix in the last two axes of `a`. The outputs are
+/// siblings of one node: see the threading notes in the crate docs before dropping them on
+/// another thread while they are being evaluated.
+pub fn decompose(op: Decomposition, a: &Array, s: &Stream) -> Result<Vec<Array>> {
+    let list = bridge::linalg_multi(op as u8, a.inner(), s.0)?;
+    (0..bridge::array_list_len(&list))
+        .map(|i| wrap(bridge::array_list_get(&list, i)))
+        .collect()
 }
 
 /// Contracts `axes_a` of `a` with `axes_b` of `b`; the result has `a`'s free axes, then `b`'s.

@@ -166,3 +166,108 @@ fn strided_views_must_stay_inside_the_array() {
     let err = as_strided(&a, &[6, 3], &[2, 1], 0, &s).unwrap_err();
     assert!(err.message.contains("as_strided"), "{}", err.message);
 }
+
+fn close(got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+            "{got:?} vs {want:?}"
+        );
+    }
+}
+
+#[test]
+fn triangular_solve_cholesky_det_and_solve() {
+    let s = cpu();
+    // Lower triangular a with junk above the diagonal, which must not be read.
+    let a = Array::from_bytes(&f32s(&[2.0, 9.0, 1.0, 4.0]), &[2, 2], Dtype::F32).unwrap();
+    let b = Array::from_bytes(&f32s(&[4.0, 6.0]), &[2], Dtype::F32).unwrap();
+    let x = solve_triangular(&a, &b, false, &s).unwrap();
+    close(&read_f32(&x, &s), &[2.0, 1.0]);
+    let x = solve_triangular(&a, &b, true, &s).unwrap();
+    // [[2, 9], [0, 4]] x = [4, 6] -> x1 = 1.5, x0 = (4 - 13.5) / 2
+    close(&read_f32(&x, &s), &[-4.75, 1.5]);
+
+    let spd = Array::from_bytes(&f32s(&[4.0, 2.0, 2.0, 5.0]), &[2, 2], Dtype::F32).unwrap();
+    close(
+        &read_f32(&cholesky(&spd, false, &s).unwrap(), &s),
+        &[2.0, 0.0, 1.0, 2.0],
+    );
+    close(&read_f32(&det(&spd, &s).unwrap(), &s), &[16.0]);
+    close(&read_f32(&solve(&spd, &b, &s).unwrap(), &s), &[0.5, 1.0]);
+
+    let singular = Array::from_bytes(&f32s(&[0.0, 0.0, 1.0, 1.0]), &[2, 2], Dtype::F32).unwrap();
+    let x = solve_triangular(&singular, &b, false, &s).unwrap();
+    assert!(
+        x.to_bytes(&s).is_err(),
+        "a zero diagonal fails at evaluation"
+    );
+}
+
+#[test]
+fn decompositions_reconstruct_their_input() {
+    let s = cpu();
+    let m = [4.0f32, 1.0, 2.0, 1.0, 3.0, 0.0, 2.0, 0.0, 5.0];
+    let a = Array::from_bytes(&f32s(&m), &[3, 3], Dtype::F32).unwrap();
+    let prod = |x: &Array, y: &Array| read_f32(&matmul(x, y, &s).unwrap(), &s);
+
+    let qr = decompose(Decomposition::Qr, &a, &s).unwrap();
+    assert_eq!(qr.len(), 2);
+    close(&prod(&qr[0], &qr[1]), &m);
+
+    let eigh = decompose(Decomposition::Eigh, &a, &s).unwrap();
+    let w = read_f32(&eigh[0], &s);
+    assert!(w[0] <= w[1] && w[1] <= w[2], "ascending: {w:?}");
+    let v = read_f32(&eigh[1], &s);
+    // a v_j = w_j v_j for each column j
+    let av = prod(&a, &eigh[1]);
+    for j in 0..3 {
+        let got: Vec<f32> = (0..3).map(|i| av[i * 3 + j]).collect();
+        let want: Vec<f32> = (0..3).map(|i| w[j] * v[i * 3 + j]).collect();
+        close(&got, &want);
+    }
+
+    let svd = decompose(Decomposition::Svd, &a, &s).unwrap();
+    assert_eq!(svd.len(), 3);
+    let sv = read_f32(&svd[1], &s);
+    let mut sw = w.clone();
+    sw.sort_by(|x, y| y.partial_cmp(x).unwrap());
+    close(&sv, &sw); // symmetric positive definite: singular values are the eigenvalues
+
+    // Partial pivoting permutes these rows in a 3-cycle, which tells p from its inverse.
+    let c = [1.0f32, 2.0, 0.0, 0.0, 1.0, 5.0, 4.0, 0.0, 1.0];
+    let ca = Array::from_bytes(&f32s(&c), &[3, 3], Dtype::F32).unwrap();
+    let lu = decompose(Decomposition::Lu, &ca, &s).unwrap();
+    assert_eq!(lu.len(), 3);
+    let pivots: Vec<u32> = lu[0]
+        .to_bytes(&s)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| u32::from_ne_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(pivots, vec![1, 2, 0]);
+    let l_u = prod(&lu[1], &lu[2]);
+    for (i, &p) in pivots.iter().enumerate() {
+        let p = p as usize;
+        close(&l_u[p * 3..p * 3 + 3], &c[i * 3..i * 3 + 3]);
+    }
+}
+
+#[test]
+fn n_dimensional_and_real_ffts_round_trip() {
+    let s = cpu();
+    let v = [1.0f32, 2.0, 3.0, 4.0, 0.5, -1.0];
+    let a = Array::from_bytes(&f32s(&v), &[2, 3], Dtype::F32).unwrap();
+    let r = fftn(FftKind::Real, &a, &[2, 3], &[0, 1], &s).unwrap();
+    assert_eq!(r.shape(), vec![2, 2]);
+    let back = fftn(FftKind::InverseReal, &r, &[2, 3], &[0, 1], &s).unwrap();
+    close(&read_f32(&back, &s), &v);
+    let c = fftn(FftKind::Forward, &a, &[2, 3], &[0, 1], &s).unwrap();
+    assert_eq!(c.dtype(), Dtype::C64);
+    let sum = read_f32(&c, &s);
+    close(&sum[0..2], &[9.5, 0.0]); // the zero frequency is the sum
+    let back = fftn(FftKind::Inverse, &c, &[2, 3], &[0, 1], &s).unwrap();
+    let re: Vec<f32> = read_f32(&back, &s).chunks(2).map(|z| z[0]).collect();
+    close(&re, &v);
+}

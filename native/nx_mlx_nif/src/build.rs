@@ -118,6 +118,45 @@ where
     })
 }
 
+/// Builds a multi-output op on the worker and evaluates it there, replying `{:async, ref}`
+/// then `{ref, {:ok, [array, ...]}}` with evaluated arrays: evaluation leaves the outputs with
+/// no sibling links, so their handles may then be dropped on any thread (see the module doc).
+/// This is a sync point on the worker, meant for decompositions.
+pub fn build_outputs_on_worker<'a, F>(
+    env: Env<'a>,
+    worker: &ResourceArc<WorkerRes>,
+    inputs: &[&ResourceArc<ArrayRes>],
+    f: F,
+) -> Term<'a>
+where
+    F: FnOnce(&mlx_bind::Stream) -> mlx_bind::Result<Vec<Array>> + Send + 'static,
+{
+    let w = worker.0.clone();
+    if let Err(reply) = check_inputs(env, &w, inputs) {
+        return reply;
+    }
+    let born = w.epoch();
+    let job_worker = w.clone();
+    submit(env, &w, move |env, ctx| {
+        let outputs = f(&ctx.stream)?;
+        outputs.iter().try_for_each(check_size)?;
+        let refs: Vec<&Array> = outputs.iter().collect();
+        let token = SpinToken::acquire();
+        let result = job_worker.evaluate(&refs, born, eval_spin_budget(&token));
+        drop(token);
+        result.map_err(NifError::Runtime)?;
+        let arrays: Vec<ResourceArc<ArrayRes>> = outputs
+            .into_iter()
+            .map(|a| {
+                let r = ArrayRes::ready(a, job_worker.clone());
+                r.mark_evaluated(ctx.worker_id);
+                r
+            })
+            .collect();
+        Ok(arrays.encode(env))
+    })
+}
+
 /// Refuses arrays larger than MLX's memory limit: MLX's CPU allocator does not check for a
 /// failed allocation, so an impossible size would crash the process at evaluation time.
 pub fn check_size(a: &Array) -> NifResult<()> {

@@ -4,8 +4,9 @@
 
 use rustler::{Encoder, Env, ResourceArc, Term};
 
-use crate::build::{build, build_on_worker};
+use crate::build::{build, build_on_worker, build_outputs_on_worker};
 use crate::convert;
+use crate::error::NifError;
 use crate::resources::{ArrayRes, WorkerRes};
 
 macro_rules! parse_or_return {
@@ -370,6 +371,79 @@ fn fft(
     let input = a.clone();
     build_on_worker(env, &worker, &[&a], move |s| {
         mlx_bind::fft(inverse, input.array(), n, axis, s)
+    })
+}
+
+/// `fftn(worker, kind, a, lengths, axes)`: kind is `:fft`, `:ifft`, `:rfft` or `:irfft`.
+#[rustler::nif]
+fn fftn<'a>(
+    env: Env<'a>,
+    worker: ResourceArc<WorkerRes>,
+    kind: Term<'a>,
+    a: ResourceArc<ArrayRes>,
+    lengths: Vec<i64>,
+    axes: Vec<i64>,
+) -> Term<'a> {
+    let kind = match kind.atom_to_string().as_deref() {
+        Ok("fft") => mlx_bind::FftKind::Forward,
+        Ok("ifft") => mlx_bind::FftKind::Inverse,
+        Ok("rfft") => mlx_bind::FftKind::Real,
+        Ok("irfft") => mlx_bind::FftKind::InverseReal,
+        _ => return NifError::Argument("unknown fft kind".into()).encode(env),
+    };
+    let input = a.clone();
+    build_on_worker(env, &worker, &[&a], move |s| {
+        mlx_bind::fftn(kind, input.array(), &lengths, &axes, s)
+    })
+}
+
+/// `linalg(worker, op, a, b, upper)`: `:solve` (a x = b), `:solve_triangular`, `:cholesky`
+/// or `:det` (`b` is ignored by the last two). MLX runs these on CPU streams only; they are
+/// built on the worker because they create multi-output nodes internally.
+#[rustler::nif]
+fn linalg<'a>(
+    env: Env<'a>,
+    worker: ResourceArc<WorkerRes>,
+    op: Term<'a>,
+    a: ResourceArc<ArrayRes>,
+    b: ResourceArc<ArrayRes>,
+    upper: bool,
+) -> Term<'a> {
+    let op = match op.atom_to_string() {
+        Ok(name) if ["solve", "solve_triangular", "cholesky", "det"].contains(&name.as_str()) => {
+            name
+        }
+        _ => return NifError::Argument("unknown linalg op".into()).encode(env),
+    };
+    let (ja, jb) = (a.clone(), b.clone());
+    build_on_worker(env, &worker, &[&a, &b], move |s| match op.as_str() {
+        "solve" => mlx_bind::solve(ja.array(), jb.array(), s),
+        "solve_triangular" => mlx_bind::solve_triangular(ja.array(), jb.array(), upper, s),
+        "cholesky" => mlx_bind::cholesky(ja.array(), upper, s),
+        _ => mlx_bind::det(ja.array(), s),
+    })
+}
+
+/// `decompose(worker, op, a)`: `:qr`, `:svd`, `:eigh` or `:lu` (see
+/// `mlx_bind::Decomposition`), replying with the evaluated outputs.
+#[rustler::nif]
+fn decompose<'a>(
+    env: Env<'a>,
+    worker: ResourceArc<WorkerRes>,
+    op: Term<'a>,
+    a: ResourceArc<ArrayRes>,
+) -> Term<'a> {
+    use mlx_bind::Decomposition;
+    let op = match op.atom_to_string().as_deref() {
+        Ok("qr") => Decomposition::Qr,
+        Ok("svd") => Decomposition::Svd,
+        Ok("eigh") => Decomposition::Eigh,
+        Ok("lu") => Decomposition::Lu,
+        _ => return NifError::Argument("unknown decomposition".into()).encode(env),
+    };
+    let input = a.clone();
+    build_outputs_on_worker(env, &worker, &[&a], move |s| {
+        mlx_bind::decompose(op, input.array(), s)
     })
 }
 

@@ -1,0 +1,220 @@
+defmodule NxMlx.OracleBlocksTest do
+  # The block/4 kernels and to_batched on NxMlx.Backend against Nx.BinaryBackend, on seeded
+  # random inputs. Tolerance: transforms rtol/atol 1.0e-4 (f32 FFTs of up to 16 points sum
+  # that many rounded terms), phase 1.0e-6; all_close, top_k, take and to_batched exact.
+  #
+  # Transforms are checked against DFT matrices applied with Nx.dot on Nx.BinaryBackend: Nx
+  # 0.13.1's Nx.BinaryBackend.fft is wrong along a non-last axis of a rank-3 tensor (e.g.
+  # fft(axis: 0) of a {2, 3, 5} tensor does not give t[0] + t[1] in row 0).
+  use ExUnit.Case, async: true
+
+  import NxMlx.TestHelpers
+
+  @mlx {NxMlx.Backend, device: NxMlx.TestHelpers.oracle_device()}
+
+  setup do
+    :rand.seed(:exsss, {13, 21, 34})
+    :ok
+  end
+
+  defp random(shape, type \\ {:f, 32}) do
+    n = Tuple.product(shape)
+    values = for _ <- 1..n, do: :rand.uniform() * 4 - 2
+
+    Nx.tensor(values, type: {:f, 32}, backend: Nx.BinaryBackend)
+    |> Nx.reshape(shape)
+    |> Nx.as_type(type)
+  end
+
+  defp random_complex(shape) do
+    Nx.complex(random(shape), random(shape))
+  end
+
+  defp mlx(t), do: Nx.backend_copy(t, @mlx)
+
+  # The DFT (or inverse DFT, scaled by 1/n) of `t` along `axis` with `n` points, zero-padding
+  # or truncating: a dot product with the DFT matrix, on Nx.BinaryBackend.
+  defp dft(t, axis, n, inverse? \\ false) do
+    t = Nx.as_type(t, {:c, 64})
+    size = elem(t.shape, axis)
+
+    t =
+      if size >= n,
+        do: Nx.slice_along_axis(t, 0, n, axis: axis),
+        else:
+          Nx.pad(
+            t,
+            0,
+            Enum.map(0..(Nx.rank(t) - 1), &if(&1 == axis, do: {0, n - size, 0}, else: {0, 0, 0}))
+          )
+
+    k = Nx.iota({n, 1}, backend: Nx.BinaryBackend)
+    j = Nx.iota({1, n}, backend: Nx.BinaryBackend)
+    sign = if inverse?, do: 1, else: -1
+    angle = Nx.multiply(Nx.multiply(k, j), sign * 2 * :math.pi() / n)
+    w = Nx.complex(Nx.cos(angle), Nx.sin(angle))
+    w = if inverse?, do: Nx.divide(w, n), else: w
+    r = Nx.dot(w, [1], t, [axis])
+    # The transformed axis came out first: move it back.
+    perm = Enum.to_list(1..(Nx.rank(t) - 1)//1) |> List.insert_at(axis, 0)
+    Nx.transpose(r, axes: perm)
+  end
+
+  defp assert_close(got_fun, expected, context, tol) do
+    got = assert_native(got_fun)
+    assert %NxMlx.Backend{} = got.data, context
+    assert {got.type, got.shape} == {expected.type, expected.shape}, context
+    got_b = Nx.backend_copy(got, Nx.BinaryBackend)
+
+    assert Nx.to_number(Nx.all_close(got_b, expected, rtol: tol, atol: tol)) == 1,
+           "#{context}\n#{inspect(got_b)}\n#{inspect(expected)}"
+  end
+
+  test "fft2 and ifft2 over any two axes, padding and truncating" do
+    for shape <- [{4, 4}, {2, 3, 5}, {3, 8, 2}],
+        axes <- [[0, 1], [1, 2], [0, 2], [-2, -1]],
+        Enum.all?(axes, &(&1 < tuple_size(shape))),
+        lengths <- [nil, [4, 4], [2, 6]],
+        fun <- [:fft2, :ifft2] do
+      t = random_complex(shape)
+      opts = [axes: axes] ++ if(lengths, do: [lengths: lengths], else: [])
+      [a1, a2] = Enum.map(axes, &if(&1 < 0, do: &1 + tuple_size(shape), else: &1))
+      [l1, l2] = lengths || [elem(shape, a1), elem(shape, a2)]
+      expected = t |> dft(a2, l2, fun == :ifft2) |> dft(a1, l1, fun == :ifft2)
+
+      assert_close(
+        fn -> apply(Nx, fun, [mlx(t), opts]) end,
+        expected,
+        "#{fun} #{inspect(shape)} #{inspect(opts)}",
+        1.0e-4
+      )
+    end
+  end
+
+  test "rfft and irfft of even and odd lengths, on every axis" do
+    for shape <- [{8}, {3, 7}, {2, 6, 3}],
+        axis <- Enum.to_list(0..(tuple_size(shape) - 1)),
+        length <- [nil, 5, 8] do
+      t = random(shape)
+      n = length || elem(shape, axis)
+      opts = [axis: axis] ++ if(length, do: [length: length], else: [])
+      expected = t |> dft(axis, n) |> Nx.slice_along_axis(0, div(n, 2) + 1, axis: axis)
+      assert_close(fn -> Nx.rfft(mlx(t), opts) end, expected, "rfft #{inspect(opts)}", 1.0e-4)
+
+      # irfft inverts rfft for any signal length.
+      spectrum = Nx.rfft(mlx(t), axis: axis)
+      back = assert_native(fn -> Nx.irfft(spectrum, axis: axis, length: elem(shape, axis)) end)
+      assert_close(fn -> back end, t, "irfft round trip #{inspect(shape)} axis #{axis}", 1.0e-4)
+
+      # Against Nx.BinaryBackend on the last axis (where its fft is right), default and
+      # explicit lengths.
+      if axis == tuple_size(shape) - 1 do
+        spectrum = Nx.rfft(t, axis: axis)
+
+        for irfft_opts <- [[length: n]] do
+          assert_close(
+            fn -> Nx.irfft(mlx(spectrum), irfft_opts) end,
+            Nx.irfft(spectrum, irfft_opts),
+            "irfft #{inspect(shape)} #{inspect(irfft_opts)}",
+            1.0e-4
+          )
+        end
+      end
+    end
+  end
+
+  test "rfft of integer and f16 inputs" do
+    for type <- [{:s, 32}, {:f, 16}] do
+      t = Nx.as_type(Nx.multiply(random({6}), 10), type)
+      expected = t |> dft(0, 6) |> Nx.slice_along_axis(0, 4, axis: 0)
+      assert_close(fn -> Nx.rfft(mlx(t)) end, expected, "rfft #{inspect(type)}", 1.0e-2)
+    end
+  end
+
+  test "phase of complex values, including zeros and axes" do
+    t = random_complex({3, 5})
+
+    special =
+      Nx.tensor([
+        Complex.new(0, 0),
+        Complex.new(-1, 0),
+        Complex.new(0, -2),
+        Complex.new(-1, -0.0)
+      ])
+
+    for x <- [t, special] do
+      assert_close(fn -> Nx.phase(mlx(x)) end, Nx.phase(x), "phase #{inspect(x.shape)}", 1.0e-6)
+    end
+  end
+
+  test "all_close with infinities, NaN, tolerances and mixed types" do
+    nan = :nan
+    inf = :infinity
+    neg = :neg_infinity
+
+    cases = [
+      {[1.0, 2.0, 3.0], [1.0, 2.0, 3.000001], []},
+      {[1.0, 2.0, 3.0], [1.0, 2.0, 3.1], []},
+      {[1.0, 2.0, 3.0], [1.0, 2.0, 3.1], [atol: 0.2]},
+      {[1.0, inf, 3.0], [1.0, inf, 3.0], []},
+      {[1.0, inf, 3.0], [1.0, neg, 3.0], []},
+      {[1.0, 2.0, 3.0], [1.0, inf, 3.0], [rtol: 1.0e10]},
+      {[1.0, nan, 3.0], [1.0, nan, 3.0], []},
+      {[1.0, nan, 3.0], [1.0, nan, 3.0], [equal_nan: true]},
+      {[1.0, nan, 3.0], [1.0, 2.0, 3.0], [equal_nan: true]}
+    ]
+
+    for {a, b, opts} <- cases, type <- [{:f, 32}, {:bf, 16}] do
+      ta = Nx.tensor(a, type: type, backend: Nx.BinaryBackend)
+      tb = Nx.tensor(b, type: {:f, 32}, backend: Nx.BinaryBackend)
+      expected = Nx.all_close(ta, tb, opts)
+      got = assert_native(fn -> Nx.all_close(mlx(ta), mlx(tb), opts) end)
+      assert %NxMlx.Backend{} = got.data
+
+      assert Nx.to_binary(got) == Nx.to_binary(expected),
+             "all_close #{inspect(a)} #{inspect(b)} #{inspect(opts)}"
+    end
+
+    # Broadcasting, and an integer tensor against a float one.
+    ints = Nx.tensor([[1, 2], [3, 4]], backend: Nx.BinaryBackend)
+    floats = Nx.tensor([[1.0, 2.0000001]], backend: Nx.BinaryBackend)
+
+    assert Nx.to_binary(assert_native(fn -> Nx.all_close(mlx(ints), mlx(floats)) end)) ==
+             Nx.to_binary(Nx.all_close(ints, floats))
+  end
+
+  test "top_k, take and take_along_axis run their default functions on MLX" do
+    t = random({4, 9})
+    indices = Nx.tensor([[0, 8, 2], [1, 1, 0], [3, 4, 5], [8, 7, 6]], backend: Nx.BinaryBackend)
+
+    for k <- [1, 3, 9] do
+      {v, i} = assert_native(fn -> Nx.top_k(mlx(t), k: k) end)
+      {ev, ei} = Nx.top_k(t, k: k)
+      assert Nx.to_binary(v) == Nx.to_binary(ev) and Nx.to_binary(i) == Nx.to_binary(ei)
+    end
+
+    got = assert_native(fn -> Nx.take(mlx(t), mlx(indices), axis: 1) end)
+    assert Nx.to_binary(got) == Nx.to_binary(Nx.take(t, indices, axis: 1))
+    got = assert_native(fn -> Nx.take_along_axis(mlx(t), mlx(indices), axis: 1) end)
+    assert Nx.to_binary(got) == Nx.to_binary(Nx.take_along_axis(t, indices, axis: 1))
+  end
+
+  test "to_batched with every leftover policy" do
+    t = Nx.iota({7, 3}, backend: Nx.BinaryBackend)
+
+    for batch <- [1, 2, 3, 7], leftover <- [:repeat, :discard] do
+      got =
+        assert_native(fn -> Enum.to_list(Nx.to_batched(mlx(t), batch, leftover: leftover)) end)
+
+      expected = Enum.to_list(Nx.to_batched(t, batch, leftover: leftover))
+      assert length(got) == length(expected)
+
+      for {g, e} <- Enum.zip(got, expected) do
+        assert %NxMlx.Backend{} = g.data
+
+        assert g.shape == e.shape and Nx.to_binary(g) == Nx.to_binary(e),
+               "batch #{batch} #{leftover}: #{inspect(g)} vs #{inspect(e)}"
+      end
+    end
+  end
+end
