@@ -35,7 +35,8 @@ defmodule NxMlx.Backend do
       `argmax`/`argmin` (both tie breaks; an axis holding NaN answers its last NaN, as in
       Nx), `sort`/`argsort` (stable in both directions; NaN last ascending, first
       descending), `window_sum`/`product`/`max`/`min`, cumulative ops (see "Blocks").
-    * `dot` on floating-point types (batched too), `conv` (f16, bf16, f32; any layout,
+    * `dot` (batched too; MLX's matmul for floating-point types, multiply-and-sum for
+      integers, wrapping as Nx does), `conv` (f16, bf16, f32; any layout,
       strides, padding, dilations and feature groups), `fft`/`ifft`.
     * `triangular_solve` (every option; computed in f64 on the CPU device, see "Linear
       algebra"), `to_batched` (slices of the input, both leftover policies).
@@ -88,10 +89,10 @@ defmodule NxMlx.Backend do
 
   These run on `Nx.BinaryBackend`: `cbrt`, `erfc`, `count_leading_zeros`,
   `population_count`, `reduce` and `window_reduce` (they take Elixir functions),
-  `window_scatter_max`/`min`; and, within native callbacks, integer
-  `dot`, f64 floating-point unary functions (MLX's CPU kernels compute them on f64 with about
+  and, within native callbacks, integer `dot` with more than 16,777,216 products
+  (MLX has no integer matmul; smaller ones multiply and sum natively), f64 floating-point unary functions (MLX's CPU kernels compute them on f64 with about
   f32 accuracy), float `remainder` (C's fmod), complex inputs of the element-wise ops,
-  interior padding, negative window padding, `conv` with batch groups, negative padding,
+  interior padding, negative window padding (window reductions and scatters), `conv` with batch groups, negative padding,
   f64, or input dilation on the GPU. The inputs are copied off the device and the result is
   copied back. Each such call emits `[:nx_mlx, :fallback, :start | :stop |
   :exception]` telemetry with `%{op: name}`, and `config :nx_mlx, fallback: :silent | :warn |
@@ -783,6 +784,88 @@ defmodule NxMlx.Backend do
     end
   end
 
+  # Row-major element strides of `dims`.
+  defp element_strides(dims) do
+    dims |> Enum.reverse() |> Enum.scan(1, &(&1 * &2)) |> Enum.reverse() |> tl() |> Kernel.++([1])
+  end
+
+  for {nx_op, max?} <- [window_scatter_max: true, window_scatter_min: false] do
+    @impl true
+    def unquote(nx_op)(
+          %T{type: {kind, _}} = out,
+          %T{type: {t_kind, _}} = t,
+          %T{} = source,
+          %T{} = init,
+          window_dims,
+          opts
+        )
+        when kind != :c and t_kind != :c do
+      if Enum.any?(opts[:padding], fn {lo, hi} -> lo < 0 or hi < 0 end) do
+        NxMlx.Fallback.run(
+          unquote(nx_op),
+          [out, t, source, init, window_dims, opts],
+          op_device([t, source])
+        )
+      else
+        window_scatter(out, t, source, init, window_dims, opts, unquote(nx_op), unquote(max?))
+      end
+    end
+  end
+
+  # Nx's select-and-scatter: each window of `t` (padded with `init`) picks the last position
+  # of its max (min), which receives the window's `source` value; positions add what they
+  # receive to `init`, and picks that land in the padding are dropped.
+  defp window_scatter(%T{type: type} = out, t, source, init, window_dims, opts, nx_op, max?) do
+    device = op_device([t, source, init])
+    op = op_fn(device, nx_op, [t, source])
+    rank = tuple_size(t.shape)
+    dims = Tuple.to_list(t.shape)
+    low = Enum.map(opts[:padding], &elem(&1, 0))
+    high = Enum.map(opts[:padding], &elem(&1, 1))
+    padded = op.(:pad, [ref!(t, device), low, high, ref_as(init, t.type, device)])
+    padded_dims = [dims, low, high] |> Enum.zip_with(fn [d, l, h] -> d + l + h end)
+    es = element_strides(padded_dims)
+    positions = Tuple.to_list(source.shape)
+    windows = Tuple.to_list(window_dims)
+    size = Enum.product(windows)
+
+    view_strides = Enum.zip_with(opts[:strides], es, &(&1 * &2)) ++ es
+    view = op.(:as_strided, [padded, positions ++ windows, view_strides, 0])
+    flat = op.(:reshape, [view, positions ++ [size]])
+
+    # The last position of the max (min): MLX's arg-reduce picks the first, so reverse.
+    picked_reversed = op.(:arg_reduce, [max?, reverse_axis(op, flat, rank, size), rank, false])
+    index_type = {:s, 32}
+    int = &scalar_ref(&1, index_type, device)
+    bin = fn name, l, r -> op.(:binary, [name, l, r]) end
+    picked = bin.(:subtract, int.(size - 1), op.(:astype, [picked_reversed, :s32]))
+    inner = element_strides(windows)
+
+    {coords, in_bounds} =
+      [dims, windows, inner, opts[:strides], low, Enum.to_list(0..(rank - 1)//1)]
+      |> Enum.zip_with(fn [dim, window, inner, stride, lo, axis] ->
+        offset = bin.(:remainder, bin.(:floor_divide, picked, int.(inner)), int.(window))
+        line = List.duplicate(1, rank) |> List.replace_at(axis, Enum.at(positions, axis))
+        anchor = op.(:reshape, [index_range(op, Enum.at(positions, axis)), line])
+        anchor = bin.(:multiply, op.(:astype, [anchor, :s32]), int.(stride))
+        coord = bin.(:subtract, bin.(:add, anchor, offset), int.(lo))
+
+        ok =
+          bin.(:logical_and, bin.(:greater_equal, coord, int.(0)), bin.(:less, coord, int.(dim)))
+
+        clamped = bin.(:minimum, bin.(:maximum, coord, int.(0)), int.(dim - 1))
+        {op.(:broadcast_to, [clamped, positions]), ok}
+      end)
+      |> Enum.unzip()
+
+    in_bounds = Enum.reduce(in_bounds, &bin.(:logical_and, &1, &2))
+    values = op.(:select, [in_bounds, ref_as(source, type, device), scalar_ref(0, type, device)])
+    values = op.(:reshape, [values, positions ++ List.duplicate(1, rank)])
+    zeros = op.(:full, [dims, 0.0, Types.to_mlx(type)])
+    scattered = op.(:scatter, [true, zeros, coords, values, Enum.to_list(0..(rank - 1)//1)])
+    wrap(out, bin.(:add, scattered, ref_as(init, type, device)), device)
+  end
+
   # A scalar array from the bytes of one element of `type`.
   defp binary_scalar_ref(binary, type, device) do
     call(device, :from_binary, [binary, [], Types.to_mlx(type)], :constant, [])
@@ -1033,29 +1116,64 @@ defmodule NxMlx.Backend do
     wrap(out, ref, device)
   end
 
+  # Integers: MLX's matmul has no integer kernels, so multiply with broadcasting and sum
+  # over the contracted axis (wrapping as Nx does), up to @int_dot_elements products (the
+  # size of the intermediate array); larger integer dots fall back.
+  @int_dot_elements 16_777_216
+  def dot(%T{type: {kind, _}} = out, left, c1, b1, right, c2, b2) when kind in [:s, :u] do
+    {b, m, k, n} = dot_sizes(left, c1, b1, right, c2, b2)
+
+    if b * m * k * n <= @int_dot_elements do
+      device = op_device([left, right])
+      op = op_fn(device, :dot, [left, right])
+
+      {l, r} =
+        dot_operands(
+          op,
+          {ref_as(left, out.type, device), left, c1, b1},
+          {ref_as(right, out.type, device), right, c2, b2}
+        )
+
+      l = op.(:reshape, [l, [b, m, k, 1]])
+      r = op.(:reshape, [r, [b, 1, k, n]])
+      # MLX sums narrow integers in a wider type: back to the output type (wrapping).
+      p = op.(:reduce, [:sum, op.(:binary, [:multiply, l, r]), [2], false])
+      p = op.(:astype, [p, Types.to_mlx(out.type)])
+      wrap(out, op.(:reshape, [p, Tuple.to_list(out.shape)]), device)
+    else
+      NxMlx.Fallback.run(:dot, [out, left, c1, b1, right, c2, b2], op_device([left, right]))
+    end
+  end
+
   def dot(out, left, c1, b1, right, c2, b2) do
     NxMlx.Fallback.run(:dot, [out, left, c1, b1, right, c2, b2], op_device([left, right]))
+  end
+
+  defp dot_sizes(left, c1, b1, right, c2, b2) do
+    size = fn t, axes -> Enum.reduce(axes, 1, &(elem(t.shape, &1) * &2)) end
+    free1 = axes_except(left, c1 ++ b1)
+    free2 = axes_except(right, c2 ++ b2)
+    {size.(left, b1), size.(left, free1), size.(left, c1), size.(right, free2)}
   end
 
   # Batched dot as one matmul: left -> [batch..., free..., contract...] reshaped to
   # [B, M, K]; right -> [batch..., contract..., free...] reshaped to [B, K, N]. Nx orders the
   # output as batch, then left's free axes, then right's.
-  defp batched_dot(device, out, {l, left, c1, b1}, {r, right, c2, b2}) do
+  defp batched_dot(device, out, left_operand, right_operand) do
+    op = op_fn(device, :dot, [elem(left_operand, 1), elem(right_operand, 1)])
+    {l, r} = dot_operands(op, left_operand, right_operand)
+    p = op.(:matmul, [l, r])
+    op.(:reshape, [p, Tuple.to_list(out.shape)])
+  end
+
+  # The operands as [B, M, K] and [B, K, N] arrays.
+  defp dot_operands(op, {l, left, c1, b1}, {r, right, c2, b2}) do
     free1 = axes_except(left, c1 ++ b1)
     free2 = axes_except(right, c2 ++ b2)
-    size = fn t, axes -> Enum.reduce(axes, 1, &(elem(t.shape, &1) * &2)) end
-    b = size.(left, b1)
-    m = size.(left, free1)
-    k = size.(left, c1)
-    n = size.(right, free2)
-    tensors = [left, right]
-
-    l = call(device, :transpose, [l, b1 ++ free1 ++ c1], :dot, tensors)
-    l = call(device, :reshape, [l, [b, m, k]], :dot, tensors)
-    r = call(device, :transpose, [r, b2 ++ c2 ++ free2], :dot, tensors)
-    r = call(device, :reshape, [r, [b, k, n]], :dot, tensors)
-    p = call(device, :matmul, [l, r], :dot, tensors)
-    call(device, :reshape, [p, Tuple.to_list(out.shape)], :dot, tensors)
+    {b, m, k, n} = dot_sizes(left, c1, b1, right, c2, b2)
+    l = op.(:reshape, [op.(:transpose, [l, b1 ++ free1 ++ c1]), [b, m, k]])
+    r = op.(:reshape, [op.(:transpose, [r, b2 ++ c2 ++ free2]), [b, k, n]])
+    {l, r}
   end
 
   defp axes_except(t, axes), do: Enum.reject(0..(Nx.rank(t) - 1)//1, &(&1 in axes))

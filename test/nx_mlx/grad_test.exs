@@ -1,6 +1,6 @@
 defmodule NxMlx.GradTest do
   # Gradients through Nx.Defn's default evaluator on NxMlx tensors, against the same
-  # gradients on Nx.BinaryBackend (f32, rtol/atol 1.0e-4).
+  # gradients on Nx.BinaryBackend (f32, rtol/atol 1.0e-4), with no op falling back.
   use ExUnit.Case, async: true
 
   import Nx.Defn
@@ -26,8 +26,18 @@ defmodule NxMlx.GradTest do
   defn(f_sqrt_clip(x), do: Nx.sum(Nx.sqrt(Nx.clip(x, 0.1, 2.0) + 1)))
   defn(f_concat(x), do: Nx.sum(Nx.concatenate([x, x * 2], axis: 0) ** 2))
 
+  # Max pooling: its gradient is window_scatter_max.
+  defn(f_max_pool(x), do: Nx.sum(Nx.window_max(x, {2, 2}, strides: [1, 2]) * Nx.iota({2, 2})))
+
+  defn(f_conv(x),
+    do: Nx.sum(Nx.conv(Nx.reshape(x, {1, 1, 3, 4}), Nx.reshape(x[[0..1, 0..1]], {1, 1, 2, 2})))
+  )
+
+  defn(f_take(x), do: Nx.sum(Nx.take(x, Nx.tensor([2, 0, 2]), axis: 0) * Nx.iota({3, 4})))
+
   @functions [:f_exp_sum, :f_log, :f_trig, :f_tanh, :f_sigmoid, :f_dot, :f_divide, :f_pow] ++
-               [:f_max, :f_slice, :f_softmax, :f_sqrt_clip, :f_concat]
+               [:f_max, :f_slice, :f_softmax, :f_sqrt_clip, :f_concat, :f_max_pool, :f_conv] ++
+               [:f_take]
 
   test "value and gradient of #{length(@functions)} functions match Nx.BinaryBackend" do
     x = Nx.tensor([[0.5, -1.2, 2.0, 0.3], [1.5, 0.7, -0.4, 1.1], [-0.9, 0.2, 0.8, -1.6]])
@@ -36,8 +46,10 @@ defmodule NxMlx.GradTest do
       fun = fn t -> apply(__MODULE__, name, [t]) end
       # As users run it: NxMlx as the default backend (Nx creates constants with it).
       {value, grad} =
-        Nx.with_default_backend(@mlx, fn ->
-          Nx.Defn.value_and_grad(Nx.backend_copy(x, @mlx), fun)
+        NxMlx.TestHelpers.assert_native(fn ->
+          Nx.with_default_backend(@mlx, fn ->
+            Nx.Defn.value_and_grad(Nx.backend_copy(x, @mlx), fun)
+          end)
         end)
 
       {ref_value, ref_grad} = Nx.Defn.value_and_grad(x, fun)

@@ -199,6 +199,37 @@ defmodule NxMlx.OracleBlocksTest do
     assert Nx.to_binary(got) == Nx.to_binary(Nx.take_along_axis(t, indices, axis: 1))
   end
 
+  test "window_scatter_max/min: last extreme of each window, padding, strides, overlaps" do
+    cases = [
+      {{4, 6}, {2, 3}, [strides: [2, 3]]},
+      {{4, 6}, {2, 2}, [strides: [1, 1]]},
+      {{5, 5}, {3, 3}, [strides: [2, 2], padding: :same]},
+      {{2, 5, 4}, {1, 2, 2}, [strides: [1, 1, 2], padding: [{0, 0}, {1, 1}, {0, 1}]]},
+      {{6}, {3}, [strides: [1], padding: [{2, 2}]]}
+    ]
+
+    for {shape, window, opts} <- cases,
+        type <- device_types([{:f, 32}, {:s, 32}, {:bf, 16}, {:f, 64}]),
+        fun <- [:window_scatter_max, :window_scatter_min] do
+      # Few distinct values, so that windows hold ties.
+      t = Nx.as_type(Nx.round(Nx.multiply(random(shape), 2)), type)
+      out_shape = Nx.window_sum(t, window, opts).shape
+      source = Nx.as_type(Nx.add(Nx.iota(out_shape, backend: Nx.BinaryBackend), 1), type)
+      init = Nx.tensor(0.5, backend: Nx.BinaryBackend) |> Nx.as_type(type)
+      expected = apply(Nx, fun, [t, source, init, window, opts])
+
+      got =
+        assert_native(fn -> apply(Nx, fun, [mlx(t), mlx(source), mlx(init), window, opts]) end)
+
+      assert %NxMlx.Backend{} = got.data
+      assert {got.type, got.shape} == {expected.type, expected.shape}
+
+      assert Nx.to_binary(got) == Nx.to_binary(expected),
+             "#{fun} #{inspect(shape)} #{inspect(type)} #{inspect(opts)}\n" <>
+               "#{inspect(got)}\n#{inspect(expected)}"
+    end
+  end
+
   test "to_batched with every leftover policy" do
     t = Nx.iota({7, 3}, backend: Nx.BinaryBackend)
 
