@@ -70,6 +70,7 @@ defmodule NxMlx do
   @spec submit(Nx.Tensor.t() | Nx.Container.t()) :: {:ok, Command.t()} | {:error, String.t()}
   def submit(tensor_or_container) do
     refs = tensor_or_container |> collect_refs([]) |> Enum.reverse()
+    NxMlx.Runtime.before_eval()
 
     case Native.submit(refs) do
       {:ok, ref} ->

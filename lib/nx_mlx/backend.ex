@@ -261,8 +261,13 @@ defmodule NxMlx.Backend do
 
   defp wrap(%T{} = out, ref, device) do
     if @debug_detect_nan_inf, do: check_finite!(out, ref, device)
+    count_allocation(out)
     %{out | data: %__MODULE__{ref: ref, device: device}}
   end
+
+  # Counted so that dead tensors are collected promptly (see NxMlx.Runtime).
+  defp count_allocation(%T{type: {_, bits}, shape: shape}),
+    do: Runtime.count_result(div(Tuple.product(shape) * bits, 8))
 
   # The MLX array of `t`. Arrays of another queue or device are used in place: the NIF has
   # them evaluated on their own queue first when they are still lazy. Tensors of other
@@ -353,6 +358,7 @@ defmodule NxMlx.Backend do
 
   @impl true
   def to_binary(%T{data: %__MODULE__{ref: ref}, type: {_, bits}} = t, limit) do
+    Runtime.before_eval()
     binary = Runtime.call(:to_binary, [ref], fn -> describe(:to_binary, [t]) end)
     bytes = div(limit * bits, 8)
     if bytes < byte_size(binary), do: binary_part(binary, 0, bytes), else: binary

@@ -28,6 +28,51 @@ defmodule NxMlx.Runtime do
     end
   end
 
+  ## Freeing dead tensors promptly
+  #
+  # MLX memory is freed when the BEAM collects the tensors that hold it, but an array handle
+  # is a few words on the process heap, so a process can hold many dead tensors before its
+  # heap fills up. Two costs follow. Dead evaluated results keep their buffers, so MLX takes
+  # fresh memory from the system for the next ones (page faults) instead of reusing its cache
+  # (32 MiB by default on the CPU). And intermediates of a computation that are still
+  # referenced when it is evaluated (e.g. the steps of a softmax, dead but not collected) must
+  # be kept whole, so MLX cannot free them early or compute in place in their buffers.
+  # So a process that created at least @collect_before_eval bytes of results (in tensors of
+  # 64 KiB or more) since its last collection is collected before it asks for an evaluation,
+  # and every @collect_bytes of results in any case. A collection of a small heap costs
+  # microseconds. Measured on the CPU device (2-core machine): a 4M-element f32 add went from
+  # 9-11 ms to 1.6-1.9 ms per op (MLX alone: 1.3-1.5 ms).
+
+  @collect_key :nx_mlx_result_bytes
+  @collect_before_eval 1024 * 1024
+  @collect_bytes 64 * 1024 * 1024
+
+  @doc "Counts a result of `bytes` created by the calling process."
+  def count_result(bytes) when bytes < 65_536, do: :ok
+
+  def count_result(bytes) do
+    total = (Process.get(@collect_key) || 0) + bytes
+
+    if total >= @collect_bytes do
+      collect()
+    else
+      Process.put(@collect_key, total)
+      :ok
+    end
+  end
+
+  @doc "Collects the calling process before an evaluation when it created enough results."
+  def before_eval do
+    if (Process.get(@collect_key) || 0) >= @collect_before_eval, do: collect()
+    :ok
+  end
+
+  defp collect do
+    Process.put(@collect_key, 0)
+    :erlang.garbage_collect()
+    :ok
+  end
+
   @doc """
   Calls `Native.fun(args)` and returns its value, waiting for the worker's reply when the call
   was queued. `describe` is a zero-arity function returning the text that names the op, shapes

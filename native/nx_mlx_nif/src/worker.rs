@@ -270,12 +270,6 @@ fn run(
     on_ready: OnReady,
 ) {
     CURRENT_WORKER.with(|c| c.set(id));
-    if device == DeviceKind::Cpu {
-        // Only CPU workers compete with the schedulers for cores. A GPU worker mostly waits,
-        // and threads the GPU runtime starts from it must answer quickly: measured on an H200,
-        // a niced GPU worker read a 16-element result back in 160-190 us instead of 40-45.
-        lower_thread_priority(NICE.load(Ordering::Relaxed));
-    }
     let stream = match Stream::new(device).and_then(|s| s.make_default().map(|_| s)) {
         Ok(s) => s,
         Err(e) => {
@@ -283,6 +277,14 @@ fn run(
             return;
         }
     };
+    if device == DeviceKind::Cpu {
+        // Only CPU workers compete with the schedulers for cores. A GPU worker mostly waits,
+        // and threads the GPU runtime starts from it must answer quickly: measured on an H200,
+        // a niced GPU worker read a 16-element result back in 160-190 us instead of 40-45.
+        // Lowered after the stream exists, so that the thread MLX runs the stream's kernels on
+        // keeps the normal priority.
+        lower_thread_priority(NICE.load(Ordering::Relaxed));
+    }
     let (garbage, garbage_rx) = unbounded::<Array>();
     let garbage_len = Arc::new(AtomicUsize::new(0));
     let collect_pending = Arc::new(AtomicBool::new(false));
