@@ -1,0 +1,275 @@
+# The benchmark suite: `mix run bench/run.exs [suite...] [--device cpu|gpu] [--quick]`.
+#
+# Suites: dispatch, matmul, elementwise, transformer, mlp (default: all). Runs each on
+# NxMlx.Backend, with references measured in the same run: Nx.BinaryBackend at small sizes,
+# the raw-MLX Rust bench (native/mlx_raw_bench: the same computations against the MLX binding,
+# with no BEAM in the loop; it also times OpenBLAS sgemm), and on the GPU PyTorch
+# (bench/reference/torch_bench.py) when python3 can import torch. Prints a table per suite,
+# then `key: value` lines: NxMlx's figures under their case names, the references' as
+# `<impl>.<key>`, and `<case>_vs_<impl>` = reference time / NxMlx time (above 1: NxMlx is
+# faster). Writes bench/results/<device>/<suite>.csv, a plot per suite (SVG, and PNG when
+# ImageMagick's `convert` is installed) and keys.txt. See bench/README.md.
+#
+# Environment: NX_MLX_RAW_BENCH=<path> uses a prebuilt mlx_raw_bench (else it is built with
+# cargo); NX_MLX_TORCH_KEYS=<file> reads the PyTorch keys from a file instead of running
+# python3.
+
+Code.require_file("support/harness.exs", __DIR__)
+Code.require_file("support/suites.exs", __DIR__)
+
+alias Bench.{Harness, Suites}
+
+all_suites = ~w(dispatch matmul elementwise transformer mlp)
+
+{opts, suites, invalid} =
+  OptionParser.parse(System.argv(), strict: [device: :string, quick: :boolean])
+
+if invalid != [] or Enum.any?(suites, &(&1 not in all_suites)) do
+  IO.puts(
+    :stderr,
+    "usage: mix run bench/run.exs [#{Enum.join(all_suites, "|")}...] [--device cpu|gpu] [--quick]"
+  )
+
+  System.halt(2)
+end
+
+suites = if suites == [], do: all_suites, else: suites
+quick? = Keyword.get(opts, :quick, false)
+
+device =
+  case Keyword.get(opts, :device, "cpu") do
+    "cpu" -> :cpu
+    "gpu" -> :gpu
+    other -> raise ArgumentError, "--device takes cpu or gpu, got #{inspect(other)}"
+  end
+
+unless device in NxMlx.devices() do
+  raise ArgumentError,
+        "device #{device} is not available in this libmlx (#{inspect(NxMlx.devices())})"
+end
+
+backend = {NxMlx.Backend, device: device}
+settings = Harness.settings(quick?)
+root = Path.expand("..", __DIR__)
+results = Path.join([root, "bench", "results", Atom.to_string(device)])
+File.mkdir_p!(results)
+
+## The machine
+
+cpu_model =
+  case File.read("/proc/cpuinfo") do
+    {:ok, info} ->
+      info
+      |> String.split("\n")
+      |> Enum.find_value("unknown", fn l ->
+        if String.starts_with?(l, "model name"),
+          do: l |> String.split(":", parts: 2) |> List.last() |> String.trim()
+      end)
+
+    _ ->
+      :erlang.system_info(:system_architecture) |> to_string()
+  end
+
+gpu =
+  with nvidia when is_binary(nvidia) <- System.find_executable("nvidia-smi"),
+       {out, 0} <-
+         System.cmd(nvidia, [
+           "--query-gpu=name,driver_version,memory.total",
+           "--format=csv,noheader"
+         ]) do
+    out |> String.split("\n", trim: true) |> hd()
+  else
+    _ -> "none"
+  end
+
+machine = [
+  {"date", Date.utc_today() |> Date.to_iso8601()},
+  {"device", device},
+  {"cpu", cpu_model},
+  {"cpu_cores", System.schedulers_online()},
+  {"gpu", gpu},
+  {"elixir", System.version()},
+  {"otp", System.otp_release()},
+  {"nx", Application.spec(:nx, :vsn)},
+  {"mlx", NxMlx.build_info()["mlx"]},
+  {"mlx_library", NxMlx.build_info()["libmlx"]},
+  {"blas", NxMlx.build_info()["blas_library"]}
+]
+
+for {k, v} <- machine, do: IO.puts("#{k}: #{v}")
+
+## References run as separate programs
+
+raw_bin =
+  System.get_env("NX_MLX_RAW_BENCH") ||
+    (fn ->
+       path = Path.join(root, "native/target/release/mlx_raw_bench")
+
+       unless File.exists?(path) do
+         IO.puts("building native/mlx_raw_bench (cargo build --release)")
+         env = [{"MLX_DIR", NxMlx.Build.mlx_dir!()}]
+
+         {_, 0} =
+           System.cmd("cargo", ["build", "--release", "-p", "mlx_raw_bench"],
+             cd: Path.join(root, "native"),
+             env: env,
+             into: IO.stream()
+           )
+       end
+
+       path
+     end).()
+
+raw_suites = suites
+
+{raw_out, raw_status} =
+  System.cmd(
+    raw_bin,
+    ["--device", Atom.to_string(device)] ++ if(quick?, do: ["--quick"], else: []) ++ raw_suites,
+    stderr_to_stdout: true
+  )
+
+if raw_status != 0, do: raise("mlx_raw_bench failed (#{raw_status}):\n#{raw_out}")
+raw_keys = Harness.parse_keys(raw_out)
+
+torch_keys =
+  cond do
+    path = System.get_env("NX_MLX_TORCH_KEYS") ->
+      Harness.parse_keys(File.read!(path))
+
+    device == :gpu and System.find_executable("python3") ->
+      script = Path.join(root, "bench/reference/torch_bench.py")
+      args = [script, "--device", "cuda"] ++ if(quick?, do: ["--quick"], else: []) ++ suites
+
+      case System.cmd("python3", args, stderr_to_stdout: true) do
+        {out, 0} ->
+          Harness.parse_keys(out)
+
+        {out, status} ->
+          IO.puts("PyTorch reference not run (#{status}): #{String.slice(out, -300..-1//1)}")
+          %{}
+      end
+
+    true ->
+      %{}
+  end
+
+## The suites, on NxMlx and Nx.BinaryBackend
+
+suite_of = fn
+  "matmul_" <> _ -> "matmul"
+  "transformer_" <> _ -> "transformer"
+  "mlp4_" <> _ -> "mlp"
+  "dispatch" -> "dispatch"
+  "readback" -> "dispatch"
+  name -> if String.match?(name, ~r/^(add|exp|sum|softmax)_/), do: "elementwise", else: nil
+end
+
+# Rows of a reference from its keys: `<prefix><case>_ms` (and _ms_p10/_ms_p90), or for
+# dispatch `<prefix>dispatch_us` / `<prefix>readback_us`.
+reference_rows = fn keys, prefix, impl, ours ->
+  works = Map.new(for r <- ours, r[:work], do: {r.case, r.work})
+
+  for {key, value} <- keys,
+      is_number(value),
+      String.starts_with?(key, prefix),
+      name = String.replace_prefix(key, prefix, ""),
+      case_name =
+        (String.ends_with?(name, "_us") && String.replace_suffix(name, "_us", "")) ||
+          (String.ends_with?(name, "_ms") && String.replace_suffix(name, "_ms", "")),
+      is_binary(case_name),
+      suite = suite_of.(case_name),
+      suite != nil do
+    unit = if String.ends_with?(name, "_us"), do: "us", else: "ms"
+    p10 = keys["#{prefix}#{case_name}_ms_p10"] || value
+    p90 = keys["#{prefix}#{case_name}_ms_p90"] || value
+
+    base = %{
+      suite: suite,
+      case: case_name,
+      impl: impl,
+      median: value,
+      p10: p10,
+      p90: p90,
+      unit: unit
+    }
+
+    case works[case_name] do
+      {:flops, f} -> Map.merge(base, %{rate: f / (value / 1.0e3) / 1.0e9, rate_unit: "GFLOP/s"})
+      {:bytes, b} -> Map.merge(base, %{rate: b / (value / 1.0e3) / 1.0e9, rate_unit: "GB/s"})
+      nil -> base
+    end
+  end
+end
+
+all_rows =
+  for suite <- suites do
+    IO.puts(:stderr, "running #{suite}")
+
+    ours =
+      case suite do
+        "dispatch" -> Suites.dispatch(settings, backend, quick?)
+        "matmul" -> Suites.matmul(settings, backend, device)
+        "elementwise" -> Suites.elementwise(settings, backend, device)
+        "transformer" -> Suites.transformer(settings, backend, device)
+        "mlp" -> Suites.mlp(settings, backend, device)
+      end
+
+    refs =
+      [
+        reference_rows.(
+          Map.drop(raw_keys, Enum.filter(Map.keys(raw_keys), &String.contains?(&1, "."))),
+          "",
+          "raw_mlx",
+          ours
+        ),
+        reference_rows.(raw_keys, "openblas.", "openblas", ours),
+        reference_rows.(torch_keys, "", "pytorch", ours)
+      ]
+      |> List.flatten()
+      |> Enum.filter(&(&1.suite == suite))
+
+    rows = Enum.sort_by(ours ++ refs, &{&1.case, &1.impl != "nx_mlx", &1.impl})
+    Harness.print_table(suite, rows)
+    Harness.write_csv(Path.join(results, "#{suite}.csv"), rows)
+    {kind, path} = Harness.plot(Path.join(results, "#{suite}.svg"), "#{suite} on #{device}", rows)
+    IO.puts("plot (#{kind}): #{path}")
+    rows
+  end
+  |> List.flatten()
+
+## Key lines, last
+
+ours = for r <- all_rows, r.impl == "nx_mlx", into: %{}, do: {r.case, r}
+
+key_lines =
+  Enum.flat_map(all_rows, fn r ->
+    suffix = if r.unit == "us", do: "_us", else: "_ms"
+    prefix = if r.impl == "nx_mlx", do: "", else: "#{r.impl}."
+
+    rate =
+      case r[:rate_unit] do
+        "GFLOP/s" -> ["#{prefix}#{r.case}_gflops: #{Harness.fmt(r.rate)}"]
+        "GB/s" -> ["#{prefix}#{r.case}_gbps: #{Harness.fmt(r.rate)}"]
+        _ -> []
+      end
+
+    ratio =
+      case {r.impl, ours[r.case]} do
+        {"nx_mlx", _} ->
+          []
+
+        {_, nil} ->
+          []
+
+        {impl, o} ->
+          ["#{r.case}_vs_#{impl}: #{:erlang.float_to_binary(r.median / o.median, decimals: 3)}"]
+      end
+
+    ["#{prefix}#{r.case}#{suffix}: #{Harness.fmt(r.median)}"] ++ rate ++ ratio
+  end)
+
+machine_lines = for {k, v} <- machine, do: "#{k}: #{v}"
+File.write!(Path.join(results, "keys.txt"), Enum.join(machine_lines ++ key_lines, "\n") <> "\n")
+IO.puts("\n== keys (also in #{Path.relative_to(Path.join(results, "keys.txt"), root)})")
+Enum.each(key_lines, &IO.puts/1)

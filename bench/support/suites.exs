@@ -1,0 +1,324 @@
+defmodule Bench.Suites do
+  @moduledoc false
+  # The computations of bench/run.exs on NxMlx.Backend (eager: each Nx call builds its MLX
+  # node at once, and a run ends when its result is evaluated) and, at small sizes, on
+  # Nx.BinaryBackend. mlx_raw_bench (native/mlx_raw_bench) and bench/reference/torch_bench.py
+  # compute the same cases under the same names; bench/README.md defines them.
+
+  alias Bench.Harness
+
+  # Every case: %{suite, case, impl, median, p10, p90, unit, rate, rate_unit} rows, plus the
+  # work per run (:flops or :bytes) for rates of the references.
+
+  ## Inputs: deterministic values made on the target backend (no host copy of large inputs).
+
+  def uniform(shape, type, seed, scale, backend) do
+    Nx.iota(shape, type: :f32, backend: backend)
+    |> Nx.multiply(0.7548776662)
+    |> Nx.add(seed)
+    |> Nx.sin()
+    |> Nx.multiply(scale)
+    |> Nx.as_type(type)
+    |> sync()
+  end
+
+  @doc "Waits until `t` (a tensor or container) is computed; read-back-free on NxMlx."
+  def sync(%Nx.Tensor{data: %NxMlx.Backend{}} = t) do
+    {:ok, command} = NxMlx.submit(t)
+    :ok = NxMlx.wait(command)
+    t
+  end
+
+  def sync(t), do: t
+
+  defp row(suite, name, impl, timing, work \\ nil) do
+    base = Map.merge(%{suite: suite, case: name, impl: impl, unit: "ms"}, timing)
+
+    case work do
+      {:flops, f} ->
+        Map.merge(base, %{
+          rate: f / (timing.median / 1.0e3) / 1.0e9,
+          rate_unit: "GFLOP/s",
+          work: work
+        })
+
+      {:bytes, b} ->
+        Map.merge(base, %{
+          rate: b / (timing.median / 1.0e3) / 1.0e9,
+          rate_unit: "GB/s",
+          work: work
+        })
+
+      nil ->
+        base
+    end
+  end
+
+  defp type_name({:f, 32}), do: "f32"
+  defp type_name({:f, 16}), do: "f16"
+  defp type_name({:bf, 16}), do: "bf16"
+
+  ## dispatch: one add on a 16-element f32 tensor (µs)
+
+  @chain 2_000
+  @rounds 15
+  @readbacks 2_000
+
+  def dispatch(_settings, backend, quick?) do
+    readbacks = if quick?, do: 200, else: @readbacks
+
+    for {impl, b} <- [{"nx_mlx", backend}, {"binary", Nx.BinaryBackend}] do
+      {dispatch, readback} = dispatch_times(b, readbacks)
+
+      [
+        Map.merge(%{suite: "dispatch", case: "dispatch", impl: impl, unit: "us"}, dispatch),
+        Map.merge(%{suite: "dispatch", case: "readback", impl: impl, unit: "us"}, readback)
+      ]
+    end
+    |> List.flatten()
+  end
+
+  defp dispatch_times(backend, readbacks) do
+    a = Nx.iota({16}, type: :f32, backend: backend)
+    b = Nx.tensor(1.0, type: :f32, backend: backend) |> Nx.broadcast({16})
+    chain(a, b, 200) |> Nx.to_binary()
+    for _ <- 1..200, do: Nx.add(a, b) |> Nx.to_binary()
+
+    # Dispatch: a chain of lazy adds, per add; evaluated outside the timed region.
+    dispatch =
+      for _ <- 1..@rounds do
+        {us, out} = :timer.tc(fn -> chain(a, b, @chain) end)
+        check_chain!(out, a, @chain)
+        us / @chain
+      end
+
+    readback =
+      for _ <- 1..readbacks do
+        {us, _} = :timer.tc(fn -> Nx.add(a, b) |> Nx.to_binary() end)
+        us / 1
+      end
+
+    {Harness.summary(dispatch), Harness.summary(readback)}
+  end
+
+  defp chain(a, b, n), do: Enum.reduce(1..n, a, fn _, acc -> Nx.add(acc, b) end)
+
+  defp check_chain!(out, a, n) do
+    expected = Nx.add(Nx.backend_copy(a, Nx.BinaryBackend), n)
+
+    unless Nx.to_number(Nx.all_close(Nx.backend_copy(out, Nx.BinaryBackend), expected)) == 1 do
+      raise "dispatch: wrong result after a chain of #{n} adds"
+    end
+  end
+
+  ## matmul: n x n by n x n
+
+  def matmul(settings, backend, device) do
+    cases =
+      case device do
+        :cpu ->
+          for n <- [256, 512, 1024, 2048], do: {{:f, 32}, n}
+
+        :gpu ->
+          for t <- [{:bf, 16}, {:f, 16}, {:f, 32}], n <- [1024, 2048, 4096, 8192], do: {t, n}
+      end
+
+    ours =
+      for {type, n} <- cases do
+        a = uniform({n, n}, type, 1, 1.0, backend)
+        b = uniform({n, n}, type, 2, 1.0, backend)
+        t = Harness.measure(settings, fn -> sync(Nx.dot(a, b)) end)
+        row("matmul", "matmul_#{type_name(type)}_#{n}", "nx_mlx", t, {:flops, 2 * n * n * n})
+      end
+
+    # Nx.BinaryBackend at small sizes, with NxMlx at the same sizes.
+    small =
+      for n <- [64, 128], {impl, b} <- [{"nx_mlx", backend}, {"binary", Nx.BinaryBackend}] do
+        x = uniform({n, n}, {:f, 32}, 1, 1.0, b)
+        y = uniform({n, n}, {:f, 32}, 2, 1.0, b)
+
+        t =
+          Harness.measure(%{settings | max_reps: min(settings.max_reps, 5)}, fn ->
+            sync(Nx.dot(x, y))
+          end)
+
+        row("matmul", "matmul_f32_#{n}", impl, t, {:flops, 2 * n * n * n})
+      end
+
+    ours ++ small
+  end
+
+  ## elementwise: add, exp, sum and softmax on large f32 tensors (GB/s counts the bytes each
+  ## op must read and write: add 3x, exp 2x, sum 1x, softmax 2x the tensor's size)
+
+  def elementwise(settings, backend, device) do
+    {n, label} = if device == :cpu, do: {4 * 1_048_576, "4m"}, else: {64 * 1_048_576, "64m"}
+
+    large = elementwise_cases(settings, backend, "nx_mlx", n, label)
+
+    small =
+      for {impl, b} <- [{"nx_mlx", backend}, {"binary", Nx.BinaryBackend}] do
+        elementwise_cases(
+          %{settings | max_reps: min(settings.max_reps, 5)},
+          b,
+          impl,
+          65_536,
+          "64k"
+        )
+      end
+
+    large ++ List.flatten(small)
+  end
+
+  defp elementwise_cases(settings, backend, impl, n, label) do
+    a = uniform({n}, {:f, 32}, 3, 1.0, backend)
+    b = uniform({n}, {:f, 32}, 4, 1.0, backend)
+    rows = Nx.reshape(a, {div(n, 4096), 4096})
+
+    for {name, k, fun} <- [
+          {"add", 3, fn -> Nx.add(a, b) end},
+          {"exp", 2, fn -> Nx.exp(a) end},
+          {"sum", 1, fn -> Nx.sum(a) end},
+          {"softmax", 2, fn -> softmax(rows) end}
+        ] do
+      t = Harness.measure(settings, fn -> sync(fun.()) end)
+      row("elementwise", "#{name}_f32_#{label}", impl, t, {:bytes, k * n * 4})
+    end
+  end
+
+  def softmax(x) do
+    m = Nx.reduce_max(x, axes: [-1], keep_axes: true)
+    e = Nx.exp(Nx.subtract(x, m))
+    Nx.divide(e, Nx.sum(e, axes: [-1], keep_axes: true))
+  end
+
+  ## transformer: one pre-LN encoder block (12 heads, hidden 768, MLP 3072, exact GELU)
+
+  @hidden 768
+  @heads 12
+  @ff 3072
+
+  def transformer(settings, backend, device) do
+    cases =
+      case device do
+        :cpu -> [{{:f, 32}, 1, 128}]
+        :gpu -> [{{:f, 32}, 1, 128}, {{:bf, 16}, 1, 128}, {{:f, 32}, 8, 512}, {{:bf, 16}, 8, 512}]
+      end
+
+    for {type, batch, seq} <- cases do
+      p = block_params(type, backend)
+      x = uniform({batch, seq, @hidden}, type, 30, 1.0, backend)
+      t = Harness.measure(settings, fn -> sync(block(x, p)) end)
+      row("transformer", "transformer_#{batch}x#{seq}x#{@hidden}_#{type_name(type)}", "nx_mlx", t)
+    end
+  end
+
+  defp block_params(type, backend) do
+    w = fn shape, seed -> uniform(shape, type, seed, 0.02, backend) end
+
+    %{
+      wq: w.({@hidden, @hidden}, 10),
+      bq: w.({@hidden}, 11),
+      wk: w.({@hidden, @hidden}, 12),
+      bk: w.({@hidden}, 13),
+      wv: w.({@hidden, @hidden}, 14),
+      bv: w.({@hidden}, 15),
+      wo: w.({@hidden, @hidden}, 16),
+      bo: w.({@hidden}, 17),
+      w1: w.({@hidden, @ff}, 18),
+      b1: w.({@ff}, 19),
+      w2: w.({@ff, @hidden}, 20),
+      b2: w.({@hidden}, 21),
+      g1: w.({@hidden}, 22),
+      beta1: w.({@hidden}, 23),
+      g2: w.({@hidden}, 24),
+      beta2: w.({@hidden}, 25)
+    }
+  end
+
+  defp layer_norm(x, g, b) do
+    mean = Nx.mean(x, axes: [-1], keep_axes: true)
+    xc = Nx.subtract(x, mean)
+    var = Nx.mean(Nx.multiply(xc, xc), axes: [-1], keep_axes: true)
+    xc |> Nx.multiply(Nx.rsqrt(Nx.add(var, 1.0e-5))) |> Nx.multiply(g) |> Nx.add(b)
+  end
+
+  defp linear(x, w, b), do: Nx.add(Nx.dot(x, [-1], w, [0]), b)
+
+  def block(x, p) do
+    {batch, seq, _} = x.shape
+    hd = div(@hidden, @heads)
+    h = layer_norm(x, p.g1, p.beta1)
+
+    heads = fn t ->
+      t |> Nx.reshape({batch, seq, @heads, hd}) |> Nx.transpose(axes: [0, 2, 1, 3])
+    end
+
+    q = heads.(linear(h, p.wq, p.bq))
+    k = heads.(linear(h, p.wk, p.bk))
+    v = heads.(linear(h, p.wv, p.bv))
+    scores = Nx.dot(q, [3], [0, 1], k, [3], [0, 1]) |> Nx.multiply(1 / :math.sqrt(hd))
+    ctx = Nx.dot(softmax(scores), [3], [0, 1], v, [2], [0, 1])
+    ctx = ctx |> Nx.transpose(axes: [0, 2, 1, 3]) |> Nx.reshape({batch, seq, @hidden})
+    x1 = Nx.add(x, linear(ctx, p.wo, p.bo))
+    f = linear(layer_norm(x1, p.g2, p.beta2), p.w1, p.b1)
+
+    gelu =
+      f |> Nx.multiply(0.5) |> Nx.multiply(Nx.add(Nx.erf(Nx.multiply(f, 0.7071067811865476)), 1))
+
+    Nx.add(x1, linear(gelu, p.w2, p.b2))
+  end
+
+  ## mlp: 4 linear layers, ReLU between them
+
+  def mlp(settings, backend, device) do
+    cases =
+      [
+        {"mlp4_b8_small", {:f, 32}, 8, [64, 128, 128, 128, 10]},
+        {"mlp4_b128", {:f, 32}, 128, [784, 2048, 2048, 2048, 10]}
+      ] ++
+        if device == :gpu,
+          do: [{"mlp4_b128", {:bf, 16}, 128, [784, 2048, 2048, 2048, 10]}],
+          else: []
+
+    ours =
+      for {name, type, batch, widths} <- cases do
+        mlp_case(settings, backend, "nx_mlx", name, type, batch, widths)
+      end
+
+    binary =
+      mlp_case(settings, Nx.BinaryBackend, "binary", "mlp4_b8_small", {:f, 32}, 8, [
+        64,
+        128,
+        128,
+        128,
+        10
+      ])
+
+    ours ++ [binary]
+  end
+
+  defp mlp_case(settings, backend, impl, name, type, batch, widths) do
+    layers =
+      widths
+      |> Enum.chunk_every(2, 1, :discard)
+      |> Enum.with_index(fn [i, o], n ->
+        {uniform({i, o}, type, 40 + n, 0.05, backend), uniform({o}, type, 50 + n, 0.05, backend)}
+      end)
+
+    x = uniform({batch, hd(widths)}, type, 60, 1.0, backend)
+    last = length(layers) - 1
+
+    run = fn ->
+      layers
+      |> Enum.with_index()
+      |> Enum.reduce(x, fn {{w, b}, i}, h ->
+        h = Nx.add(Nx.dot(h, w), b)
+        if i < last, do: Nx.max(h, 0), else: h
+      end)
+      |> sync()
+    end
+
+    row("mlp", "#{name}_#{type_name(type)}", impl, Harness.measure(settings, run))
+  end
+end

@@ -1,0 +1,511 @@
+//! The raw-MLX reference of `bench/run.exs`: the same computations written directly against
+//! `mlx-bind`, timed in one Rust process with no BEAM in the loop, and OpenBLAS `cblas_sgemm`
+//! for the CPU matmul. Prints `key: value` lines with the keys `bench/run.exs` prints for
+//! NxMlx (the OpenBLAS ones prefixed `openblas.`); `bench/README.md` defines every case.
+//!
+//!     mlx_raw_bench [--device cpu|gpu] [--quick] [dispatch|matmul|elementwise|transformer|mlp]...
+//!
+//! Method (as in `bench/run.exs`): warm-up runs, then timed runs (at least 5, at most 20, or
+//! until 3 s have passed), each building the graph and evaluating it; median and the 10th and
+//! 90th percentiles in milliseconds.
+
+use std::ffi::{c_char, c_void, CString};
+use std::time::Instant;
+
+use mlx_bind::{
+    binary, full, matmul, random_uniform, reduce, reshape, transpose, unary, Array, BinaryOp,
+    DeviceKind, Dtype, ReduceOp, Result, Stream, UnaryOp,
+};
+
+struct Settings {
+    warmup: usize,
+    min_reps: usize,
+    max_reps: usize,
+    budget_s: f64,
+}
+
+struct Timing {
+    median: f64,
+    p10: f64,
+    p90: f64,
+}
+
+fn measure(set: &Settings, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    for _ in 0..set.warmup {
+        f()?;
+    }
+    let start = Instant::now();
+    let mut ms = Vec::with_capacity(set.max_reps);
+    while ms.len() < set.min_reps
+        || (ms.len() < set.max_reps && start.elapsed().as_secs_f64() < set.budget_s)
+    {
+        let t0 = Instant::now();
+        f()?;
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+    Ok(Timing {
+        median: at(0.5),
+        p10: at(0.1),
+        p90: at(0.9),
+    })
+}
+
+fn emit(prefix: &str, key: &str, t: &Timing) {
+    println!("{prefix}{key}_ms: {:.4}", t.median);
+    println!("{prefix}{key}_ms_p10: {:.4}", t.p10);
+    println!("{prefix}{key}_ms_p90: {:.4}", t.p90);
+}
+
+/// `amount` (FLOPs or bytes) per run, as G per second at the median.
+fn emit_rate(prefix: &str, key: &str, unit: &str, amount: f64, t: &Timing) {
+    println!(
+        "{prefix}{key}_{unit}: {:.2}",
+        amount / (t.median / 1e3) / 1e9
+    );
+}
+
+fn dtype_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::F32 => "f32",
+        Dtype::F16 => "f16",
+        Dtype::BF16 => "bf16",
+        _ => "other",
+    }
+}
+
+fn scalar(v: f64, d: Dtype, s: &Stream) -> Result<Array> {
+    full(&[], v, d, s)
+}
+
+/// Uniform in [-scale, scale), evaluated.
+fn uniform(shape: &[i64], d: Dtype, seed: u64, scale: f64, s: &Stream) -> Result<Array> {
+    let u = random_uniform(shape, Dtype::F32, seed, s)?;
+    let centered = binary(BinaryOp::Subtract, &u, &scalar(0.5, Dtype::F32, s)?, s)?;
+    let a = binary(
+        BinaryOp::Multiply,
+        &centered,
+        &scalar(2.0 * scale, Dtype::F32, s)?,
+        s,
+    )?;
+    let a = mlx_bind::astype(&a, d, s)?;
+    a.eval()?;
+    Ok(a)
+}
+
+fn dispatch(s: &Stream) -> Result<()> {
+    let a = full(&[16], 1.0, Dtype::F32, s)?;
+    a.eval()?;
+    let mut out = vec![0u8; 64];
+    let (mut build, mut readback) = (Vec::new(), Vec::new());
+    for i in 0..5_200 {
+        let t0 = Instant::now();
+        let b = binary(BinaryOp::Add, &a, &a, s)?;
+        let t1 = Instant::now();
+        b.eval()?;
+        b.copy_to(s, &mut out)?;
+        let t2 = Instant::now();
+        if i >= 200 {
+            build.push((t1 - t0).as_secs_f64() * 1e6);
+            readback.push((t2 - t1).as_secs_f64() * 1e6);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    println!("dispatch_us: {:.3}", median(build));
+    println!("readback_us: {:.3}", median(readback));
+    Ok(())
+}
+
+fn matmul_suite(set: &Settings, device: DeviceKind, s: &Stream) -> Result<()> {
+    let cases: Vec<(Dtype, Vec<i64>)> = match device {
+        DeviceKind::Cpu => vec![(Dtype::F32, vec![256, 512, 1024, 2048])],
+        _ => [Dtype::BF16, Dtype::F16, Dtype::F32]
+            .into_iter()
+            .map(|d| (d, vec![1024, 2048, 4096, 8192]))
+            .collect(),
+    };
+    for (d, sizes) in cases {
+        for n in sizes {
+            let a = uniform(&[n, n], d, 1, 1.0, s)?;
+            let b = uniform(&[n, n], d, 2, 1.0, s)?;
+            let t = measure(set, || matmul(&a, &b, s)?.eval())?;
+            let key = format!("matmul_{}_{n}", dtype_name(d));
+            emit("", &key, &t);
+            emit_rate("", &key, "gflops", 2.0 * (n * n * n) as f64, &t);
+            if device == DeviceKind::Cpu {
+                openblas_sgemm(set, n as usize)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+type Sgemm = unsafe extern "C" fn(
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    f32,
+    *const f32,
+    i32,
+    *const f32,
+    i32,
+    f32,
+    *mut f32,
+    i32,
+);
+
+extern "C" {
+    fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+}
+
+/// `cblas_sgemm` as the process resolves it (OpenBLAS when the build linked it ahead of
+/// libmlx's bundled BLAS; `openblas.blas_library` says which library it came from).
+fn openblas_sgemm(set: &Settings, n: usize) -> Result<()> {
+    let name = CString::new("cblas_sgemm").expect("no NUL");
+    // RTLD_DEFAULT is the null handle on Linux.
+    let sym = unsafe { dlsym(std::ptr::null_mut(), name.as_ptr()) };
+    if sym.is_null() {
+        println!("openblas.missing: cblas_sgemm not found");
+        return Ok(());
+    }
+    let sgemm: Sgemm = unsafe { std::mem::transmute::<*mut c_void, Sgemm>(sym) };
+    let a: Vec<f32> = (0..n * n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let b: Vec<f32> = (0..n * n)
+        .map(|i| ((i * 104729) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let mut c = vec![0f32; n * n];
+    let n32 = n as i32;
+    let t = measure(set, || {
+        // Row-major (101), no transposes (111).
+        unsafe {
+            sgemm(
+                101,
+                111,
+                111,
+                n32,
+                n32,
+                n32,
+                1.0,
+                a.as_ptr(),
+                n32,
+                b.as_ptr(),
+                n32,
+                0.0,
+                c.as_mut_ptr(),
+                n32,
+            )
+        };
+        Ok(())
+    })?;
+    let key = format!("matmul_f32_{n}");
+    emit("openblas.", &key, &t);
+    emit_rate("openblas.", &key, "gflops", 2.0 * (n * n * n) as f64, &t);
+    Ok(())
+}
+
+fn elementwise_suite(set: &Settings, device: DeviceKind, s: &Stream) -> Result<()> {
+    let (n, label): (i64, &str) = match device {
+        DeviceKind::Cpu => (4 << 20, "4m"),
+        _ => (64 << 20, "64m"),
+    };
+    let d = Dtype::F32;
+    let a = uniform(&[n], d, 3, 1.0, s)?;
+    let b = uniform(&[n], d, 4, 1.0, s)?;
+    let bytes = |k: i64| (k * n * 4) as f64;
+
+    let t = measure(set, || binary(BinaryOp::Add, &a, &b, s)?.eval())?;
+    let key = format!("add_f32_{label}");
+    emit("", &key, &t);
+    emit_rate("", &key, "gbps", bytes(3), &t);
+
+    let t = measure(set, || unary(UnaryOp::Exp, &a, s)?.eval())?;
+    let key = format!("exp_f32_{label}");
+    emit("", &key, &t);
+    emit_rate("", &key, "gbps", bytes(2), &t);
+
+    let t = measure(set, || reduce(ReduceOp::Sum, &a, &[0], false, s)?.eval())?;
+    let key = format!("sum_f32_{label}");
+    emit("", &key, &t);
+    emit_rate("", &key, "gbps", bytes(1), &t);
+
+    let rows = reshape(&a, &[n / 4096, 4096], s)?;
+    let t = measure(set, || softmax(&rows, s)?.eval())?;
+    let key = format!("softmax_f32_{label}");
+    emit("", &key, &t);
+    emit_rate("", &key, "gbps", bytes(2), &t);
+    Ok(())
+}
+
+/// Softmax over the last axis, as NxMlx computes it: exp(x - max) / sum.
+fn softmax(x: &Array, s: &Stream) -> Result<Array> {
+    let last = x.shape().len() as i64 - 1;
+    let m = reduce(ReduceOp::Max, x, &[last], true, s)?;
+    let e = unary(UnaryOp::Exp, &binary(BinaryOp::Subtract, x, &m, s)?, s)?;
+    let sum = reduce(ReduceOp::Sum, &e, &[last], true, s)?;
+    binary(BinaryOp::Divide, &e, &sum, s)
+}
+
+struct Block {
+    d: Dtype,
+    wq: Array,
+    bq: Array,
+    wk: Array,
+    bk: Array,
+    wv: Array,
+    bv: Array,
+    wo: Array,
+    bo: Array,
+    w1: Array,
+    b1: Array,
+    w2: Array,
+    b2: Array,
+    g1: Array,
+    beta1: Array,
+    g2: Array,
+    beta2: Array,
+}
+
+const HIDDEN: i64 = 768;
+const HEADS: i64 = 12;
+const FF: i64 = 3072;
+
+impl Block {
+    fn new(d: Dtype, s: &Stream) -> Result<Block> {
+        let w = |shape: &[i64], seed| uniform(shape, d, seed, 0.02, s);
+        Ok(Block {
+            d,
+            wq: w(&[HIDDEN, HIDDEN], 10)?,
+            bq: w(&[HIDDEN], 11)?,
+            wk: w(&[HIDDEN, HIDDEN], 12)?,
+            bk: w(&[HIDDEN], 13)?,
+            wv: w(&[HIDDEN, HIDDEN], 14)?,
+            bv: w(&[HIDDEN], 15)?,
+            wo: w(&[HIDDEN, HIDDEN], 16)?,
+            bo: w(&[HIDDEN], 17)?,
+            w1: w(&[HIDDEN, FF], 18)?,
+            b1: w(&[FF], 19)?,
+            w2: w(&[FF, HIDDEN], 20)?,
+            b2: w(&[HIDDEN], 21)?,
+            g1: w(&[HIDDEN], 22)?,
+            beta1: w(&[HIDDEN], 23)?,
+            g2: w(&[HIDDEN], 24)?,
+            beta2: w(&[HIDDEN], 25)?,
+        })
+    }
+
+    fn layer_norm(&self, x: &Array, g: &Array, b: &Array, s: &Stream) -> Result<Array> {
+        let mean = reduce(ReduceOp::Mean, x, &[2], true, s)?;
+        let xc = binary(BinaryOp::Subtract, x, &mean, s)?;
+        let var = reduce(
+            ReduceOp::Mean,
+            &binary(BinaryOp::Multiply, &xc, &xc, s)?,
+            &[2],
+            true,
+            s,
+        )?;
+        let eps = scalar(1e-5, self.d, s)?;
+        let inv = unary(UnaryOp::Rsqrt, &binary(BinaryOp::Add, &var, &eps, s)?, s)?;
+        let y = binary(
+            BinaryOp::Multiply,
+            &binary(BinaryOp::Multiply, &xc, &inv, s)?,
+            g,
+            s,
+        )?;
+        binary(BinaryOp::Add, &y, b, s)
+    }
+
+    fn linear(&self, x: &Array, w: &Array, b: &Array, s: &Stream) -> Result<Array> {
+        binary(BinaryOp::Add, &matmul(x, w, s)?, b, s)
+    }
+
+    /// Pre-LN block: x + attn(ln1(x)), then + mlp(ln2(.)) with exact GELU.
+    fn forward(&self, x: &Array, s: &Stream) -> Result<Array> {
+        let shape = x.shape();
+        let (bsz, seq) = (shape[0], shape[1]);
+        let hd = HIDDEN / HEADS;
+        let h = self.layer_norm(x, &self.g1, &self.beta1, s)?;
+        let heads = |a: Array| -> Result<Array> {
+            transpose(&reshape(&a, &[bsz, seq, HEADS, hd], s)?, &[0, 2, 1, 3], s)
+        };
+        let q = heads(self.linear(&h, &self.wq, &self.bq, s)?)?;
+        let k = heads(self.linear(&h, &self.wk, &self.bk, s)?)?;
+        let v = heads(self.linear(&h, &self.wv, &self.bv, s)?)?;
+        let kt = transpose(&k, &[0, 1, 3, 2], s)?;
+        let scale = scalar(1.0 / (hd as f64).sqrt(), self.d, s)?;
+        let scores = binary(BinaryOp::Multiply, &matmul(&q, &kt, s)?, &scale, s)?;
+        let ctx = matmul(&softmax(&scores, s)?, &v, s)?;
+        let ctx = reshape(&transpose(&ctx, &[0, 2, 1, 3], s)?, &[bsz, seq, HIDDEN], s)?;
+        let x1 = binary(
+            BinaryOp::Add,
+            x,
+            &self.linear(&ctx, &self.wo, &self.bo, s)?,
+            s,
+        )?;
+        let h2 = self.layer_norm(&x1, &self.g2, &self.beta2, s)?;
+        let f = self.linear(&h2, &self.w1, &self.b1, s)?;
+        let erf = unary(
+            UnaryOp::Erf,
+            &binary(
+                BinaryOp::Multiply,
+                &f,
+                &scalar(std::f64::consts::FRAC_1_SQRT_2, self.d, s)?,
+                s,
+            )?,
+            s,
+        )?;
+        let one_plus = binary(BinaryOp::Add, &erf, &scalar(1.0, self.d, s)?, s)?;
+        let half_f = binary(BinaryOp::Multiply, &f, &scalar(0.5, self.d, s)?, s)?;
+        let gelu = binary(BinaryOp::Multiply, &half_f, &one_plus, s)?;
+        binary(
+            BinaryOp::Add,
+            &x1,
+            &self.linear(&gelu, &self.w2, &self.b2, s)?,
+            s,
+        )
+    }
+}
+
+fn transformer_suite(set: &Settings, device: DeviceKind, s: &Stream) -> Result<()> {
+    let cases: Vec<(Dtype, i64, i64)> = match device {
+        DeviceKind::Cpu => vec![(Dtype::F32, 1, 128)],
+        _ => vec![
+            (Dtype::F32, 1, 128),
+            (Dtype::BF16, 1, 128),
+            (Dtype::F32, 8, 512),
+            (Dtype::BF16, 8, 512),
+        ],
+    };
+    for (d, bsz, seq) in cases {
+        let block = Block::new(d, s)?;
+        let x = uniform(&[bsz, seq, HIDDEN], d, 30, 1.0, s)?;
+        let t = measure(set, || block.forward(&x, s)?.eval())?;
+        emit(
+            "",
+            &format!("transformer_{bsz}x{seq}x{HIDDEN}_{}", dtype_name(d)),
+            &t,
+        );
+    }
+    Ok(())
+}
+
+/// 4 linear layers with ReLU between them.
+fn mlp_suite(set: &Settings, device: DeviceKind, s: &Stream) -> Result<()> {
+    let mut cases: Vec<(String, Dtype, i64, Vec<i64>)> = vec![
+        (
+            "mlp4_b8_small".into(),
+            Dtype::F32,
+            8,
+            vec![64, 128, 128, 128, 10],
+        ),
+        (
+            "mlp4_b128".into(),
+            Dtype::F32,
+            128,
+            vec![784, 2048, 2048, 2048, 10],
+        ),
+    ];
+    if device != DeviceKind::Cpu {
+        cases.push((
+            "mlp4_b128".into(),
+            Dtype::BF16,
+            128,
+            vec![784, 2048, 2048, 2048, 10],
+        ));
+    }
+    for (name, d, batch, widths) in cases {
+        let mut layers = Vec::new();
+        for (i, pair) in widths.windows(2).enumerate() {
+            let w = uniform(&[pair[0], pair[1]], d, 40 + i as u64, 0.05, s)?;
+            let b = uniform(&[pair[1]], d, 50 + i as u64, 0.05, s)?;
+            layers.push((w, b));
+        }
+        let x = uniform(&[batch, widths[0]], d, 60, 1.0, s)?;
+        let zero = scalar(0.0, d, s)?;
+        let t = measure(set, || {
+            let mut h = x.clone();
+            for (i, (w, b)) in layers.iter().enumerate() {
+                h = binary(BinaryOp::Add, &matmul(&h, w, s)?, b, s)?;
+                if i + 1 < layers.len() {
+                    h = binary(BinaryOp::Maximum, &h, &zero, s)?;
+                }
+            }
+            h.eval()
+        })?;
+        emit("", &format!("{name}_{}", dtype_name(d)), &t);
+    }
+    Ok(())
+}
+
+fn main() {
+    let mut device = DeviceKind::Cpu;
+    let mut quick = false;
+    let mut suites = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--device" => match args.next().as_deref() {
+                Some("gpu") => device = DeviceKind::Gpu,
+                Some("cpu") => device = DeviceKind::Cpu,
+                other => fail(&format!("--device takes cpu or gpu, got {other:?}")),
+            },
+            "--quick" => quick = true,
+            "dispatch" | "matmul" | "elementwise" | "transformer" | "mlp" => suites.push(arg),
+            other => fail(&format!("unknown argument {other:?}")),
+        }
+    }
+    if suites.is_empty() {
+        suites = ["dispatch", "matmul", "elementwise", "transformer", "mlp"]
+            .map(String::from)
+            .to_vec();
+    }
+    let set = if quick {
+        Settings {
+            warmup: 1,
+            min_reps: 3,
+            max_reps: 5,
+            budget_s: 0.5,
+        }
+    } else {
+        Settings {
+            warmup: 3,
+            min_reps: 5,
+            max_reps: 20,
+            budget_s: 3.0,
+        }
+    };
+    if !mlx_bind::is_available(device) {
+        fail("the requested device is not available in this libmlx");
+    }
+    let s = Stream::new(device).unwrap_or_else(|e| fail(&e.message));
+    s.make_default().unwrap_or_else(|e| fail(&e.message));
+    println!("impl: raw_mlx");
+    println!("mlx_version: {}", mlx_bind::version());
+    println!("mlx_library: {}", mlx_bind::library_path());
+    println!("openblas.blas_library: {}", mlx_bind::blas_library_path());
+    for suite in suites {
+        let r = match suite.as_str() {
+            "dispatch" => dispatch(&s),
+            "matmul" => matmul_suite(&set, device, &s),
+            "elementwise" => elementwise_suite(&set, device, &s),
+            "transformer" => transformer_suite(&set, device, &s),
+            _ => mlp_suite(&set, device, &s),
+        };
+        if let Err(e) = r {
+            fail(&format!("{suite}: {}", e.message));
+        }
+    }
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("mlx_raw_bench: {message}");
+    std::process::exit(2)
+}
