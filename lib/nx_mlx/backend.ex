@@ -457,7 +457,15 @@ defmodule NxMlx.Backend do
       {neg_inf, scalar_ref(min, type, device)}
     ]
 
-    cast = op.(:astype, [x, Types.to_mlx(type)])
+    # Nx truncates, then wraps into the type (-1.3 as u8 is 255). MLX's cast of an
+    # out-of-range float is left to the device (the CPU wraps, CUDA saturates), so narrow
+    # types go through s64, whose conversion to them wraps everywhere.
+    cast =
+      case type do
+        {_, 64} -> op.(:astype, [x, Types.to_mlx(type)])
+        _ -> op.(:astype, [op.(:astype, [x, :s64]), Types.to_mlx(type)])
+      end
+
     r = Enum.reduce(fixes, cast, fn {mask, value}, acc -> op.(:select, [mask, value, acc]) end)
     wrap(out, r, device)
   end
@@ -1172,14 +1180,21 @@ defmodule NxMlx.Backend do
     op.(:reshape, [p, Tuple.to_list(out.shape)])
   end
 
-  # The operands as [B, M, K] and [B, K, N] arrays.
+  # The operands as [batch..., M, K] and [batch..., K, N] arrays. The batch axes are kept
+  # apart (MLX's matmul takes any number of them): merging them would force a copy of an
+  # operand that is a transposed view, such as attention's heads.
   defp dot_operands(op, {l, left, c1, b1}, {r, right, c2, b2}) do
     free1 = axes_except(left, c1 ++ b1)
     free2 = axes_except(right, c2 ++ b2)
-    {b, m, k, n} = dot_sizes(left, c1, b1, right, c2, b2)
-    l = op.(:reshape, [op.(:transpose, [l, b1 ++ free1 ++ c1]), [b, m, k]])
-    r = op.(:reshape, [op.(:transpose, [r, b2 ++ c2 ++ free2]), [b, k, n]])
+    {_b, m, k, n} = dot_sizes(left, c1, b1, right, c2, b2)
+    batch = Enum.map(b1, &elem(left.shape, &1))
+    l = op.(:reshape, [transposed(op, l, b1 ++ free1 ++ c1), batch ++ [m, k]])
+    r = op.(:reshape, [transposed(op, r, b2 ++ c2 ++ free2), batch ++ [k, n]])
     {l, r}
+  end
+
+  defp transposed(op, ref, perm) do
+    if perm == Enum.to_list(0..(length(perm) - 1)//1), do: ref, else: op.(:transpose, [ref, perm])
   end
 
   defp axes_except(t, axes), do: Enum.reject(0..(Nx.rank(t) - 1)//1, &(&1 in axes))

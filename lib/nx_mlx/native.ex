@@ -10,12 +10,18 @@ defmodule NxMlx.Native do
   def load_nif do
     path = :filename.join(:code.priv_dir(:nx_mlx), ~c"native/libnx_mlx_nif")
 
-    # Worker threads lower their OS priority to this nice value (Linux), so that on a small,
-    # busy machine the BEAM's schedulers win the CPU; MLX still gets every idle core. See
-    # NxMlx.CommandQueue.
+    # CPU worker threads lower their OS priority to this nice value (Linux), so that on a
+    # small, busy machine the BEAM's schedulers win the CPU; the threads MLX runs kernels on
+    # keep the normal priority. See NxMlx.CommandQueue.
     nice = Application.get_env(:nx_mlx, :worker_nice, 19)
 
-    case :erlang.load_nif(path, nice) do
+    # MLX's CUDA backend computes f32 matmuls and convolutions in TF32 (10-bit mantissa
+    # products) unless MLX_ENABLE_TF32=0; Nx means f32. Off unless `config :nx_mlx, tf32:
+    # true`; an MLX_ENABLE_TF32 already in the environment wins. The NIF sets it in the C
+    # environment before MLX starts.
+    tf32 = if Application.get_env(:nx_mlx, :tf32, false), do: "1", else: "0"
+
+    case :erlang.load_nif(path, {nice, [{"MLX_ENABLE_TF32", tf32}]}) do
       :ok ->
         :ok
 

@@ -124,6 +124,14 @@ defmodule NxMlx.BuildTest do
       assert Nx.to_number(Nx.sum(Nx.tensor([1, 2], backend: {NxMlx.Backend, device: :cpu}))) == 3
     end
 
+    test "libmlx sees MLX_ENABLE_TF32 off unless the environment or config :tf32 says on" do
+      expected =
+        System.get_env("MLX_ENABLE_TF32") ||
+          if(Application.get_env(:nx_mlx, :tf32, false), do: "1", else: "0")
+
+      assert NxMlx.build_info()["mlx_enable_tf32"] == expected
+    end
+
     @tag :gpu
     test "tensors compute on the GPU" do
       t = Nx.tensor([[1.0, 2.0], [3.0, 4.0]], backend: {NxMlx.Backend, device: :gpu})

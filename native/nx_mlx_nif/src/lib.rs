@@ -19,10 +19,18 @@ mod runtime;
 mod submit;
 pub mod worker;
 
-/// `load_info` is the nice value for worker threads (`config :nx_mlx, worker_nice: n`).
+/// `load_info` is `{nice, env}`: the nice value for CPU worker threads (`config :nx_mlx,
+/// worker_nice: n`) and environment variables for libmlx to read (e.g. `MLX_ENABLE_TF32`),
+/// set here in the C environment before any MLX work starts (`os:putenv` does not reach a
+/// library's `getenv`).
 fn load(_env: rustler::Env, info: rustler::Term) -> bool {
-    if let Ok(nice) = info.decode::<i32>() {
+    if let Ok((nice, vars)) = info.decode::<(i32, Vec<(String, String)>)>() {
         worker::set_nice(nice);
+        for (key, value) in vars {
+            if std::env::var_os(&key).is_none() {
+                std::env::set_var(key, value);
+            }
+        }
     }
     runtime::on_load();
     true

@@ -172,6 +172,11 @@ fn build_info() -> HashMap<String, String> {
             env!("NX_MLX_BUILD_VARIANT").to_string(),
         ),
         ("devices".to_string(), devices.join(",")),
+        // As libmlx reads it (the C environment, which the BEAM's os:getenv does not show).
+        (
+            "mlx_enable_tf32".to_string(),
+            std::env::var("MLX_ENABLE_TF32").unwrap_or_default(),
+        ),
         (
             "nif_version".to_string(),
             env!("CARGO_PKG_VERSION").to_string(),

@@ -225,6 +225,11 @@ impl Worker {
     /// being evaluated first (see `build`): that keeps this check sound, since every node of
     /// such a graph was alive at the failure.
     pub fn evaluate(&self, arrays: &[&Array], born: u64, spin_us: u32) -> Result<(), String> {
+        let spin_us = if self.device == DeviceKind::Gpu && spin_us > 0 {
+            GPU_EVAL_SPIN_US
+        } else {
+            spin_us
+        };
         let scan = mlx_bind::scan_graph(arrays);
         if self.epoch() > born {
             let poisoned = match self.failed.lock() {
@@ -313,8 +318,13 @@ fn run(
             drop(a);
         }
     };
+    let idle_spin = if device == DeviceKind::Gpu {
+        GPU_IDLE_SPIN
+    } else {
+        IDLE_SPIN
+    };
     loop {
-        let Some(job) = next_job(&receiver) else {
+        let Some(job) = next_job(&receiver, idle_spin) else {
             break;
         };
         match job {
@@ -344,6 +354,13 @@ const IDLE_SPIN: Duration = Duration::from_micros(20);
 
 /// How long an evaluation polls MLX for completion before sleeping on MLX's event.
 pub const EVAL_SPIN_US: u32 = 100;
+
+/// The same two for GPU workers, which wait on the device, not on CPU work of their own: a
+/// GPU kernel launch and its completion event take tens to hundreds of microseconds, and
+/// waking a sleeping thread costs as much again (H200 host: a 16-element GPU read-back took
+/// 62-819 us, median 121, with the CPU figures).
+const GPU_IDLE_SPIN: Duration = Duration::from_micros(200);
+const GPU_EVAL_SPIN_US: u32 = 1000;
 
 /// Workers polling (idle or waiting on MLX) at any one time: polling burns a core, and on a
 /// small machine the BEAM's schedulers need them.
@@ -384,7 +401,7 @@ pub fn eval_spin_budget(token: &Option<SpinToken>) -> u32 {
     }
 }
 
-fn next_job(receiver: &Receiver<Job>) -> Option<Job> {
+fn next_job(receiver: &Receiver<Job>, idle_spin: Duration) -> Option<Job> {
     match receiver.try_recv() {
         Ok(job) => return Some(job),
         Err(TryRecvError::Disconnected) => return None,
@@ -392,7 +409,7 @@ fn next_job(receiver: &Receiver<Job>) -> Option<Job> {
     }
     let token = SpinToken::acquire();
     let start = Instant::now();
-    while token.is_some() && start.elapsed() < IDLE_SPIN {
+    while token.is_some() && start.elapsed() < idle_spin {
         thread::yield_now();
         match receiver.try_recv() {
             Ok(job) => return Some(job),
