@@ -7,8 +7,8 @@
 # (bench/reference/torch_bench.py) when python3 can import torch. Prints a table per suite,
 # then `key: value` lines: NxMlx's figures under their case names, the references' as
 # `<impl>.<key>`, and `<case>_vs_<impl>` = reference time / NxMlx time (above 1: NxMlx is
-# faster). Writes bench/results/<device>/<suite>.csv, a plot per suite (SVG, and PNG when
-# ImageMagick's `convert` is installed) and keys.txt. See bench/README.md.
+# faster). Writes bench/results/<device>/<suite>.csv, a plot per suite (<suite>.png and
+# .svg, drawn by bench/support/plot.exs) and keys.txt. See bench/README.md.
 #
 # Environment: NX_MLX_RAW_BENCH=<path> uses a prebuilt mlx_raw_bench (else it is built with
 # cargo); NX_MLX_TORCH_KEYS=<file> reads the PyTorch keys from a file instead of running
@@ -16,8 +16,9 @@
 
 Code.require_file("support/harness.exs", __DIR__)
 Code.require_file("support/suites.exs", __DIR__)
+Code.require_file("support/plot.exs", __DIR__)
 
-alias Bench.{Harness, Suites}
+alias Bench.{Harness, Plot, Suites}
 
 all_suites = ~w(dispatch matmul elementwise transformer mlp)
 
@@ -82,6 +83,19 @@ gpu =
     _ -> "none"
   end
 
+# The TF32 setting NxMlx runs with (see NxMlx.Native), as libmlx sees it.
+tf32 = NxMlx.build_info()["mlx_enable_tf32"]
+
+# Whether the BEAM's schedulers busy-wait when idle (the default): on a small machine they
+# then compete with MLX's and OpenBLAS's threads during long CPU work (see bench/README.md).
+busy_wait =
+  :erlang.system_info(:emu_args)
+  |> Enum.chunk_every(2, 1, :discard)
+  |> Enum.find_value("default", fn
+    [~c"-sbwt", value] -> to_string(value)
+    _ -> nil
+  end)
+
 machine = [
   {"date", Date.utc_today() |> Date.to_iso8601()},
   {"device", device},
@@ -93,10 +107,13 @@ machine = [
   {"nx", Application.spec(:nx, :vsn)},
   {"mlx", NxMlx.build_info()["mlx"]},
   {"mlx_library", NxMlx.build_info()["libmlx"]},
-  {"blas", NxMlx.build_info()["blas_library"]}
+  {"blas", NxMlx.build_info()["blas_library"]},
+  {"tf32", tf32 == "1"},
+  {"beam_busy_wait", busy_wait}
 ]
 
 for {k, v} <- machine, do: IO.puts("#{k}: #{v}")
+cpu_or_gpu_name = if device == :gpu, do: gpu |> String.split(",") |> hd(), else: cpu_model
 
 ## References run as separate programs
 
@@ -122,11 +139,13 @@ raw_bin =
 
 raw_suites = suites
 
+# The raw bench computes with the TF32 setting NxMlx runs with.
 {raw_out, raw_status} =
   System.cmd(
     raw_bin,
     ["--device", Atom.to_string(device)] ++ if(quick?, do: ["--quick"], else: []) ++ raw_suites,
-    stderr_to_stdout: true
+    stderr_to_stdout: true,
+    env: [{"MLX_ENABLE_TF32", tf32}]
   )
 
 if raw_status != 0, do: raise("mlx_raw_bench failed (#{raw_status}):\n#{raw_out}")
@@ -232,8 +251,11 @@ all_rows =
     rows = Enum.sort_by(ours ++ refs, &{&1.case, &1.impl != "nx_mlx", &1.impl})
     Harness.print_table(suite, rows)
     Harness.write_csv(Path.join(results, "#{suite}.csv"), rows)
-    {kind, path} = Harness.plot(Path.join(results, "#{suite}.svg"), "#{suite} on #{device}", rows)
-    IO.puts("plot (#{kind}): #{path}")
+
+    png =
+      Plot.write(Path.join(results, suite), "#{suite} on #{device} (#{cpu_or_gpu_name})", rows)
+
+    IO.puts("plot: #{Path.relative_to(png, root)} (and .svg)")
     rows
   end
   |> List.flatten()
@@ -269,6 +291,8 @@ key_lines =
     ["#{prefix}#{r.case}#{suffix}: #{Harness.fmt(r.median)}"] ++ rate ++ ratio
   end)
 
+suites_rows = for s <- suites, do: {s, Enum.filter(all_rows, &(&1.suite == s))}
+Harness.write_markdown(Path.join(results, "tables.md"), machine, suites_rows)
 machine_lines = for {k, v} <- machine, do: "#{k}: #{v}"
 File.write!(Path.join(results, "keys.txt"), Enum.join(machine_lines ++ key_lines, "\n") <> "\n")
 IO.puts("\n== keys (also in #{Path.relative_to(Path.join(results, "keys.txt"), root)})")

@@ -14,8 +14,13 @@ defmodule Bench.Harness do
       else: %__MODULE__{}
   end
 
-  @doc "Times `fun` (which must leave its work finished) per the settings."
+  @doc """
+  Times `fun` (which must leave its work finished) per the settings. Each case starts clean:
+  the process's dead tensors of earlier cases are collected and freed first, as a program
+  doing only this work would have none.
+  """
   def measure(%__MODULE__{} = s, fun) do
+    settle()
     for _ <- 1..s.warmup//1, do: fun.()
     start = System.monotonic_time()
     times = timed(s, fun, start, [])
@@ -36,6 +41,17 @@ defmodule Bench.Harness do
       ms = System.convert_time_unit(System.monotonic_time() - t0, :native, :nanosecond) / 1.0e6
       timed(s, fun, start, [ms | acc])
     end
+  end
+
+  @doc "Collects this process and waits until the workers have freed what it released."
+  def settle do
+    :erlang.garbage_collect()
+
+    for device <- NxMlx.devices() do
+      NxMlx.CommandQueue.synchronize(NxMlx.CommandQueue.default(device))
+    end
+
+    :ok
   end
 
   def summary(times) do
@@ -103,6 +119,39 @@ defmodule Bench.Harness do
   def fmt(x) when is_float(x), do: :erlang.float_to_binary(x, decimals: 4)
   def fmt(x) when is_integer(x), do: fmt(x / 1)
 
+  @doc "Markdown tables of every suite (for bench/RESULTS.md), after the machine lines."
+  def write_markdown(path, machine, suites) do
+    head = Enum.map_join(machine, "\n", fn {k, v} -> "- #{k}: #{v}" end)
+
+    tables =
+      for {suite, rows} <- suites do
+        ours = Map.new(for r <- rows, r.impl == "nx_mlx", do: {r.case, r.median})
+
+        lines =
+          for r <- rows do
+            unit = Map.get(r, :unit, "ms")
+            rate = if r[:rate], do: "#{fmt(r.rate)} #{r.rate_unit}", else: ""
+
+            vs =
+              if r.impl != "nx_mlx" and ours[r.case],
+                do: :erlang.float_to_binary(r.median / ours[r.case], decimals: 2),
+                else: ""
+
+            "| #{r.case} | #{r.impl} | #{fmt(r.median)} #{unit} | #{fmt(r.p10)}-#{fmt(r.p90)} | #{rate} | #{vs} |"
+          end
+
+        """
+        ### #{suite}
+
+        | case | impl | median | p10-p90 | rate | NxMlx vs this |
+        |---|---|---|---|---|---|
+        #{Enum.join(lines, "\n")}
+        """
+      end
+
+    File.write!(path, head <> "\n\n" <> Enum.join(tables, "\n"))
+  end
+
   def write_csv(path, rows) do
     header = "case,impl,median,p10,p90,unit,rate,rate_unit\n"
 
@@ -122,89 +171,5 @@ defmodule Bench.Harness do
       end
 
     File.write!(path, header <> Enum.join(body, "\n") <> "\n")
-  end
-
-  ## Plots: an SVG bar chart per suite (median time per case, one bar per implementation,
-  ## log scale), turned into PNG by ImageMagick's `convert` when it is installed.
-
-  @colors %{
-    "nx_mlx" => "#1f77b4",
-    "raw_mlx" => "#ff7f0e",
-    "openblas" => "#2ca02c",
-    "pytorch" => "#d62728",
-    "binary" => "#7f7f7f"
-  }
-
-  def plot(svg_path, title, rows) do
-    cases = rows |> Enum.map(& &1.case) |> Enum.uniq()
-    impls = rows |> Enum.map(& &1.impl) |> Enum.uniq()
-    values = Enum.map(rows, & &1.median)
-    {lo, hi} = {:math.log10(Enum.min(values)), :math.log10(Enum.max(values))}
-    {lo, hi} = {Float.floor(lo), Float.ceil(hi + 0.01)}
-    {left, top, plot_h} = {70, 40, 300}
-    group_w = max(length(impls) * 18 + 20, 60)
-    width = left + length(cases) * group_w + 160
-    height = top + plot_h + 140
-    y = fn v -> top + plot_h - (:math.log10(v) - lo) / (hi - lo) * plot_h end
-    unit = rows |> hd() |> Map.get(:unit, "ms")
-
-    grid =
-      for p <- round(lo)..round(hi) do
-        yy = y.(:math.pow(10, p))
-
-        ~s|<line x1="#{left}" y1="#{yy}" x2="#{width - 150}" y2="#{yy}" stroke="#ddd"/>| <>
-          ~s|<text x="#{left - 6}" y="#{yy + 4}" text-anchor="end" font-size="11">1e#{p}</text>|
-      end
-
-    bars =
-      for {c, ci} <- Enum.with_index(cases),
-          {impl, ii} <- Enum.with_index(impls),
-          r = Enum.find(rows, &(&1.case == c and &1.impl == impl)),
-          r != nil do
-        x = left + ci * group_w + 10 + ii * 18
-        yy = y.(r.median)
-
-        ~s|<rect x="#{x}" y="#{yy}" width="16" height="#{top + plot_h - yy}" fill="#{@colors[impl] || "#9467bd"}"/>|
-      end
-
-    labels =
-      for {c, ci} <- Enum.with_index(cases) do
-        x = left + ci * group_w + group_w / 2
-
-        ~s|<text transform="translate(#{x},#{top + plot_h + 12}) rotate(40)" font-size="11">#{c}</text>|
-      end
-
-    legend =
-      for {impl, i} <- Enum.with_index(impls) do
-        yy = top + 10 + i * 18
-
-        ~s|<rect x="#{width - 140}" y="#{yy}" width="12" height="12" fill="#{@colors[impl] || "#9467bd"}"/>| <>
-          ~s|<text x="#{width - 122}" y="#{yy + 10}" font-size="12">#{impl}</text>|
-      end
-
-    svg = """
-    <svg xmlns="http://www.w3.org/2000/svg" width="#{width}" height="#{height}">
-    <rect width="100%" height="100%" fill="white"/>
-    <text x="#{left}" y="22" font-size="15" font-family="sans-serif">#{title} (median #{unit}, log scale; lower is faster)</text>
-    #{Enum.join(grid, "\n")}
-    #{Enum.join(bars, "\n")}
-    #{Enum.join(labels, "\n")}
-    #{Enum.join(legend, "\n")}
-    </svg>
-    """
-
-    File.write!(svg_path, svg)
-    png_path = Path.rootname(svg_path) <> ".png"
-
-    case System.find_executable("convert") do
-      nil ->
-        {:svg_only, svg_path}
-
-      convert ->
-        case System.cmd(convert, [svg_path, png_path], stderr_to_stdout: true) do
-          {_, 0} -> {:png, png_path}
-          {out, _} -> {:svg_only, "#{svg_path} (convert failed: #{String.trim(out)})"}
-        end
-    end
   end
 end

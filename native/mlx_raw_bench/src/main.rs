@@ -489,6 +489,10 @@ fn main() {
     s.make_default().unwrap_or_else(|e| fail(&e.message));
     println!("impl: raw_mlx");
     println!("mlx_version: {}", mlx_bind::version());
+    println!(
+        "mlx_enable_tf32: {}",
+        std::env::var("MLX_ENABLE_TF32").unwrap_or_else(|_| "unset (MLX default: on)".into())
+    );
     println!("mlx_library: {}", mlx_bind::library_path());
     println!("openblas.blas_library: {}", mlx_bind::blas_library_path());
     for suite in suites {

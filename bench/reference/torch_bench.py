@@ -1,0 +1,215 @@
+"""PyTorch reference for bench/run.exs: the same cases, the same method, the same keys.
+
+    python3 bench/reference/torch_bench.py [--device cuda|cpu] [--quick] [suite ...]
+
+Suites: dispatch, matmul, elementwise, transformer, mlp (bench/README.md defines the cases).
+Each case is timed as in bench/run.exs: warm-up runs, then timed runs (at least 5, at most
+20, or until 3 s have passed), each ending with torch.cuda.synchronize(); the median and the
+10th and 90th percentiles in milliseconds. PyTorch runs eagerly, with its own fused kernels
+where a PyTorch user would call them (softmax, layer_norm, gelu); TF32 stays off (PyTorch's
+default for matmul), so f32 matmuls are full f32.
+"""
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+HIDDEN, HEADS, FF = 768, 12, 3072
+
+
+class Settings:
+    def __init__(self, quick):
+        if quick:
+            self.warmup, self.min_reps, self.max_reps, self.budget = 1, 3, 5, 0.5
+        else:
+            self.warmup, self.min_reps, self.max_reps, self.budget = 3, 5, 20, 3.0
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(s, device, fn):
+    for _ in range(s.warmup):
+        fn()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < s.min_reps or (
+        len(times) < s.max_reps and time.perf_counter() - start < s.budget
+    ):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    at = lambda q: times[round((len(times) - 1) * q)]
+    return at(0.5), at(0.1), at(0.9)
+
+
+def emit(key, t, amount=None, unit=None):
+    med, p10, p90 = t
+    print(f"{key}_ms: {med:.4f}")
+    print(f"{key}_ms_p10: {p10:.4f}")
+    print(f"{key}_ms_p90: {p90:.4f}")
+    if amount is not None:
+        print(f"{key}_{unit}: {amount / (med / 1e3) / 1e9:.2f}")
+
+
+def uniform(shape, dtype, seed, scale, device):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    t = (torch.rand(shape, generator=g) * 2 - 1) * scale
+    return t.to(device=device, dtype=dtype)
+
+
+NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def dispatch(s, device):
+    a = torch.arange(16, dtype=torch.float32, device=device)
+    b = torch.ones(16, dtype=torch.float32, device=device)
+    for _ in range(200):
+        (a + b).cpu()
+    chain = 2000
+    per_op = []
+    for _ in range(15):
+        t0 = time.perf_counter()
+        x = a
+        for _ in range(chain):
+            x = x + b
+        per_op.append((time.perf_counter() - t0) * 1e6 / chain)
+        sync(device)
+    readback = []
+    for _ in range(2000):
+        t0 = time.perf_counter()
+        (a + b).cpu()
+        readback.append((time.perf_counter() - t0) * 1e6)
+    per_op.sort()
+    readback.sort()
+    print(f"dispatch_us: {per_op[len(per_op) // 2]:.3f}")
+    print(f"readback_us: {readback[len(readback) // 2]:.3f}")
+
+
+def matmul(s, device):
+    if device.type == "cuda":
+        cases = [(d, n) for d in (torch.bfloat16, torch.float16, torch.float32) for n in (1024, 2048, 4096, 8192)]
+    else:
+        cases = [(torch.float32, n) for n in (256, 512, 1024, 2048)]
+    for dtype, n in cases:
+        a = uniform((n, n), dtype, 1, 1.0, device)
+        b = uniform((n, n), dtype, 2, 1.0, device)
+        t = measure(s, device, lambda: a @ b)
+        emit(f"matmul_{NAMES[dtype]}_{n}", t, 2 * n**3, "gflops")
+
+
+def elementwise(s, device):
+    n, label = (64 << 20, "64m") if device.type == "cuda" else (4 << 20, "4m")
+    a = uniform((n,), torch.float32, 3, 1.0, device)
+    b = uniform((n,), torch.float32, 4, 1.0, device)
+    rows = a.reshape(n // 4096, 4096)
+    for name, k, fn in (
+        ("add", 3, lambda: a + b),
+        ("exp", 2, lambda: torch.exp(a)),
+        ("sum", 1, lambda: torch.sum(a)),
+        ("softmax", 2, lambda: torch.softmax(rows, dim=-1)),
+    ):
+        emit(f"{name}_f32_{label}", measure(s, device, fn), k * n * 4, "gbps")
+
+
+def block_params(dtype, device):
+    w = lambda shape, seed: uniform(shape, dtype, seed, 0.02, device)
+    return dict(
+        wq=w((HIDDEN, HIDDEN), 10), bq=w((HIDDEN,), 11),
+        wk=w((HIDDEN, HIDDEN), 12), bk=w((HIDDEN,), 13),
+        wv=w((HIDDEN, HIDDEN), 14), bv=w((HIDDEN,), 15),
+        wo=w((HIDDEN, HIDDEN), 16), bo=w((HIDDEN,), 17),
+        w1=w((HIDDEN, FF), 18), b1=w((FF,), 19),
+        w2=w((FF, HIDDEN), 20), b2=w((HIDDEN,), 21),
+        g1=w((HIDDEN,), 22), beta1=w((HIDDEN,), 23),
+        g2=w((HIDDEN,), 24), beta2=w((HIDDEN,), 25),
+    )
+
+
+def block(x, p):
+    bsz, seq, _ = x.shape
+    hd = HIDDEN // HEADS
+    h = F.layer_norm(x, (HIDDEN,), p["g1"], p["beta1"], eps=1e-5)
+    heads = lambda t: t.reshape(bsz, seq, HEADS, hd).transpose(1, 2)
+    q = heads(h @ p["wq"] + p["bq"])
+    k = heads(h @ p["wk"] + p["bk"])
+    v = heads(h @ p["wv"] + p["bv"])
+    scores = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(hd))
+    ctx = torch.softmax(scores, dim=-1) @ v
+    ctx = ctx.transpose(1, 2).reshape(bsz, seq, HIDDEN)
+    x1 = x + (ctx @ p["wo"] + p["bo"])
+    f = F.layer_norm(x1, (HIDDEN,), p["g2"], p["beta2"], eps=1e-5) @ p["w1"] + p["b1"]
+    return x1 + (F.gelu(f) @ p["w2"] + p["b2"])
+
+
+def transformer(s, device):
+    if device.type == "cuda":
+        cases = [(torch.float32, 1, 128), (torch.bfloat16, 1, 128), (torch.float32, 8, 512), (torch.bfloat16, 8, 512)]
+    else:
+        cases = [(torch.float32, 1, 128)]
+    for dtype, bsz, seq in cases:
+        p = block_params(dtype, device)
+        x = uniform((bsz, seq, HIDDEN), dtype, 30, 1.0, device)
+        with torch.no_grad():
+            emit(f"transformer_{bsz}x{seq}x{HIDDEN}_{NAMES[dtype]}", measure(s, device, lambda: block(x, p)))
+
+
+def mlp(s, device):
+    cases = [
+        ("mlp4_b8_small", torch.float32, 8, [64, 128, 128, 128, 10]),
+        ("mlp4_b128", torch.float32, 128, [784, 2048, 2048, 2048, 10]),
+    ]
+    if device.type == "cuda":
+        cases.append(("mlp4_b128", torch.bfloat16, 128, [784, 2048, 2048, 2048, 10]))
+    for name, dtype, batch, widths in cases:
+        layers = [
+            (uniform((i, o), dtype, 40 + n, 0.05, device), uniform((o,), dtype, 50 + n, 0.05, device))
+            for n, (i, o) in enumerate(zip(widths, widths[1:]))
+        ]
+        x = uniform((batch, widths[0]), dtype, 60, 1.0, device)
+
+        def run():
+            h = x
+            for n, (w, b) in enumerate(layers):
+                h = h @ w + b
+                if n < len(layers) - 1:
+                    h = torch.relu(h)
+            return h
+
+        with torch.no_grad():
+            emit(f"{name}_{NAMES[dtype]}", measure(s, device, run))
+
+
+SUITES = {"dispatch": dispatch, "matmul": matmul, "elementwise": elementwise, "transformer": transformer, "mlp": mlp}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("suites", nargs="*", default=[])
+    args = parser.parse_args()
+    unknown = [name for name in args.suites if name not in SUITES]
+    if unknown:
+        parser.error(f"unknown suites {unknown}; known: {list(SUITES)}")
+    device = torch.device(args.device)
+    s = Settings(args.quick)
+    print("impl: pytorch")
+    print(f"torch_version: {torch.__version__}")
+    if device.type == "cuda":
+        print(f"torch_gpu: {torch.cuda.get_device_name(0)}")
+        print(f"torch_cuda: {torch.version.cuda}")
+    for name in args.suites or list(SUITES):
+        SUITES[name](s, device)
+
+
+if __name__ == "__main__":
+    main()
