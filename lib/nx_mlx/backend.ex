@@ -776,13 +776,7 @@ defmodule NxMlx.Backend do
       padded_dims =
         [Tuple.to_list(t.shape), low, high] |> Enum.zip_with(fn [d, l, h] -> d + l + h end)
 
-      element_strides =
-        padded_dims
-        |> Enum.reverse()
-        |> Enum.scan(1, &(&1 * &2))
-        |> Enum.reverse()
-        |> tl()
-        |> Kernel.++([1])
+      element_strides = element_strides(padded_dims)
 
       out_dims = Tuple.to_list(out.shape)
       windows = Tuple.to_list(window_dims)
