@@ -21,9 +21,11 @@ defmodule NxMlx.Backend do
     * Shape: `reshape`, `squeeze`, `transpose`, `broadcast`, `concatenate`, `stack`, `slice`
       (starts clamped as in Nx; tensor starts are read back first), `put_slice`, `pad`,
       `reverse`.
-    * Indexing: `gather` (so `Nx.take` and `take_along_axis`), `indexed_add`, `indexed_put`.
-      Out-of-bounds indices never read or write outside the tensor: gather clamps them and
-      out-of-bounds scatter rows write nothing (`Nx.BinaryBackend` raises). With duplicate
+    * Indexing: `gather`, `indexed_add`, `indexed_put`, and `Nx.take`/`take_along_axis`
+      (see "Blocks"). Out-of-bounds indices never read or write outside the tensor: gather and
+      the take blocks clamp them and out-of-bounds scatter rows write nothing
+      (`Nx.BinaryBackend` raises). Indices of any integer type reach every position (u8
+      indices into an axis of 300 elements are not clamped at 255). With duplicate
       indices `indexed_put` keeps the last row on the CPU device, any one of them on the GPU.
     * Element-wise: `add`, `subtract`, `multiply`, `min`, `max`, the comparisons, `divide`,
       `pow`, `atan2` (floats), `quotient`, `remainder`, `bitwise_and`/`or`/`xor`,
@@ -59,13 +61,16 @@ defmodule NxMlx.Backend do
       scans, any axis and direction) and `Nx.Block.LogicalNot`;
     * `Nx.Block.FFT2`, `IFFT2`, `RFFT`, `IRFFT` (one n-dimensional MLX transform; c64 and
       f32 results), `Nx.Block.Phase` (c64), `Nx.Block.AllClose` (a floating-point input);
+    * `Nx.Block.Take` and `Nx.Block.TakeAlongAxis` (one MLX `take`/`take_along_axis`, indices
+      clamped into the axis), `Nx.Block.TopK` (a stable descending argsort, so ties come in
+      index order and NaN first as in Nx, its first k positions and the values taken along
+      the axis with them; complex inputs keep the default function);
     * the `Nx.Block.LinAlg` blocks with `config :nx_mlx, linalg: :lapack` (see "Linear
       algebra").
 
   Every other block runs its default function, which is made of the callbacks above and so
-  runs on MLX too: `Nx.take` and `take_along_axis` (through `gather`), `Nx.top_k` (through
-  `argsort` and `gather`), `Nx.LinAlg.*` in the default `linalg: :nx` mode, all_close of two
-  integer tensors.
+  runs on MLX too: `Nx.LinAlg.*` in the default `linalg: :nx` mode, all_close of two integer
+  tensors. Unknown blocks run their default function.
 
   ## Linear algebra
 
@@ -89,11 +94,12 @@ defmodule NxMlx.Backend do
 
   These run on `Nx.BinaryBackend`: `cbrt`, `erfc`, `count_leading_zeros`,
   `population_count`, `reduce` and `window_reduce` (they take Elixir functions),
-  and, within native callbacks, integer `dot` with more than 16,777,216 products
-  (MLX has no integer matmul; smaller ones multiply and sum natively), f64 floating-point unary functions (MLX's CPU kernels compute them on f64 with about
-  f32 accuracy), float `remainder` (C's fmod), complex inputs of the element-wise ops,
-  interior padding, negative window padding (window reductions and scatters), `conv` with batch groups, negative padding,
-  f64, or input dilation on the GPU. The inputs are copied off the device and the result is
+  and, within native callbacks, integer `dot` with more than 16,777,216 products (MLX has no
+  integer matmul; smaller ones multiply and sum natively), f64 floating-point unary functions
+  (MLX's CPU kernels compute them on f64 with about f32 accuracy), float `remainder` (C's
+  fmod), complex inputs of the element-wise ops, interior padding, negative window padding
+  (window reductions and scatters), `conv` with batch groups, negative padding, f64, or input
+  dilation on the GPU. The inputs are copied off the device and the result is
   copied back. Each such call emits `[:nx_mlx, :fallback, :start | :stop |
   :exception]` telemetry with `%{op: name}`, and `config :nx_mlx, fallback: :silent | :warn |
   :raise` (default `:silent`) makes it silent, log a warning once per op, or raise.
@@ -104,8 +110,8 @@ defmodule NxMlx.Backend do
 
       config :nx_mlx, debug_bounds_check: true, debug_detect_nan_inf: true
 
-    * `debug_bounds_check`: `gather`, `indexed_add` and `indexed_put` (and so `Nx.take`)
-      read their index rows back and raise `ArgumentError` naming the op when one is out of
+    * `debug_bounds_check`: `gather`, `indexed_add`, `indexed_put`, `Nx.take` and
+      `Nx.take_along_axis` read their index rows back and raise `ArgumentError` naming the op when one is out of
       bounds, instead of clamping or skipping it.
     * `debug_detect_nan_inf`: after each floating-point callback, raises `ArgumentError`
       naming the op when the result holds NaN or an infinity while its inputs were finite.
@@ -241,8 +247,10 @@ defmodule NxMlx.Backend do
   end
 
   # debug_bounds_check: every index row of a gather or scatter is inside the tensor.
-  defp check_bounds!(op, in_bounds, nx_op, indices, shape) do
-    rank = tuple_size(indices.shape) - 1
+  # `in_bounds` has the batch shape of `indices` (all of it for the take blocks, whose indices
+  # carry no trailing index dimension).
+  defp check_bounds!(op, in_bounds, nx_op, indices, shape, in_bounds_rank \\ nil) do
+    rank = in_bounds_rank || tuple_size(indices.shape) - 1
     all = op.(:reduce, [:all, in_bounds, Enum.to_list(0..(rank - 1)//1), false])
 
     if Runtime.call(:to_binary, [all], fn -> "NxMlx.Backend.#{nx_op}" end) != <<1>> do
@@ -720,14 +728,24 @@ defmodule NxMlx.Backend do
         op.(:slice, [idx, List.duplicate(0, rank - 1) ++ [j], batch ++ [j + 1], ones ++ [1]])
 
       column = op.(:reshape, [column, batch])
-      high = scalar_ref(elem(shape, axis) - 1, indices.type, device)
-      clamped = op.(:binary, [:minimum, op.(:binary, [:maximum, column, zero]), high])
-      ok = op.(:binary, [:equal, clamped, column])
+      {clamped, ok} = clamp_index(op, column, indices.type, elem(shape, axis), zero, device)
       {clamped, if(in_bounds, do: op.(:binary, [:logical_and, in_bounds, ok]), else: ok)}
     end)
     |> tap(fn {_, in_bounds} ->
       if @debug_bounds_check, do: check_bounds!(op, in_bounds, nx_op, indices, shape)
     end)
+  end
+
+  # `index` (an array of integer `type`) clamped into [0, dim - 1], as Nx clamps, and a bool
+  # array telling where it was in bounds. The upper bound is kept within `type`'s range: a
+  # narrow index type (u8 indices into an axis of 300) cannot exceed it, while the bound
+  # converted to that type would wrap and clamp valid indices.
+  defp clamp_index(op, index, {kind, bits} = type, dim, zero \\ nil, device) do
+    type_max = if kind == :u, do: Bitwise.bsl(1, bits) - 1, else: Bitwise.bsl(1, bits - 1) - 1
+    zero = zero || scalar_ref(0, type, device)
+    high = scalar_ref(max(min(dim - 1, type_max), 0), type, device)
+    clamped = op.(:binary, [:minimum, op.(:binary, [:maximum, index, zero]), high])
+    {clamped, op.(:binary, [:equal, clamped, index])}
   end
 
   ## Window reductions
@@ -973,28 +991,24 @@ defmodule NxMlx.Backend do
     op = op_fn(device, :argsort, [t])
     axis = opts[:axis] || 0
     n = axis_size!(t, axis, :argsort)
-    type = Types.to_mlx(out.type)
-
-    r =
-      if opts[:direction] == :desc do
-        # Stable descending order: sort the reversed axis ascending, reverse the result and
-        # map the positions back (ties keep their original order, as in Nx).
-        reversed = reverse_axis(op, ref!(t, device), axis, n)
-        idx = op.(:astype, [op.(:sort, [true, reversed, axis]), type])
-
-        op.(:binary, [
-          :subtract,
-          scalar_ref(n - 1, out.type, device),
-          reverse_axis(op, idx, axis, n)
-        ])
-      else
-        op.(:astype, [op.(:sort, [true, ref!(t, device), axis]), type])
-      end
-
+    r = argsort_ref(op, ref!(t, device), axis, n, opts[:direction], out.type, device)
     wrap(out, r, device)
   end
 
   def argsort(out, t, opts), do: NxMlx.Fallback.run(:argsort, [out, t, opts], op_device([t]))
+
+  # Stable argsort of `ref` along `axis` (of size `n`), indices of `type`. MLX's sort puts NaN
+  # last, as Nx's ascending order does.
+  defp argsort_ref(op, ref, axis, n, :desc, type, device) do
+    # Stable descending order: sort the reversed axis ascending, reverse the result and map
+    # the positions back (ties keep their original order, as in Nx).
+    reversed = reverse_axis(op, ref, axis, n)
+    idx = op.(:astype, [op.(:sort, [true, reversed, axis]), Types.to_mlx(type)])
+    op.(:binary, [:subtract, scalar_ref(n - 1, type, device), reverse_axis(op, idx, axis, n)])
+  end
+
+  defp argsort_ref(op, ref, axis, _n, _asc, type, _device),
+    do: op.(:astype, [op.(:sort, [true, ref, axis]), Types.to_mlx(type)])
 
   defp reverse_axis(op, ref, axis, n) do
     op.(:take, [ref, op.(:arange, [(n - 1) / 1, -1.0, -1.0, :s32]), axis])
@@ -1587,6 +1601,21 @@ defmodule NxMlx.Backend do
     fourier_block(:irfft, out, t, [s.length], [s.axis], s.eps)
   end
 
+  def block(%Nx.Block.Take{axis: axis}, out, [t, %T{type: {ik, _}} = indices], _fun)
+      when ik in [:s, :u] do
+    take_block(:take, out, t, indices, axis)
+  end
+
+  def block(%Nx.Block.TakeAlongAxis{axis: axis}, out, [t, %T{type: {ik, _}} = indices], _fun)
+      when ik in [:s, :u] do
+    take_block(:take_along_axis, out, t, indices, axis)
+  end
+
+  def block(%Nx.Block.TopK{k: k}, {values, indices}, [%T{type: {kind, _}} = t], _fun)
+      when kind != :c do
+    top_k(values, indices, t, k)
+  end
+
   def block(%mod{} = struct, output, args, fun) when is_map_key(@linalg_blocks, mod) do
     if Application.get_env(:nx_mlx, :linalg, :nx) == :lapack and
          linalg_native?(struct, output, args),
@@ -1595,6 +1624,35 @@ defmodule NxMlx.Backend do
   end
 
   def block(struct, _output, args, fun), do: apply(fun, [struct | args])
+
+  # Nx.take / Nx.take_along_axis: one MLX take (take_along_axis), indices clamped into the
+  # axis as Nx's gather clamps them (checked instead with debug_bounds_check).
+  defp take_block(nx_op, out, %T{shape: shape} = t, %T{} = indices, axis) do
+    device = op_device([t, indices])
+    op = op_fn(device, nx_op, [t, indices])
+    dim = axis_size!(t, axis, nx_op)
+    {idx, ok} = clamp_index(op, ref!(indices, device), indices.type, dim, device)
+
+    if @debug_bounds_check,
+      do: check_bounds!(op, ok, nx_op, indices, shape, tuple_size(indices.shape))
+
+    wrap(out, op.(nx_op, [ref_as(t, out.type, device), idx, axis]), device)
+  end
+
+  # Nx.top_k along the last axis: the first k of a stable descending argsort (NaN first, ties
+  # in index order, as Nx), values taken along the axis with them.
+  defp top_k(values, indices, %T{shape: shape} = t, k) do
+    device = op_device([t])
+    op = op_fn(device, :top_k, [t])
+    axis = tuple_size(shape) - 1
+    dims = Tuple.to_list(shape)
+    ref = ref_as(t, values.type, device)
+    idx = argsort_ref(op, ref, axis, elem(shape, axis), :desc, indices.type, device)
+    zeros = List.duplicate(0, length(dims))
+    ones = List.duplicate(1, length(dims))
+    idx = op.(:slice, [idx, zeros, List.replace_at(dims, axis, k), ones])
+    {wrap(values, op.(:take_along_axis, [ref, idx, axis]), device), wrap(indices, idx, device)}
+  end
 
   # Nx.all_close with a floating-point input, as Nx computes it: |a - b| <= atol + rtol * |b|
   # where both are finite, equality where either is infinite, and NaN equal to NaN only with

@@ -83,6 +83,7 @@ defmodule NxMlx.Native do
   def slice_update(_worker, _src, _update, _start, _stop), do: nif_error()
   def pad(_worker, _a, _low, _high, _value), do: nif_error()
   def take(_worker, _a, _indices, _axis), do: nif_error()
+  def take_along_axis(_worker, _a, _indices, _axis), do: nif_error()
   def arg_reduce(_worker, _max, _a, _axis, _keep_dims), do: nif_error()
   def sort(_worker, _indices, _a, _axis), do: nif_error()
   def gather(_worker, _a, _indices, _axes, _slice_sizes), do: nif_error()

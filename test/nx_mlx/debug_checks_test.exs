@@ -18,9 +18,19 @@ defmodule NxMlx.DebugChecksTest do
       Nx.indexed_add(t, Nx.tensor([[0, -1]], backend: @mlx), Nx.tensor([1.0], backend: @mlx))
     end
 
-    assert_raise ArgumentError, ~r/NxMlx.Backend.gather/, fn ->
+    assert_raise ArgumentError, ~r/NxMlx.Backend.take: an index is out of bounds/, fn ->
       Nx.take(t, Nx.tensor([0, 9], backend: @mlx), axis: 1)
     end
+
+    assert_raise ArgumentError,
+                 ~r/NxMlx.Backend.take_along_axis: an index is out of bounds/,
+                 fn ->
+                   Nx.take_along_axis(t, Nx.tensor([[0], [-1], [2]], backend: @mlx), axis: 1)
+                 end
+
+    # A narrow index type is checked against the axis, not against its own range.
+    assert Nx.to_flat_list(Nx.take(Nx.iota({300}, backend: @mlx), Nx.tensor([255], type: :u8))) ==
+             [255]
 
     # In-bounds calls still work.
     assert Nx.to_flat_list(Nx.gather(t, Nx.tensor([[2, 3]], backend: @mlx))) == [11.0]

@@ -1,7 +1,7 @@
 defmodule NxMlx.OracleBlocksTest do
   # The block/4 kernels and to_batched on NxMlx.Backend against Nx.BinaryBackend, on seeded
   # random inputs. Tolerance: transforms rtol/atol 1.0e-4 (f32 FFTs of up to 16 points sum
-  # that many rounded terms), phase 1.0e-6; all_close, top_k, take and to_batched exact.
+  # that many rounded terms), phase 1.0e-6; all_close, top_k, take, take_along_axis and to_batched exact.
   #
   # Transforms are checked against DFT matrices applied with Nx.dot on Nx.BinaryBackend: Nx
   # 0.13.1's Nx.BinaryBackend.fft is wrong along a non-last axis of a rank-3 tensor (e.g.
@@ -183,20 +183,165 @@ defmodule NxMlx.OracleBlocksTest do
              Nx.to_binary(Nx.all_close(ints, floats))
   end
 
-  test "top_k, take and take_along_axis run their default functions on MLX" do
-    t = random({4, 9})
-    indices = Nx.tensor([[0, 8, 2], [1, 1, 0], [3, 4, 5], [8, 7, 6]], backend: Nx.BinaryBackend)
+  # Calls the kernel straight, with a default function that must not run.
+  defp kernel(struct, out, args) do
+    ran = fn -> flunk("#{inspect(struct)} ran its default function") end
 
-    for k <- [1, 3, 9] do
-      {v, i} = assert_native(fn -> Nx.top_k(mlx(t), k: k) end)
-      {ev, ei} = Nx.top_k(t, k: k)
-      assert Nx.to_binary(v) == Nx.to_binary(ev) and Nx.to_binary(i) == Nx.to_binary(ei)
+    no_default =
+      case args do
+        [_] -> fn _struct, _a -> ran.() end
+        [_, _] -> fn _struct, _a, _b -> ran.() end
+      end
+
+    NxMlx.Backend.block(struct, out, args, no_default)
+  end
+
+  # Nx clamps out-of-bounds indices (Nx.BinaryBackend raises): the reference is computed
+  # with the indices clamped beforehand.
+  defp clamped(indices, dim), do: Nx.clip(Nx.as_type(indices, {:s, 64}), 0, dim - 1)
+
+  defp random_indices(shape, low, high, type) do
+    n = Tuple.product(shape)
+    values = for _ <- 1..n, do: low + :rand.uniform(high - low + 1) - 1
+
+    Nx.tensor(values, type: {:s, 64}, backend: Nx.BinaryBackend)
+    |> Nx.reshape(shape)
+    |> Nx.as_type(type)
+  end
+
+  test "take: dedicated kernel, any axis, index shapes and types, out-of-bounds indices clamped" do
+    cases = [
+      {{4, 9}, 1, {4, 3}},
+      {{4, 9}, 0, {6}},
+      {{2, 3, 5}, 1, {2, 2}},
+      {{2, 3, 5}, 2, {}},
+      {{7}, 0, {3, 2, 2}}
+    ]
+
+    for {shape, axis, idx_shape} <- cases,
+        type <- device_types([{:f, 32}, {:s, 32}, {:bf, 16}, {:u, 8}, {:f, 64}]),
+        idx_type <- [{:s, 32}, {:s, 8}, {:u, 8}, {:u, 32}, {:s, 64}, {:u, 64}] do
+      t = Nx.as_type(Nx.multiply(random(shape), 50), type)
+      dim = elem(shape, axis)
+      low = if elem(idx_type, 0) == :u, do: 0, else: -3
+      indices = random_indices(idx_shape, low, dim + 3, idx_type)
+      expected = Nx.take(t, clamped(indices, dim), axis: axis)
+
+      got = assert_native(fn -> Nx.take(mlx(t), mlx(indices), axis: axis) end)
+      assert got.shape == expected.shape and got.type == expected.type
+
+      assert Nx.to_binary(got) == Nx.to_binary(expected),
+             "take #{inspect({shape, axis, idx_shape, type, idx_type})}"
+
+      out = %{t | shape: expected.shape, names: expected.names}
+      got = kernel(%Nx.Block.Take{axis: axis}, out, [mlx(t), mlx(indices)])
+      assert Nx.to_binary(got) == Nx.to_binary(expected)
     end
 
-    got = assert_native(fn -> Nx.take(mlx(t), mlx(indices), axis: 1) end)
-    assert Nx.to_binary(got) == Nx.to_binary(Nx.take(t, indices, axis: 1))
+    # Complex values, names kept by the kernel as Nx names the result.
+    t = Nx.reshape(random_complex({3, 4}), {3, 4}, names: [:rows, :cols])
+    indices = Nx.tensor([[3, 0], [1, 1]], backend: Nx.BinaryBackend)
+    got = assert_native(fn -> Nx.take(mlx(t), mlx(indices), axis: :cols) end)
+    expected = Nx.take(t, indices, axis: :cols)
+    assert got.names == expected.names and Nx.to_binary(got) == Nx.to_binary(expected)
+  end
+
+  test "take_along_axis: dedicated kernel, any axis and index type, out-of-bounds clamped" do
+    cases = [{{4, 9}, 1, {4, 5}}, {{4, 9}, 0, {6, 9}}, {{2, 3, 5}, 1, {2, 4, 5}}, {{6}, 0, {6}}]
+
+    for {shape, axis, idx_shape} <- cases,
+        type <- device_types([{:f, 32}, {:s, 64}, {:f, 16}, {:f, 64}]),
+        idx_type <- [{:s, 32}, {:u, 8}, {:s, 16}, {:u, 64}] do
+      t = Nx.as_type(Nx.multiply(random(shape), 50), type)
+      dim = elem(shape, axis)
+      low = if elem(idx_type, 0) == :u, do: 0, else: -2
+      indices = random_indices(idx_shape, low, dim + 2, idx_type)
+      expected = Nx.take_along_axis(t, clamped(indices, dim), axis: axis)
+
+      got = assert_native(fn -> Nx.take_along_axis(mlx(t), mlx(indices), axis: axis) end)
+      assert got.shape == expected.shape and got.type == expected.type
+
+      assert Nx.to_binary(got) == Nx.to_binary(expected),
+             "take_along_axis #{inspect({shape, axis, idx_shape, type, idx_type})}"
+
+      got =
+        kernel(%Nx.Block.TakeAlongAxis{axis: axis}, %{t | shape: idx_shape}, [
+          mlx(t),
+          mlx(indices)
+        ])
+
+      assert Nx.to_binary(got) == Nx.to_binary(expected)
+    end
+
+    # Vectorized tensors take the same kernel after Nx devectorizes them.
+    t = Nx.vectorize(random({2, 3, 4}), :v)
+    indices = Nx.tensor([[2, 0], [1, 3], [0, 0]], backend: Nx.BinaryBackend)
     got = assert_native(fn -> Nx.take_along_axis(mlx(t), mlx(indices), axis: 1) end)
-    assert Nx.to_binary(got) == Nx.to_binary(Nx.take_along_axis(t, indices, axis: 1))
+    expected = Nx.take_along_axis(t, indices, axis: 1)
+    assert got.vectorized_axes == expected.vectorized_axes
+    assert Nx.to_binary(got) == Nx.to_binary(expected)
+  end
+
+  test "indices of a narrow type reach every position of a longer axis" do
+    t = Nx.iota({300}, backend: Nx.BinaryBackend)
+    indices = Nx.tensor([200, 5, 255, 0], type: {:u, 8}, backend: Nx.BinaryBackend)
+    expected = Nx.to_binary(Nx.take(t, indices))
+    assert Nx.to_binary(Nx.take(mlx(t), mlx(indices))) == expected
+    assert Nx.to_binary(Nx.gather(mlx(t), mlx(Nx.new_axis(indices, 1)))) == expected
+
+    signed = Nx.tensor([[120], [-5]], type: {:s, 8}, backend: Nx.BinaryBackend)
+    expected = Nx.to_binary(Nx.gather(t, Nx.tensor([[120], [0]], backend: Nx.BinaryBackend)))
+    assert Nx.to_binary(Nx.gather(mlx(t), mlx(signed))) == expected
+
+    zeros = Nx.broadcast(Nx.tensor(0, backend: Nx.BinaryBackend), {300})
+    updates = Nx.tensor([1, 2, 3, 4], backend: Nx.BinaryBackend)
+    put = Nx.indexed_put(mlx(zeros), mlx(Nx.new_axis(indices, 1)), mlx(updates))
+
+    assert Nx.to_binary(put) ==
+             Nx.to_binary(Nx.indexed_put(zeros, Nx.new_axis(indices, 1), updates))
+  end
+
+  test "top_k: dedicated kernel, ties in index order, NaN first, any k, types and ranks" do
+    specials = [:nan, :infinity, :neg_infinity, 0.0, -0.0]
+
+    for shape <- [{9}, {4, 9}, {2, 3, 6}],
+        type <- device_types([{:f, 32}, {:s, 32}, {:bf, 16}, {:u, 8}, {:f, 64}, {:s, 64}]),
+        k <- [1, 3, elem(shape, tuple_size(shape) - 1)] do
+      # Few distinct values, so that rows hold ties; floats get NaN and infinities too.
+      base = Nx.round(Nx.multiply(random(shape), 2))
+
+      t =
+        if elem(type, 0) in [:f, :bf] do
+          flat = Nx.to_flat_list(base)
+          n = length(flat)
+
+          flat =
+            Enum.reduce(0..2, flat, fn j, acc ->
+              List.replace_at(acc, rem(j * 7 + 1, n), Enum.at(specials, rem(j + k, 5)))
+            end)
+
+          Nx.tensor(flat, type: type, backend: Nx.BinaryBackend) |> Nx.reshape(shape)
+        else
+          Nx.as_type(Nx.add(base, 2), type)
+        end
+
+      {ev, ei} = Nx.top_k(t, k: k)
+      {v, i} = assert_native(fn -> Nx.top_k(mlx(t), k: k) end)
+      assert v.type == ev.type and i.type == ei.type and v.shape == ev.shape
+      ctx = inspect({shape, type, k})
+      assert Nx.to_binary(v) == Nx.to_binary(ev), "top_k values #{ctx}"
+      assert Nx.to_binary(i) == Nx.to_binary(ei), "top_k indices #{ctx}"
+
+      {kv, ki} = kernel(%Nx.Block.TopK{k: k}, {ev, ei}, [mlx(t)])
+      assert Nx.to_binary(kv) == Nx.to_binary(ev) and Nx.to_binary(ki) == Nx.to_binary(ei)
+    end
+
+    # Vectorized and named inputs.
+    t = Nx.vectorize(Nx.reshape(random({2, 5}), {2, 5}, names: [nil, :x]), :v)
+    {ev, ei} = Nx.top_k(t, k: 2)
+    {v, i} = assert_native(fn -> Nx.top_k(mlx(t), k: 2) end)
+    assert v.vectorized_axes == ev.vectorized_axes and v.names == ev.names
+    assert Nx.to_binary(v) == Nx.to_binary(ev) and Nx.to_binary(i) == Nx.to_binary(ei)
   end
 
   test "window_scatter_max/min: last extreme of each window, padding, strides, overlaps" do

@@ -482,6 +482,11 @@ std::unique_ptr<array> take(const array& a, const array& indices, int32_t axis, 
   return boxed(mx::take(a, indices, axis, to_mx(s)));
 }
 
+std::unique_ptr<array> take_along_axis(
+    const array& a, const array& indices, int32_t axis, StreamRef s) {
+  return boxed(mx::take_along_axis(a, indices, axis, to_mx(s)));
+}
+
 std::unique_ptr<array> arg_reduce(bool max, const array& a, int32_t axis, bool keep_dims, StreamRef s) {
   return boxed(
       max ? mx::argmax(a, axis, keep_dims, to_mx(s)) : mx::argmin(a, axis, keep_dims, to_mx(s)));

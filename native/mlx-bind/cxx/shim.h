@@ -100,6 +100,8 @@ std::unique_ptr<array> pad(
     const array& value,
     StreamRef s);
 std::unique_ptr<array> take(const array& a, const array& indices, int32_t axis, StreamRef s);
+std::unique_ptr<array> take_along_axis(
+    const array& a, const array& indices, int32_t axis, StreamRef s);
 std::unique_ptr<array> scatter(
     bool add,
     const array& a,

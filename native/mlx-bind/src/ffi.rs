@@ -240,6 +240,12 @@ pub(crate) mod bridge {
             s: StreamRef,
         ) -> Result<UniquePtr<Array>>;
         fn take(a: &Array, indices: &Array, axis: i32, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn take_along_axis(
+            a: &Array,
+            indices: &Array,
+            axis: i32,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
         fn scatter(
             add: bool,
             a: &Array,

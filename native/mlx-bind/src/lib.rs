@@ -421,6 +421,18 @@ pub fn take(a: &Array, indices: &Array, axis: i64, s: &Stream) -> Result<Array> 
     wrap(bridge::take(a.inner(), indices.inner(), axis, s.0))
 }
 
+/// The entries of `a` at `indices` along `axis`, `indices` having `a`'s rank (its other axes
+/// broadcast against `a`'s): `out[.., i, ..] = a[.., indices[.., i, ..], ..]`.
+pub fn take_along_axis(a: &Array, indices: &Array, axis: i64, s: &Stream) -> Result<Array> {
+    let axis = check_axes(&[axis])?[0];
+    wrap(bridge::take_along_axis(
+        a.inner(),
+        indices.inner(),
+        axis,
+        s.0,
+    ))
+}
+
 /// The index of the maximum (`max`) or minimum along `axis` (uint32).
 pub fn arg_reduce(max: bool, a: &Array, axis: i64, keep_dims: bool, s: &Stream) -> Result<Array> {
     let axis = check_axes(&[axis])?[0];

@@ -271,3 +271,23 @@ fn n_dimensional_and_real_ffts_round_trip() {
     let re: Vec<f32> = read_f32(&back, &s).chunks(2).map(|z| z[0]).collect();
     close(&re, &v);
 }
+
+#[test]
+fn take_along_axis_picks_per_row_and_checks_ranks() {
+    let s = cpu();
+    let a = Array::from_bytes(&f32s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), &[2, 3], Dtype::F32).unwrap();
+    let idx: Vec<u8> = [2i32, 0, 0, 1, 1, 2, 0, 0]
+        .iter()
+        .flat_map(|x| x.to_ne_bytes())
+        .collect();
+    let idx = Array::from_bytes(&idx, &[2, 4], Dtype::I32).unwrap();
+    let r = take_along_axis(&a, &idx, 1, &s).unwrap();
+    assert_eq!(r.shape(), vec![2, 4]);
+    assert_eq!(
+        read_f32(&r, &s),
+        vec![3.0, 1.0, 1.0, 2.0, 5.0, 6.0, 4.0, 4.0]
+    );
+    let flat = reshape(&idx, &[8], &s).unwrap();
+    let err = take_along_axis(&a, &flat, 1, &s).unwrap_err();
+    assert!(err.message.contains("dimension"), "{}", err.message);
+}

@@ -237,6 +237,20 @@ fn take(
     })
 }
 
+/// `take_along_axis(worker, a, indices, axis)`.
+#[rustler::nif]
+fn take_along_axis(
+    env: Env,
+    worker: ResourceArc<WorkerRes>,
+    a: ResourceArc<ArrayRes>,
+    indices: ResourceArc<ArrayRes>,
+    axis: i64,
+) -> Term {
+    build(env, &worker, &[&a, &indices], |s| {
+        mlx_bind::take_along_axis(a.array(), indices.array(), axis, s)
+    })
+}
+
 /// `arg_reduce(worker, max, a, axis, keep_dims)`: argmax (`max`) or argmin along `axis`.
 #[rustler::nif]
 fn arg_reduce(
