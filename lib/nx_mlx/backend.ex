@@ -111,8 +111,8 @@ defmodule NxMlx.Backend do
       config :nx_mlx, debug_bounds_check: true, debug_detect_nan_inf: true
 
     * `debug_bounds_check`: `gather`, `indexed_add`, `indexed_put`, `Nx.take` and
-      `Nx.take_along_axis` read their index rows back and raise `ArgumentError` naming the op when one is out of
-      bounds, instead of clamping or skipping it.
+      `Nx.take_along_axis` read their index rows back and raise `ArgumentError` naming the op
+      when one is out of bounds, instead of clamping or skipping it.
     * `debug_detect_nan_inf`: after each floating-point callback, raises `ArgumentError`
       naming the op when the result holds NaN or an infinity while its inputs were finite.
       Every op then waits for its result: for debugging only.
