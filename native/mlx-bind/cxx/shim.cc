@@ -487,6 +487,15 @@ std::unique_ptr<array> take_along_axis(
   return boxed(mx::take_along_axis(a, indices, axis, to_mx(s)));
 }
 
+std::unique_ptr<array> put_along_axis(
+    const array& a, const array& indices, const array& values, int32_t axis, StreamRef s) {
+  return boxed(mx::put_along_axis(a, indices, values, axis, to_mx(s)));
+}
+
+std::unique_ptr<array> topk(const array& a, int32_t k, int32_t axis, StreamRef s) {
+  return boxed(mx::topk(a, k, axis, to_mx(s)));
+}
+
 std::unique_ptr<array> arg_reduce(bool max, const array& a, int32_t axis, bool keep_dims, StreamRef s) {
   return boxed(
       max ? mx::argmax(a, axis, keep_dims, to_mx(s)) : mx::argmin(a, axis, keep_dims, to_mx(s)));

@@ -102,6 +102,9 @@ std::unique_ptr<array> pad(
 std::unique_ptr<array> take(const array& a, const array& indices, int32_t axis, StreamRef s);
 std::unique_ptr<array> take_along_axis(
     const array& a, const array& indices, int32_t axis, StreamRef s);
+std::unique_ptr<array> put_along_axis(
+    const array& a, const array& indices, const array& values, int32_t axis, StreamRef s);
+std::unique_ptr<array> topk(const array& a, int32_t k, int32_t axis, StreamRef s);
 std::unique_ptr<array> scatter(
     bool add,
     const array& a,

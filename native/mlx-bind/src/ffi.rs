@@ -246,6 +246,14 @@ pub(crate) mod bridge {
             axis: i32,
             s: StreamRef,
         ) -> Result<UniquePtr<Array>>;
+        fn put_along_axis(
+            a: &Array,
+            indices: &Array,
+            values: &Array,
+            axis: i32,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+        fn topk(a: &Array, k: i32, axis: i32, s: StreamRef) -> Result<UniquePtr<Array>>;
         fn scatter(
             add: bool,
             a: &Array,

@@ -433,6 +433,31 @@ pub fn take_along_axis(a: &Array, indices: &Array, axis: i64, s: &Stream) -> Res
     ))
 }
 
+/// `a` with `values` written along `axis` at `indices` (both of `a`'s rank, `indices` the
+/// shape of `values`): `out[.., indices[.., i, ..], ..] = values[.., i, ..]`. Which of several
+/// values sent to one position lands there is unspecified.
+pub fn put_along_axis(
+    a: &Array,
+    indices: &Array,
+    values: &Array,
+    axis: i64,
+    s: &Stream,
+) -> Result<Array> {
+    let axis = check_axes(&[axis])?[0];
+    let (a, indices, values) = (a.inner(), indices.inner(), values.inner());
+    wrap(bridge::put_along_axis(a, indices, values, axis, s.0))
+}
+
+/// The `k` largest entries of `a` along `axis`, in no particular order (MLX partitions on the
+/// CPU and sorts on the GPU).
+pub fn topk(a: &Array, k: i64, axis: i64, s: &Stream) -> Result<Array> {
+    let k = i32::try_from(k).map_err(|_| Error {
+        message: format!("k {k} is out of range"),
+    })?;
+    let axis = check_axes(&[axis])?[0];
+    wrap(bridge::topk(a.inner(), k, axis, s.0))
+}
+
 /// The index of the maximum (`max`) or minimum along `axis` (uint32).
 pub fn arg_reduce(max: bool, a: &Array, axis: i64, keep_dims: bool, s: &Stream) -> Result<Array> {
     let axis = check_axes(&[axis])?[0];

@@ -291,3 +291,24 @@ fn take_along_axis_picks_per_row_and_checks_ranks() {
     let err = take_along_axis(&a, &flat, 1, &s).unwrap_err();
     assert!(err.message.contains("dimension"), "{}", err.message);
 }
+
+#[test]
+fn topk_and_put_along_axis() {
+    let s = cpu();
+    let a = Array::from_bytes(&f32s(&[5.0, 1.0, 4.0, 2.0, 3.0, 0.0]), &[2, 3], Dtype::F32).unwrap();
+    let top = topk(&a, 2, 1, &s).unwrap();
+    assert_eq!(top.shape(), vec![2, 2]);
+    let mut rows: Vec<Vec<f32>> = read_f32(&top, &s).chunks(2).map(|r| r.to_vec()).collect();
+    rows.iter_mut().for_each(|r| r.sort_by(f32::total_cmp));
+    assert_eq!(rows, vec![vec![4.0, 5.0], vec![2.0, 3.0]]);
+    assert!(topk(&a, 4, 1, &s).is_err());
+
+    let idx: Vec<u8> = [2i32, 0, 1, 1]
+        .iter()
+        .flat_map(|x| x.to_ne_bytes())
+        .collect();
+    let idx = Array::from_bytes(&idx, &[2, 2], Dtype::I32).unwrap();
+    let values = Array::from_bytes(&f32s(&[7.0, 8.0, 9.0, 9.0]), &[2, 2], Dtype::F32).unwrap();
+    let r = put_along_axis(&a, &idx, &values, 1, &s).unwrap();
+    assert_eq!(read_f32(&r, &s), vec![8.0, 1.0, 7.0, 2.0, 9.0, 0.0]);
+}

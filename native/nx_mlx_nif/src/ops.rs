@@ -251,6 +251,35 @@ fn take_along_axis(
     })
 }
 
+/// `put_along_axis(worker, a, indices, values, axis)`.
+#[rustler::nif]
+fn put_along_axis(
+    env: Env,
+    worker: ResourceArc<WorkerRes>,
+    a: ResourceArc<ArrayRes>,
+    indices: ResourceArc<ArrayRes>,
+    values: ResourceArc<ArrayRes>,
+    axis: i64,
+) -> Term {
+    build(env, &worker, &[&a, &indices, &values], |s| {
+        mlx_bind::put_along_axis(a.array(), indices.array(), values.array(), axis, s)
+    })
+}
+
+/// `topk(worker, a, k, axis)`: the `k` largest entries along `axis`, unordered.
+#[rustler::nif]
+fn topk(
+    env: Env,
+    worker: ResourceArc<WorkerRes>,
+    a: ResourceArc<ArrayRes>,
+    k: i64,
+    axis: i64,
+) -> Term {
+    build(env, &worker, &[&a], |s| {
+        mlx_bind::topk(a.array(), k, axis, s)
+    })
+}
+
 /// `arg_reduce(worker, max, a, axis, keep_dims)`: argmax (`max`) or argmin along `axis`.
 #[rustler::nif]
 fn arg_reduce(
