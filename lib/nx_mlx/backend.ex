@@ -31,8 +31,9 @@ defmodule NxMlx.Backend do
       `pow`, `atan2` (floats), `quotient`, `remainder`, `bitwise_and`/`or`/`xor`,
       `left_shift`, `right_shift` (integers, with Nx's truncation, sign and width rules),
       `logical_and`/`or`/`xor`, `select`, `clip`, `abs`, `negate`, `sign`, `ceil`, `floor`,
-      `round` (half away from zero), `is_nan`, `is_infinity`, `bitwise_not`, `real`, `imag`,
-      `conjugate`, and the floating-point unary functions.
+      `round` (half away from zero), `is_nan`, `is_infinity`, `bitwise_not`,
+      `population_count` and `count_leading_zeros` (composed from shifts, masks and adds),
+      `real`, `imag`, `conjugate`, and the floating-point unary functions.
     * Reductions and scans: `sum`, `product`, `reduce_max`, `reduce_min`, `all`, `any`,
       `argmax`/`argmin` (both tie breaks; an axis holding NaN answers its last NaN, as in
       Nx), `sort`/`argsort` (stable in both directions; NaN last ascending, first
@@ -94,9 +95,9 @@ defmodule NxMlx.Backend do
 
   ## Fallbacks
 
-  These run on `Nx.BinaryBackend`: `cbrt`, `erfc`, `count_leading_zeros`,
-  `population_count`, `reduce` and `window_reduce` (they take Elixir functions),
-  and, within native callbacks, integer `dot` with more than 16,777,216 products (MLX has no
+  These run on `Nx.BinaryBackend`: `cbrt` and `erfc` (MLX has neither, and `1 - erf` loses
+  erfc's small values), `reduce` and `window_reduce` (they take Elixir functions), and,
+  within native callbacks, integer `dot` with more than 16,777,216 products (MLX has no
   integer matmul; smaller ones multiply and sum natively), f64 floating-point unary functions
   (MLX's CPU kernels compute them on f64 with about f32 accuracy), float `remainder` (C's
   fmod), complex inputs of the element-wise ops, interior padding, negative window padding
@@ -1451,6 +1452,78 @@ defmodule NxMlx.Backend do
     do: unary_op(out, t, :bitwise_not, :bitwise_invert)
 
   def bitwise_not(out, t), do: NxMlx.Fallback.run(:bitwise_not, [out, t], op_device([t]))
+
+  # MLX has no bit-count primitives: both are composed from shifts, masks and adds on the
+  # unsigned view of the input (so signed inputs count their two's complement bits).
+  @impl true
+  def population_count(%T{type: {kind, _}} = out, t) when kind in [:s, :u],
+    do: bit_count(out, t, :population_count)
+
+  def population_count(out, t),
+    do: NxMlx.Fallback.run(:population_count, [out, t], op_device([t]))
+
+  @impl true
+  def count_leading_zeros(%T{type: {kind, _}} = out, t) when kind in [:s, :u],
+    do: bit_count(out, t, :count_leading_zeros)
+
+  def count_leading_zeros(out, t),
+    do: NxMlx.Fallback.run(:count_leading_zeros, [out, t], op_device([t]))
+
+  defp bit_count(%T{type: {_, bits} = type} = out, t, nx_op) do
+    device = op_device([t])
+    op = op_fn(device, nx_op, [t])
+    unsigned = {:u, bits}
+    c = fn value -> scalar_ref(value, unsigned, device) end
+    x = op.(:view, [ref_as(t, type, device), Types.to_mlx(unsigned)])
+
+    r =
+      case nx_op do
+        :population_count ->
+          popcount(op, x, bits, c)
+
+        :count_leading_zeros ->
+          # Every bit below the highest set one set too: the leading zeros are what is left.
+          shifts = Stream.iterate(1, &(&1 * 2)) |> Enum.take_while(&(&1 < bits))
+
+          filled =
+            Enum.reduce(shifts, x, fn shift, acc ->
+              op.(:binary, [:bitwise_or, acc, op.(:binary, [:right_shift, acc, c.(shift)])])
+            end)
+
+          op.(:binary, [:subtract, c.(bits), popcount(op, filled, bits, c)])
+      end
+
+    wrap(out, op.(:view, [r, Types.to_mlx(type)]), device)
+  end
+
+  # The set bits of each element of the unsigned array `x`: counts per 2, 4 and 8 bits, then
+  # the bytes summed by a multiplication whose top byte collects them (it wraps, as unsigned
+  # arithmetic does).
+  defp popcount(op, x, bits, c) do
+    # `byte` repeated over the width.
+    pattern = fn byte ->
+      Enum.reduce(1..div(bits, 8), 0, fn _, acc -> Bitwise.bsl(acc, 8) + byte end)
+    end
+
+    masked_shift = fn v, shift, mask ->
+      op.(:binary, [:bitwise_and, op.(:binary, [:right_shift, v, c.(shift)]), c.(mask)])
+    end
+
+    x = op.(:binary, [:subtract, x, masked_shift.(x, 1, pattern.(0x55))])
+    m2 = pattern.(0x33)
+    x = op.(:binary, [:add, op.(:binary, [:bitwise_and, x, c.(m2)]), masked_shift.(x, 2, m2)])
+    x = op.(:binary, [:add, x, op.(:binary, [:right_shift, x, c.(4)])])
+    x = op.(:binary, [:bitwise_and, x, c.(pattern.(0x0F))])
+
+    if bits == 8,
+      do: x,
+      else:
+        op.(:binary, [
+          :right_shift,
+          op.(:binary, [:multiply, x, c.(pattern.(0x01))]),
+          c.(bits - 8)
+        ])
+  end
 
   for {nx_op, mlx_op} <- [is_nan: :isnan, is_infinity: :isinf] do
     @impl true

@@ -206,6 +206,28 @@ defmodule NxMlx.OracleElementwiseTest do
       end
     end
 
+    test "population_count and count_leading_zeros (composed from bit operations)" do
+      for type <- @int_types do
+        {kind, size} = type
+        # Random values plus the edges: zero, one, all bits set, only the top bit set.
+        edges =
+          if kind == :s,
+            do: [0, 1, -1, -Bitwise.bsl(1, size - 1)],
+            else: [0, 1, Bitwise.bsl(1, size) - 1, Bitwise.bsl(1, size - 1)]
+
+        t =
+          Nx.concatenate([
+            Nx.flatten(random({5, 4}, type)),
+            Nx.tensor(edges, type: type, backend: Nx.BinaryBackend)
+          ])
+
+        for op <- [:population_count, :count_leading_zeros] do
+          got = NxMlx.TestHelpers.assert_native(fn -> apply(Nx, op, [mlx(t)]) end)
+          assert_same(got, apply(Nx, op, [t]), 0, "#{op} #{inspect(type)}")
+        end
+      end
+    end
+
     test "transcendental functions" do
       for type <- @float_types, op <- [:exp, :log, :sqrt, :tanh, :sigmoid, :sin, :atan, :erf] do
         # Real results only (Nx.BinaryBackend turns log/sqrt of negatives into complex).
