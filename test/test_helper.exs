@@ -59,6 +59,17 @@ defmodule NxMlx.TestHelpers do
   other than those in `allowed`.
   """
   def assert_native(fun, allowed \\ []) do
+    {result, ops} = with_fallbacks(fun)
+    unexpected = Enum.uniq(ops) -- allowed
+
+    if unexpected != [],
+      do: raise(ExUnit.AssertionError, "fell back for #{inspect(unexpected)}")
+
+    result
+  end
+
+  @doc "Runs `fun` in the calling process: `{result, ops that fell back, in order}`."
+  def with_fallbacks(fun) do
     id = "native-#{inspect(make_ref())}"
 
     :ok =
@@ -66,13 +77,7 @@ defmodule NxMlx.TestHelpers do
 
     try do
       result = fun.()
-      ops = collect_fallbacks([])
-      unexpected = Enum.uniq(ops) -- allowed
-
-      if unexpected != [],
-        do: raise(ExUnit.AssertionError, "fell back for #{inspect(unexpected)}")
-
-      result
+      {result, Enum.reverse(collect_fallbacks([]))}
     after
       :telemetry.detach(id)
     end

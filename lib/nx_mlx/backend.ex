@@ -33,12 +33,14 @@ defmodule NxMlx.Backend do
       `logical_and`/`or`/`xor`, `select`, `clip`, `abs`, `negate`, `sign`, `ceil`, `floor`,
       `round` (half away from zero), `is_nan`, `is_infinity`, `bitwise_not`,
       `population_count` and `count_leading_zeros` (composed from shifts, masks and adds),
-      `real`, `imag`, `conjugate`, and the floating-point unary functions.
+      `real`, `imag`, `conjugate`, and the floating-point unary functions. On c64: the
+      arithmetic, `divide`, the comparisons, `negate`, `abs`, `sign`, `exp`, `log`, `log1p`,
+      `sqrt`, `sin`, `cos`, `tan`, `sinh`, `cosh`, `tanh` and `asinh`.
     * Reductions and scans: `sum`, `product`, `reduce_max`, `reduce_min`, `all`, `any`,
       `argmax`/`argmin` (both tie breaks; an axis holding NaN answers its last NaN, as in
       Nx), `sort`/`argsort` (stable in both directions; NaN last ascending, first
       descending), `window_sum`/`product`/`max`/`min`, cumulative ops (see "Blocks").
-    * `dot` (batched too; MLX's matmul for floating-point types, multiply-and-sum for
+    * `dot` (batched too; MLX's matmul for floating-point and c64 types, multiply-and-sum for
       integers, wrapping as Nx does), `conv` (f16, bf16, f32; any layout,
       strides, padding, dilations and feature groups), `fft`/`ifft`.
     * `triangular_solve` (every option; computed in f64 on the CPU device, see "Linear
@@ -46,7 +48,11 @@ defmodule NxMlx.Backend do
 
   ## Divergences from Nx.BinaryBackend
 
-    * `sign(NaN)` is NaN (as in EXLA); `Nx.BinaryBackend` returns 1.0.
+    * `sign(NaN)` is NaN (as in EXLA); `Nx.BinaryBackend` returns 1.0. The sign of a complex
+      number is `z / |z|` (0 at 0, as in EXLA); `Nx.BinaryBackend` returns 1 for every one.
+    * Complex functions of non-finite inputs follow C++'s `std::complex` (e.g. `exp` of
+      `Inf+0i` is `Inf+0i`, `tanh` of it `1+0i`) where `Nx.BinaryBackend` often gives NaN
+      parts; finite inputs agree to f32 rounding.
     * Integer `quotient`/`remainder` by zero give an unspecified value instead of raising,
       and shifting by a negative amount gives an unspecified value instead of raising.
     * Float results may differ in the last bits (BLAS matmul, MLX's kernels); see the tests.
@@ -100,10 +106,12 @@ defmodule NxMlx.Backend do
   within native callbacks, integer `dot` with more than 16,777,216 products (MLX has no
   integer matmul; smaller ones multiply and sum natively), f64 floating-point unary functions
   (MLX's CPU kernels compute them on f64 with about f32 accuracy), float `remainder` (C's
-  fmod), complex inputs of the element-wise ops, interior padding, negative window padding
-  (window reductions and scatters), `conv` with batch groups, negative padding, f64, or input
-  dilation on the GPU. The inputs are copied off the device and the result is
-  copied back. Each such call emits `[:nx_mlx, :fallback, :start | :stop |
+  fmod), complex inputs of `pow`, `expm1`, `sigmoid`, `rsqrt`, `erf`, `erf_inv` and the
+  inverse trigonometric and hyperbolic functions but `asinh` (no complex kernel in MLX, a
+  different answer at zero, or branch cuts other than Nx's), interior padding, negative
+  window padding (window reductions and scatters), `conv` with batch groups, negative
+  padding, f64, or input dilation on the GPU. The inputs are copied off the device and the
+  result is copied back. Each such call emits `[:nx_mlx, :fallback, :start | :stop |
   :exception]` telemetry with `%{op: name}`, and `config :nx_mlx, fallback: :silent | :warn |
   :raise` (default `:silent`) makes it silent, log a warning once per op, or raise.
 
@@ -1126,7 +1134,7 @@ defmodule NxMlx.Backend do
   ## dot
 
   @impl true
-  def dot(%T{type: {kind, _}} = out, left, c1, b1, right, c2, b2) when kind in [:f, :bf] do
+  def dot(%T{type: {kind, _}} = out, left, c1, b1, right, c2, b2) when kind in [:f, :bf, :c] do
     device = op_device([left, right])
     l = ref_as(left, out.type, device)
     r = ref_as(right, out.type, device)
@@ -1236,6 +1244,10 @@ defmodule NxMlx.Backend do
       binary_op(out, a, b, unquote(nx_op), unquote(mlx_op))
     end
 
+    if nx_op == :divide do
+      def divide(%T{type: {:c, 64}} = out, a, b), do: binary_op(out, a, b, :divide, :divide)
+    end
+
     def unquote(nx_op)(out, a, b),
       do: NxMlx.Fallback.run(unquote(nx_op), [out, a, b], op_device([a, b]))
   end
@@ -1298,12 +1310,23 @@ defmodule NxMlx.Backend do
     erf_inv: :erfinv
   ]
 
+  # These also run on c64: MLX's complex kernels (C++'s std::complex functions) agree with
+  # Nx's to f32 rounding on finite inputs. The inverse trigonometric ones but asinh follow
+  # other branch cuts than Nx's, and expm1, sigmoid and rsqrt have no complex kernel or
+  # disagree at zero: they fall back.
+  @complex_unary [:exp, :log, :log1p, :cos, :sin, :tan, :cosh, :sinh, :tanh, :asinh, :sqrt]
+
   # f64 runs on Nx.BinaryBackend: MLX's CPU kernels compute these functions on f64 with
   # about f32 accuracy (e.g. sigmoid(1.0) = 0.7310585726593212, not 0.7310585786300049).
   for {nx_op, mlx_op} <- @float_unary do
     @impl true
     def unquote(nx_op)(%T{type: {kind, size}} = out, t) when kind in [:f, :bf] and size < 64 do
       unary_op(out, t, unquote(nx_op), unquote(mlx_op))
+    end
+
+    if nx_op in @complex_unary do
+      def unquote(nx_op)(%T{type: {:c, 64}} = out, t),
+        do: unary_op(out, t, unquote(nx_op), unquote(mlx_op))
     end
 
     def unquote(nx_op)(out, t), do: NxMlx.Fallback.run(unquote(nx_op), [out, t], op_device([t]))
@@ -1319,18 +1342,31 @@ defmodule NxMlx.Backend do
   end
 
   def sign(out, %T{type: {kind, _}} = t) when kind in [:s, :u], do: unary_op(out, t, :sign, :sign)
+
+  # z / |z|, and 0 at 0, as Nx.
+  def sign(%T{type: {:c, 64}} = out, %T{type: {:c, 64}} = t) do
+    device = op_device([t])
+    op = op_fn(device, :sign, [t])
+    z = ref!(t, device)
+    magnitude = op.(:unary, [:abs, z])
+    zero = op.(:binary, [:equal, magnitude, scalar_ref(0.0, {:f, 32}, device)])
+    quotient = op.(:binary, [:divide, z, op.(:astype, [magnitude, Types.to_mlx(out.type)])])
+    wrap(out, op.(:select, [zero, scalar_ref(0, out.type, device), quotient]), device)
+  end
+
   def sign(out, t), do: NxMlx.Fallback.run(:sign, [out, t], op_device([t]))
 
-  @any_unary [abs: :abs, negate: :negative]
+  @impl true
+  def negate(out, t), do: unary_op(out, t, :negate, :negative)
 
-  for {nx_op, mlx_op} <- @any_unary do
-    @impl true
-    # Complex inputs (abs of c64 is f32) are left to the fallback for now.
-    def unquote(nx_op)(out, %T{type: {kind, _}} = t) when kind != :c,
-      do: unary_op(out, t, unquote(nx_op), unquote(mlx_op))
-
-    def unquote(nx_op)(out, t), do: NxMlx.Fallback.run(unquote(nx_op), [out, t], op_device([t]))
+  @impl true
+  # The magnitude of c64 (MLX's abs gives f32 for it, through hypot).
+  def abs(%T{type: {:f, 32}} = out, %T{type: {:c, 64}} = t) do
+    device = op_device([t])
+    wrap(out, call(device, :unary, [:abs, ref!(t, device)], :abs, [t]), device)
   end
+
+  def abs(out, t), do: unary_op(out, t, :abs, :abs)
 
   defp unary_op(out, t, nx_op, mlx_op) do
     device = op_device([t])

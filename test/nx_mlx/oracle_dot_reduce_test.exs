@@ -1,7 +1,8 @@
 defmodule NxMlx.OracleDotReduceTest do
   # dot and the reductions on NxMlx.Backend against Nx.BinaryBackend, on seeded random inputs.
   # Tolerance per type: integers exact (wrap-around included); f32 rtol/atol 1.0e-5; f16 and
-  # bf16 2.0e-2 (sums of up to 12 products rounded to 8 or 11 bits); f64 1.0e-12.
+  # bf16 2.0e-2 (sums of up to 12 products rounded to 8 or 11 bits); f64 1.0e-12; c64 1.0e-5
+  # (through all_close, per element against its magnitude).
   use ExUnit.Case, async: true
 
   import NxMlx.TestHelpers
@@ -25,15 +26,20 @@ defmodule NxMlx.OracleDotReduceTest do
 
     source_type = if elem(type, 0) in [:s, :u], do: {:s, 64}, else: {:f, 64}
 
-    Nx.tensor(values, type: source_type, backend: Nx.BinaryBackend)
-    |> Nx.reshape(shape)
-    |> Nx.as_type(type)
+    t =
+      Nx.tensor(values, type: source_type, backend: Nx.BinaryBackend)
+      |> Nx.reshape(shape)
+
+    if type == {:c, 64},
+      do: Nx.complex(Nx.as_type(t, {:f, 32}), random(shape, {:f, 32})),
+      else: Nx.as_type(t, type)
   end
 
   defp mlx(t), do: Nx.backend_copy(t, @mlx)
 
   defp tol({:f, 64}), do: 1.0e-12
   defp tol({:f, 32}), do: 1.0e-5
+  defp tol({:c, 64}), do: 1.0e-5
   defp tol(_), do: 2.0e-2
 
   defp assert_same(got_fun, expected, context) do
@@ -64,6 +70,7 @@ defmodule NxMlx.OracleDotReduceTest do
           {:f, 16},
           {:bf, 16},
           {:f, 64},
+          {:c, 64},
           {:s, 8},
           {:u, 8},
           {:s, 32},

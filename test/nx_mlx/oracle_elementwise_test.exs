@@ -243,6 +243,60 @@ defmodule NxMlx.OracleElementwiseTest do
     end
   end
 
+  describe "complex (c64)" do
+    # Random finite values, zeros among them. Tolerance: rtol/atol 2.0e-6 through all_close
+    # (per element against its magnitude).
+    defp random_c64(shape) do
+      re = random(shape, {:f, 32}, finite: true)
+      im = random(shape, {:f, 32}, finite: true)
+      zero = Nx.equal(Nx.iota(shape, backend: Nx.BinaryBackend) |> Nx.remainder(5), 0)
+
+      Nx.select(
+        zero,
+        Nx.tensor(Complex.new(0.0, 0.0), backend: Nx.BinaryBackend),
+        Nx.complex(re, im)
+      )
+    end
+
+    test "arithmetic, division and comparisons with broadcasting" do
+      for {sa, sb} <- @shapes, op <- [:add, :subtract, :multiply, :divide, :equal, :not_equal] do
+        a = random_c64(sa)
+        # Non-zero divisors.
+        b = Nx.add(random_c64(sb), Nx.tensor(Complex.new(0.0, 0.25), backend: Nx.BinaryBackend))
+        got = NxMlx.TestHelpers.assert_native(fn -> apply(Nx, op, [mlx(a), mlx(b)]) end)
+        assert_same(got, apply(Nx, op, [a, b]), 2.0e-6, "#{op} c64 #{inspect({sa, sb})}")
+      end
+    end
+
+    test "negate, abs, sign, conjugate, real, imag and the functions MLX agrees with Nx on" do
+      z = random_c64({6, 5})
+
+      for op <-
+            [:negate, :abs, :conjugate, :real, :imag] ++
+              [:exp, :log, :log1p, :cos, :sin, :tan, :cosh, :sinh, :tanh, :asinh, :sqrt] do
+        # log of 0 is -Inf+0i on both; all_close compares infinities for equality.
+        got = NxMlx.TestHelpers.assert_native(fn -> apply(Nx, op, [mlx(z)]) end)
+        assert_same(got, apply(Nx, op, [z]), 2.0e-6, "#{op} c64")
+      end
+
+      # sign is z / |z| (0 at 0), as in EXLA: Nx 0.13.1's Nx.BinaryBackend answers 1 for
+      # every complex number.
+      magnitude = Nx.abs(z)
+      zero = Nx.equal(magnitude, 0)
+      expected = Nx.select(zero, 0, Nx.divide(z, Nx.select(zero, 1, magnitude)))
+      got = NxMlx.TestHelpers.assert_native(fn -> Nx.sign(mlx(z)) end)
+      assert_same(got, expected, 2.0e-6, "sign c64")
+    end
+
+    test "functions whose branch cuts differ from Nx's fall back" do
+      z = mlx(random_c64({4}))
+
+      for op <- [:acos, :asin, :atan, :acosh, :atanh, :rsqrt, :expm1, :sigmoid] do
+        assert {_, [^op]} = NxMlx.TestHelpers.with_fallbacks(fn -> apply(Nx, op, [z]) end)
+      end
+    end
+  end
+
   describe "ternary ops and conversions" do
     test "clip, with NaN clipped to the minimum as in Nx" do
       for type <- NxMlx.TestHelpers.device_types([{:f, 32}, {:f, 64}, {:s, 32}, {:u, 8}]),
