@@ -35,7 +35,7 @@ defmodule NxMlx.Backend do
       `population_count` and `count_leading_zeros` (composed from shifts, masks and adds),
       `real`, `imag`, `conjugate`, and the floating-point unary functions. On c64: the
       arithmetic, `divide`, the comparisons, `negate`, `abs`, `sign`, `exp`, `log`, `log1p`,
-      `sqrt`, `sin`, `cos`, `tan`, `sinh`, `cosh`, `tanh` and `asinh`.
+      `sqrt`, `sin`, `cos`, `tan`, `sinh`, `cosh`, `tanh` and (CPU device) `asinh`.
     * Reductions and scans: `sum`, `product`, `reduce_max`, `reduce_min`, `all`, `any`,
       `argmax`/`argmin` (both tie breaks; an axis holding NaN answers its last NaN, as in
       Nx), `sort`/`argsort` (stable in both directions; NaN last ascending, first
@@ -1313,8 +1313,10 @@ defmodule NxMlx.Backend do
   # These also run on c64: MLX's complex kernels (C++'s std::complex functions) agree with
   # Nx's to f32 rounding on finite inputs. The inverse trigonometric ones but asinh follow
   # other branch cuts than Nx's, and expm1, sigmoid and rsqrt have no complex kernel or
-  # disagree at zero: they fall back.
+  # disagree at zero: they fall back. MLX's GPU backends (CUDA, Metal) have no complex asinh:
+  # on the GPU device it falls back too.
   @complex_unary [:exp, :log, :log1p, :cos, :sin, :tan, :cosh, :sinh, :tanh, :asinh, :sqrt]
+  @complex_unary_cpu_only [:asinh]
 
   # f64 runs on Nx.BinaryBackend: MLX's CPU kernels compute these functions on f64 with
   # about f32 accuracy (e.g. sigmoid(1.0) = 0.7310585726593212, not 0.7310585786300049).
@@ -1324,9 +1326,20 @@ defmodule NxMlx.Backend do
       unary_op(out, t, unquote(nx_op), unquote(mlx_op))
     end
 
-    if nx_op in @complex_unary do
-      def unquote(nx_op)(%T{type: {:c, 64}} = out, t),
-        do: unary_op(out, t, unquote(nx_op), unquote(mlx_op))
+    cond do
+      nx_op in @complex_unary_cpu_only ->
+        def unquote(nx_op)(%T{type: {:c, 64}} = out, t) do
+          if op_device([t]) == :cpu,
+            do: unary_op(out, t, unquote(nx_op), unquote(mlx_op)),
+            else: NxMlx.Fallback.run(unquote(nx_op), [out, t], op_device([t]))
+        end
+
+      nx_op in @complex_unary ->
+        def unquote(nx_op)(%T{type: {:c, 64}} = out, t),
+          do: unary_op(out, t, unquote(nx_op), unquote(mlx_op))
+
+      true ->
+        :ok
     end
 
     def unquote(nx_op)(out, t), do: NxMlx.Fallback.run(unquote(nx_op), [out, t], op_device([t]))

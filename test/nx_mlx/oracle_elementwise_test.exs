@@ -274,8 +274,12 @@ defmodule NxMlx.OracleElementwiseTest do
       for op <-
             [:negate, :abs, :conjugate, :real, :imag] ++
               [:exp, :log, :log1p, :cos, :sin, :tan, :cosh, :sinh, :tanh, :asinh, :sqrt] do
-        # log of 0 is -Inf+0i on both; all_close compares infinities for equality.
-        got = NxMlx.TestHelpers.assert_native(fn -> apply(Nx, op, [mlx(z)]) end)
+        # log of 0 is -Inf+0i on both; all_close compares infinities for equality. MLX's GPU
+        # backends have no complex asinh: it falls back there.
+        allowed =
+          if op == :asinh and NxMlx.TestHelpers.oracle_device() == :gpu, do: [:asinh], else: []
+
+        got = NxMlx.TestHelpers.assert_native(fn -> apply(Nx, op, [mlx(z)]) end, allowed)
         assert_same(got, apply(Nx, op, [z]), 2.0e-6, "#{op} c64")
       end
 
