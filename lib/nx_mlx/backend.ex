@@ -35,7 +35,7 @@ defmodule NxMlx.Backend do
       `population_count` and `count_leading_zeros` (composed from shifts, masks and adds),
       `real`, `imag`, `conjugate`, and the floating-point unary functions. On c64: the
       arithmetic, `divide`, the comparisons, `negate`, `abs`, `sign`, `exp`, `log`, `log1p`,
-      `sqrt`, `sin`, `cos`, `tan`, `sinh`, `cosh`, `tanh` and (CPU device) `asinh`.
+      `sqrt`, `sin`, `cos`, `tan`, `sinh`, `cosh` and `tanh`.
     * Reductions and scans: `sum`, `product`, `reduce_max`, `reduce_min`, `all`, `any`,
       `argmax`/`argmin` (both tie breaks; an axis holding NaN answers its last NaN, as in
       Nx), `sort`/`argsort` (stable in both directions; NaN last ascending, first
@@ -107,8 +107,8 @@ defmodule NxMlx.Backend do
   integer matmul; smaller ones multiply and sum natively), f64 floating-point unary functions
   (MLX's CPU kernels compute them on f64 with about f32 accuracy), float `remainder` (C's
   fmod), complex inputs of `pow`, `expm1`, `sigmoid`, `rsqrt`, `erf`, `erf_inv` and the
-  inverse trigonometric and hyperbolic functions but `asinh` (no complex kernel in MLX, a
-  different answer at zero, or branch cuts other than Nx's), interior padding, negative
+  inverse trigonometric and hyperbolic functions (no complex kernel in MLX, a different
+  answer at zero, or branch cuts other than Nx's), interior padding, negative
   window padding (window reductions and scatters), `conv` with batch groups, negative
   padding, f64, or input dilation on the GPU. The inputs are copied off the device and the
   result is copied back. Each such call emits `[:nx_mlx, :fallback, :start | :stop |
@@ -132,7 +132,8 @@ defmodule NxMlx.Backend do
 
   u8–u64, s8–s64, f16, bf16, f32, f64 (CPU device only in MLX) and c64. Tensors of the types
   MLX has no dtype for (8-bit floats, 2- and 4-bit integers) are created on `Nx.BinaryBackend`
-  and stay there (a fallback with the same telemetry and settings); complex128 raises
+  and stay there (a fallback with the same telemetry and settings); an op that mixes one with
+  an MLX tensor raises `ArgumentError` (convert it with `Nx.as_type/2`). complex128 raises
   `ArgumentError`.
   """
 
@@ -294,8 +295,15 @@ defmodule NxMlx.Backend do
   defp ref!(%T{data: %__MODULE__{ref: ref}}, _device), do: ref
 
   defp ref!(%T{} = t, device) do
-    %T{data: %__MODULE__{ref: ref}} = backend_transfer_in(t, device)
-    ref
+    case backend_transfer_in(t, device) do
+      %T{data: %__MODULE__{ref: ref}} ->
+        ref
+
+      %T{type: type} ->
+        raise ArgumentError,
+              "NxMlx.Backend: a #{inspect(type)} tensor cannot take part in an MLX op (MLX " <>
+                "has no such type); convert it with Nx.as_type/2 first"
+    end
   end
 
   defp backend_transfer_in(%T{data: %__MODULE__{}} = t, device) do
@@ -706,7 +714,8 @@ defmodule NxMlx.Backend do
 
     # Out-of-bounds rows (Nx.BinaryBackend raises) must not write, and MLX does not check
     # indices: they are sent to a spare slot past the end of each indexed axis, which is cut
-    # off afterwards.
+    # off afterwards. The routed indices are s32 (s64 for axes past its range): the spare
+    # slot's position may not fit the index type (300 in s8 wraps into the tensor).
     dims = Tuple.to_list(shape)
     spare = Enum.with_index(dims, fn _, i -> if i in axes, do: 1, else: 0 end)
     zeros = List.duplicate(0, length(dims))
@@ -714,7 +723,10 @@ defmodule NxMlx.Backend do
 
     routed =
       Enum.zip_with(per_axis, axes, fn column, axis ->
-        op.(:select, [in_bounds, column, scalar_ref(elem(shape, axis), indices.type, device)])
+        dim = elem(shape, axis)
+        wide = if dim < 2_147_483_647, do: {:s, 32}, else: {:s, 64}
+        column = op.(:astype, [column, Types.to_mlx(wide)])
+        op.(:select, [in_bounds, column, scalar_ref(dim, wide, device)])
       end)
 
     r = op.(:scatter, [nx_op == :indexed_add, padded, routed, values, axes])
@@ -1245,7 +1257,16 @@ defmodule NxMlx.Backend do
     end
 
     if nx_op == :divide do
-      def divide(%T{type: {:c, 64}} = out, a, b), do: binary_op(out, a, b, :divide, :divide)
+      # As Nx: a complex quotient by zero is NaN+NaNi (MLX's gives infinite parts).
+      def divide(%T{type: {:c, 64}} = out, a, b) do
+        device = op_device([a, b])
+        op = op_fn(device, :divide, [a, b])
+        divisor = ref_as(b, out.type, device)
+        q = op.(:binary, [:divide, ref_as(a, out.type, device), divisor])
+        by_zero = op.(:binary, [:equal, divisor, scalar_ref(0, out.type, device)])
+        nan = scalar_ref(Complex.new(:nan, :nan), out.type, device)
+        wrap(out, op.(:select, [by_zero, nan, q]), device)
+      end
     end
 
     def unquote(nx_op)(out, a, b),
@@ -1311,12 +1332,11 @@ defmodule NxMlx.Backend do
   ]
 
   # These also run on c64: MLX's complex kernels (C++'s std::complex functions) agree with
-  # Nx's to f32 rounding on finite inputs. The inverse trigonometric ones but asinh follow
-  # other branch cuts than Nx's, and expm1, sigmoid and rsqrt have no complex kernel or
-  # disagree at zero: they fall back. MLX's GPU backends (CUDA, Metal) have no complex asinh:
-  # on the GPU device it falls back too.
-  @complex_unary [:exp, :log, :log1p, :cos, :sin, :tan, :cosh, :sinh, :tanh, :asinh, :sqrt]
-  @complex_unary_cpu_only [:asinh]
+  # Nx's to f32 rounding on finite inputs. The inverse trigonometric and hyperbolic ones
+  # follow other branch cuts than Nx's (asinh of 0-3i: 1.76-1.57i, Nx -1.76-1.57i; MLX's
+  # GPU backends have no complex asinh at all), and expm1, sigmoid and rsqrt have no complex
+  # kernel or disagree at zero: they fall back.
+  @complex_unary [:exp, :log, :log1p, :cos, :sin, :tan, :cosh, :sinh, :tanh, :sqrt]
 
   # f64 runs on Nx.BinaryBackend: MLX's CPU kernels compute these functions on f64 with
   # about f32 accuracy (e.g. sigmoid(1.0) = 0.7310585726593212, not 0.7310585786300049).
@@ -1326,20 +1346,9 @@ defmodule NxMlx.Backend do
       unary_op(out, t, unquote(nx_op), unquote(mlx_op))
     end
 
-    cond do
-      nx_op in @complex_unary_cpu_only ->
-        def unquote(nx_op)(%T{type: {:c, 64}} = out, t) do
-          if op_device([t]) == :cpu,
-            do: unary_op(out, t, unquote(nx_op), unquote(mlx_op)),
-            else: NxMlx.Fallback.run(unquote(nx_op), [out, t], op_device([t]))
-        end
-
-      nx_op in @complex_unary ->
-        def unquote(nx_op)(%T{type: {:c, 64}} = out, t),
-          do: unary_op(out, t, unquote(nx_op), unquote(mlx_op))
-
-      true ->
-        :ok
+    if nx_op in @complex_unary do
+      def unquote(nx_op)(%T{type: {:c, 64}} = out, t),
+        do: unary_op(out, t, unquote(nx_op), unquote(mlx_op))
     end
 
     def unquote(nx_op)(out, t), do: NxMlx.Fallback.run(unquote(nx_op), [out, t], op_device([t]))

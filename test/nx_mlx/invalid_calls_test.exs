@@ -59,6 +59,18 @@ defmodule NxMlx.InvalidCallsTest do
     assert_raise ArgumentError, ~r/NxMlx.Backend.as_type|too many elements|memory limit/, fn ->
       Backend.constant(Nx.template({1 <<< 40, 1 <<< 20}, :f32), 1.0, device: :cpu)
     end
+
+    # Types MLX lacks stay on Nx.BinaryBackend; meeting an MLX tensor in an op they get a
+    # clear error, not a MatchError.
+    s4 = Nx.tensor([1, 3], type: :s4, backend: @mlx)
+
+    assert_raise ArgumentError, ~r/a \{:s, 4\} tensor cannot take part in an MLX op/, fn ->
+      Nx.take(t({5}), s4)
+    end
+
+    assert_raise ArgumentError, ~r/a \{:f, 8\} tensor cannot take part/, fn ->
+      Nx.take(Nx.tensor([1.0, 2.0], type: :f8, backend: @mlx), Nx.tensor([1], backend: @mlx))
+    end
   end
 
   test "after all of that the VM and the default queue still work" do
