@@ -259,10 +259,9 @@ defmodule NxMlx.Backend do
   end
 
   # debug_bounds_check: every index row of a gather or scatter is inside the tensor.
-  # `in_bounds` has the batch shape of `indices` (all of it for the take blocks, whose indices
-  # carry no trailing index dimension).
-  defp check_bounds!(op, in_bounds, nx_op, indices, shape, in_bounds_rank \\ nil) do
-    rank = in_bounds_rank || tuple_size(indices.shape) - 1
+  # `in_bounds` (of rank `rank`) has the batch shape of `indices` (all of it for the take
+  # blocks, whose indices carry no trailing index dimension).
+  defp check_bounds!(op, in_bounds, rank, nx_op, indices, shape) do
     all = op.(:reduce, [:all, in_bounds, Enum.to_list(0..(rank - 1)//1), false])
 
     if Runtime.call(:to_binary, [all], fn -> "NxMlx.Backend.#{nx_op}" end) != <<1>> do
@@ -742,7 +741,6 @@ defmodule NxMlx.Backend do
     batch = idx_shape |> Tuple.delete_at(rank - 1) |> Tuple.to_list()
     idx = ref!(indices, device)
     ones = List.duplicate(1, rank - 1)
-    zero = scalar_ref(0, indices.type, device)
 
     axes
     |> Enum.with_index()
@@ -751,11 +749,11 @@ defmodule NxMlx.Backend do
         op.(:slice, [idx, List.duplicate(0, rank - 1) ++ [j], batch ++ [j + 1], ones ++ [1]])
 
       column = op.(:reshape, [column, batch])
-      {clamped, ok} = clamp_index(op, column, indices.type, elem(shape, axis), zero, device)
+      {clamped, ok} = clamp_index(op, column, indices.type, elem(shape, axis), device)
       {clamped, if(in_bounds, do: op.(:binary, [:logical_and, in_bounds, ok]), else: ok)}
     end)
     |> tap(fn {_, in_bounds} ->
-      if @debug_bounds_check, do: check_bounds!(op, in_bounds, nx_op, indices, shape)
+      if @debug_bounds_check, do: check_bounds!(op, in_bounds, rank - 1, nx_op, indices, shape)
     end)
   end
 
@@ -763,9 +761,9 @@ defmodule NxMlx.Backend do
   # array telling where it was in bounds. The upper bound is kept within `type`'s range: a
   # narrow index type (u8 indices into an axis of 300) cannot exceed it, while the bound
   # converted to that type would wrap and clamp valid indices.
-  defp clamp_index(op, index, {kind, bits} = type, dim, zero \\ nil, device) do
+  defp clamp_index(op, index, {kind, bits} = type, dim, device) do
     type_max = if kind == :u, do: Bitwise.bsl(1, bits) - 1, else: Bitwise.bsl(1, bits - 1) - 1
-    zero = zero || scalar_ref(0, type, device)
+    zero = scalar_ref(0, type, device)
     high = scalar_ref(max(min(dim - 1, type_max), 0), type, device)
     clamped = op.(:binary, [:minimum, op.(:binary, [:maximum, index, zero]), high])
     {clamped, op.(:binary, [:equal, clamped, index])}
@@ -1772,7 +1770,7 @@ defmodule NxMlx.Backend do
     {idx, ok} = clamp_index(op, ref!(indices, device), indices.type, dim, device)
 
     if @debug_bounds_check,
-      do: check_bounds!(op, ok, nx_op, indices, shape, tuple_size(indices.shape))
+      do: check_bounds!(op, ok, tuple_size(indices.shape), nx_op, indices, shape)
 
     wrap(out, op.(nx_op, [ref_as(t, out.type, device), idx, axis]), device)
   end
