@@ -25,6 +25,9 @@ defmodule NxMlx do
 
   alias NxMlx.{Command, Native, Runtime}
 
+  # Fits the NIF's usize on every platform it builds for; larger byte counts are clamped.
+  @max_bytes Bitwise.bsl(1, 63)
+
   @doc "The devices this build of libmlx can run on, e.g. `[:cpu]` or `[:cpu, :gpu]`."
   def devices do
     NxMlx.Native.build_info()
@@ -69,7 +72,16 @@ defmodule NxMlx do
   """
   @spec submit(Nx.Tensor.t() | Nx.Container.t()) :: {:ok, Command.t()} | {:error, String.t()}
   def submit(tensor_or_container) do
-    refs = tensor_or_container |> collect_refs([]) |> Enum.reverse()
+    refs =
+      try do
+        tensor_or_container |> collect_refs([]) |> Enum.reverse()
+      rescue
+        Protocol.UndefinedError ->
+          raise ArgumentError,
+                "NxMlx.submit/1 expects a tensor, a list or an Nx.Container of tensors, got: " <>
+                  inspect(tensor_or_container, limit: 5)
+      end
+
     NxMlx.Runtime.before_eval()
 
     case Native.submit(refs) do
@@ -102,6 +114,9 @@ defmodule NxMlx do
     {:ok, status}
   end
 
+  def poll(other),
+    do: raise(ArgumentError, "NxMlx.poll/1 expects a command, got: #{inspect(other)}")
+
   @doc """
   Blocks the calling process (in `receive`, not a scheduler) until the command is done.
   `{:error, message}` when MLX failed to evaluate it; its tensors then raise when read.
@@ -126,6 +141,9 @@ defmodule NxMlx do
     Command.report(command)
     result
   end
+
+  def wait(other),
+    do: raise(ArgumentError, "NxMlx.wait/1 expects a command, got: #{inspect(other)}")
 
   ## Memory
 
@@ -155,19 +173,31 @@ defmodule NxMlx do
   @doc """
   Sets MLX's memory limit in bytes and returns the previous one. MLX uses it as a guide for
   evaluation; nx_mlx also refuses to build any single array larger than it (MLX's CPU
-  allocator does not survive an impossible allocation).
+  allocator does not survive an impossible allocation). The limit is clamped to the machine's
+  physical memory (or MLX's default limit, when a GPU has more): MLX would accept any value,
+  and an allocation the system then cannot serve crashes the process.
   """
   @spec set_memory_limit(non_neg_integer()) :: non_neg_integer()
   def set_memory_limit(bytes) when is_integer(bytes) and bytes >= 0,
-    do: Native.set_memory_limit(bytes)
+    do: Native.set_memory_limit(min(bytes, @max_bytes))
+
+  def set_memory_limit(other) do
+    raise ArgumentError,
+          "NxMlx.set_memory_limit/1 expects a non-negative integer of bytes, got: #{inspect(other)}"
+  end
 
   @doc """
   Sets the size in bytes of MLX's buffer cache (0 disables it) and returns the previous one.
   """
   @spec set_cache_limit(non_neg_integer()) :: non_neg_integer()
   def set_cache_limit(bytes) when is_integer(bytes) and bytes >= 0 do
-    Runtime.call(:set_cache_limit, [Runtime.worker(:cpu), bytes], fn ->
+    Runtime.call(:set_cache_limit, [Runtime.worker(:cpu), min(bytes, @max_bytes)], fn ->
       "NxMlx.set_cache_limit(#{bytes})"
     end)
+  end
+
+  def set_cache_limit(other) do
+    raise ArgumentError,
+          "NxMlx.set_cache_limit/1 expects a non-negative integer of bytes, got: #{inspect(other)}"
   end
 end

@@ -138,6 +138,11 @@ defmodule NxMlx.CommandQueue do
     end)
   end
 
+  def synchronize(other) do
+    raise ArgumentError,
+          "NxMlx.CommandQueue.synchronize/1 expects a command queue, got: #{inspect(other)}"
+  end
+
   @doc """
   Runs `fun` with `queue` bound to the calling process (see "Binding a queue to a process").
   """
@@ -154,6 +159,12 @@ defmodule NxMlx.CommandQueue do
         binding -> Process.put(@key, binding)
       end
     end
+  end
+
+  def with_queue(queue, fun) do
+    raise ArgumentError,
+          "NxMlx.CommandQueue.with_queue/2 expects a command queue and a function of arity 0, " <>
+            "got: #{inspect(queue)} and #{inspect(fun)}"
   end
 
   @doc "The `{ref, device}` bound to the calling process, or `nil`."

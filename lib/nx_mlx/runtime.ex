@@ -79,7 +79,7 @@ defmodule NxMlx.Runtime do
   and types, used only on failure.
   """
   def call(fun, args, describe) do
-    case apply(Native, fun, args) do
+    case native(fun, args, describe) do
       {:ok, value} ->
         value
 
@@ -100,6 +100,22 @@ defmodule NxMlx.Runtime do
       {:error, reason} ->
         raise_error(reason, describe)
     end
+  end
+
+  # A NIF given a term it cannot decode (a forged or stale reference, a float where an
+  # integer belongs) raises a bare `ArgumentError` ("argument error"): say which call it was.
+  defp native(fun, args, describe) do
+    apply(Native, fun, args)
+  rescue
+    e in ArgumentError ->
+      if e.message == "argument error" do
+        reraise ArgumentError,
+                "#{describe.()}: invalid argument to NxMlx.Native.#{fun}/#{length(args)} " <>
+                  "(#{Enum.map_join(args, ", ", &inspect(&1, limit: 3))})",
+                __STACKTRACE__
+      else
+        reraise e, __STACKTRACE__
+      end
   end
 
   @doc "Waits for the reply tagged `ref`."

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include <dlfcn.h>
+#include <unistd.h>
 
 #include "mlx-bind/src/ffi.rs.h"
 #include "mlx/mlx.h"
@@ -73,6 +74,81 @@ std::string path_of(const void* addr) {
     return info.dli_fname;
   }
   return "";
+}
+
+// An axis given as -ndim..ndim-1, as a position; or invalid_argument naming `op`.
+int checked_axis(const char* op, const array& a, int axis) {
+  int ndim = static_cast<int>(a.ndim());
+  if (axis < -ndim || axis >= ndim) {
+    throw std::invalid_argument(
+        std::string(op) + ": axis " + std::to_string(axis) + " is out of range for an array of " +
+        std::to_string(ndim) + " dimensions");
+  }
+  return axis < 0 ? axis + ndim : axis;
+}
+
+// MLX reads and writes at index values without checking them (an out-of-range one reads or
+// writes outside the array), so every index array is clamped into [0, dim - 1] before MLX
+// sees it. The upper bound stays within the index type (u8 indices into an axis of 300 need
+// no clamp from above, and 299 would wrap in u8).
+array clamped_indices(const char* op, const array& indices, int dim, mx::StreamOrDevice st) {
+  if (!mx::issubdtype(indices.dtype(), mx::integer)) {
+    throw std::invalid_argument(std::string(op) + ": indices must be integers");
+  }
+  if (dim <= 0) {
+    if (indices.size() == 0) {
+      return indices;
+    }
+    throw std::invalid_argument(std::string(op) + ": cannot index an empty axis");
+  }
+  auto dt = indices.dtype();
+  int64_t type_max = dt.size() >= 8 ? INT64_MAX : (mx::issubdtype(dt, mx::unsignedinteger)
+      ? (int64_t{1} << (8 * dt.size())) - 1
+      : (int64_t{1} << (8 * dt.size() - 1)) - 1);
+  int64_t high = std::min<int64_t>(dim - 1, type_max);
+  return mx::clip(indices, mx::array(0, dt), mx::array(high, dt), st);
+}
+
+// Integer division traps (SIGFPE) on a zero divisor and on the type's minimum divided by -1.
+// Such divisors are replaced by 1 before MLX divides; for -1 the quotient is then the
+// (wrapping) negation of the dividend and the remainder 0, as in two's complement
+// arithmetic. A zero divisor gives an unspecified value.
+array integer_division(bool floor_divide, const array& a, const array& b, mx::StreamOrDevice st) {
+  auto dt = mx::promote_types(a.dtype(), b.dtype());
+  if (!mx::issubdtype(dt, mx::integer)) {
+    return floor_divide ? mx::floor_divide(a, b, st) : mx::remainder(a, b, st);
+  }
+  auto x = mx::astype(a, dt, st);
+  auto y = mx::astype(b, dt, st);
+  auto one = mx::array(1, dt);
+  auto zero = mx::array(0, dt);
+  if (mx::issubdtype(dt, mx::unsignedinteger)) {
+    auto d = mx::where(mx::equal(y, zero, st), one, y, st);
+    return floor_divide ? mx::floor_divide(x, d, st) : mx::remainder(x, d, st);
+  }
+  auto minus_one = mx::array(-1, dt);
+  auto by_minus_one = mx::equal(y, minus_one, st);
+  auto d = mx::where(mx::logical_or(mx::equal(y, zero, st), by_minus_one, st), one, y, st);
+  if (floor_divide) {
+    return mx::where(by_minus_one, mx::negative(x, st), mx::floor_divide(x, d, st), st);
+  }
+  return mx::where(by_minus_one, zero, mx::remainder(x, d, st), st);
+}
+
+// One clamped index array per indexed axis of `a` (see clamped_indices).
+std::vector<array> guarded_indices(
+    const char* op, const array& a, const std::vector<array>& indices, std::vector<int>& axes,
+    mx::StreamOrDevice st) {
+  if (indices.size() != axes.size()) {
+    throw std::invalid_argument(std::string(op) + ": one index array is needed per axis");
+  }
+  std::vector<array> out;
+  out.reserve(indices.size());
+  for (size_t i = 0; i < indices.size(); ++i) {
+    axes[i] = checked_axis(op, a, axes[i]);
+    out.push_back(clamped_indices(op, indices[i], a.shape(axes[i]), st));
+  }
+  return out;
 }
 
 } // namespace
@@ -300,6 +376,13 @@ size_t get_cache_memory() {
   return mx::get_cache_memory();
 }
 
+size_t physical_memory() {
+  long pages = sysconf(_SC_PHYS_PAGES);
+  long page_size = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page_size > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(page_size)
+                                    : 0;
+}
+
 size_t get_memory_limit() {
   return mx::get_memory_limit();
 }
@@ -380,8 +463,8 @@ std::unique_ptr<array> binary(BinaryOp op, const array& a, const array& b, Strea
     case BinaryOp::Subtract: return boxed(mx::subtract(a, b, st));
     case BinaryOp::Multiply: return boxed(mx::multiply(a, b, st));
     case BinaryOp::Divide: return boxed(mx::divide(a, b, st));
-    case BinaryOp::FloorDivide: return boxed(mx::floor_divide(a, b, st));
-    case BinaryOp::Remainder: return boxed(mx::remainder(a, b, st));
+    case BinaryOp::FloorDivide: return boxed(integer_division(true, a, b, st));
+    case BinaryOp::Remainder: return boxed(integer_division(false, a, b, st));
     case BinaryOp::Power: return boxed(mx::power(a, b, st));
     case BinaryOp::Maximum: return boxed(mx::maximum(a, b, st));
     case BinaryOp::Minimum: return boxed(mx::minimum(a, b, st));
@@ -453,6 +536,11 @@ std::unique_ptr<array> slice(
     rust::Slice<const int32_t> stop,
     rust::Slice<const int32_t> strides,
     StreamRef s) {
+  for (auto step : strides) {
+    if (step == 0) {
+      throw std::invalid_argument("slice: a stride of 0 is not allowed");
+    }
+  }
   return boxed(mx::slice(a, to_shape(start), to_shape(stop), to_shape(strides), to_mx(s)));
 }
 
@@ -479,21 +567,34 @@ std::unique_ptr<array> pad(
 }
 
 std::unique_ptr<array> take(const array& a, const array& indices, int32_t axis, StreamRef s) {
-  return boxed(mx::take(a, indices, axis, to_mx(s)));
+  auto st = to_mx(s);
+  int ax = checked_axis("take", a, axis);
+  return boxed(mx::take(a, clamped_indices("take", indices, a.shape(ax), st), ax, st));
 }
 
 std::unique_ptr<array> take_along_axis(
     const array& a, const array& indices, int32_t axis, StreamRef s) {
-  return boxed(mx::take_along_axis(a, indices, axis, to_mx(s)));
+  auto st = to_mx(s);
+  int ax = checked_axis("take_along_axis", a, axis);
+  auto idx = clamped_indices("take_along_axis", indices, a.shape(ax), st);
+  return boxed(mx::take_along_axis(a, idx, ax, st));
 }
 
 std::unique_ptr<array> put_along_axis(
     const array& a, const array& indices, const array& values, int32_t axis, StreamRef s) {
-  return boxed(mx::put_along_axis(a, indices, values, axis, to_mx(s)));
+  auto st = to_mx(s);
+  int ax = checked_axis("put_along_axis", a, axis);
+  auto idx = clamped_indices("put_along_axis", indices, a.shape(ax), st);
+  return boxed(mx::put_along_axis(a, idx, values, ax, st));
 }
 
 std::unique_ptr<array> topk(const array& a, int32_t k, int32_t axis, StreamRef s) {
-  return boxed(mx::topk(a, k, axis, to_mx(s)));
+  int ax = checked_axis("topk", a, axis);
+  if (k < 1 || k > a.shape(ax)) {
+    throw std::invalid_argument(
+        "topk: k must be in 1.." + std::to_string(a.shape(ax)) + ", got " + std::to_string(k));
+  }
+  return boxed(mx::topk(a, k, ax, to_mx(s)));
 }
 
 std::unique_ptr<array> arg_reduce(bool max, const array& a, int32_t axis, bool keep_dims, StreamRef s) {
@@ -512,10 +613,11 @@ std::unique_ptr<array> scatter(
     const array& updates,
     rust::Slice<const int32_t> axes,
     StreamRef s) {
+  auto st = to_mx(s);
   auto ax = to_ints(axes);
+  auto idx = guarded_indices("scatter", a, indices.arrays, ax, st);
   return boxed(
-      add ? mx::scatter_add(a, indices.arrays, updates, ax, to_mx(s))
-          : mx::scatter(a, indices.arrays, updates, ax, to_mx(s)));
+      add ? mx::scatter_add(a, idx, updates, ax, st) : mx::scatter(a, idx, updates, ax, st));
 }
 
 std::unique_ptr<array> as_strided(
@@ -554,6 +656,10 @@ std::unique_ptr<array> conv_general(
     rust::Slice<const int32_t> input_dilation,
     int32_t groups,
     StreamRef s) {
+  // MLX divides the channels by `groups` before checking it.
+  if (groups < 1) {
+    throw std::invalid_argument("conv: groups must be at least 1, got " + std::to_string(groups));
+  }
   return boxed(mx::conv_general(
       input,
       weight,
@@ -598,7 +704,10 @@ std::unique_ptr<array> gather(
     rust::Slice<const int32_t> axes,
     rust::Slice<const int32_t> slice_sizes,
     StreamRef s) {
-  return boxed(mx::gather(a, indices.arrays, to_ints(axes), to_shape(slice_sizes), to_mx(s)));
+  auto st = to_mx(s);
+  auto ax = to_ints(axes);
+  auto idx = guarded_indices("gather", a, indices.arrays, ax, st);
+  return boxed(mx::gather(a, idx, ax, to_shape(slice_sizes), st));
 }
 
 std::unique_ptr<array> linalg_inv(const array& a, StreamRef s) {

@@ -57,6 +57,7 @@ uint64_t array_id(const array& a);
 
 size_t get_active_memory();
 size_t get_peak_memory();
+size_t physical_memory();
 void reset_peak_memory();
 size_t get_cache_memory();
 size_t get_memory_limit();
