@@ -1,0 +1,90 @@
+defmodule Mix.Tasks.NxMlx.Fuzz do
+  @shortdoc "Runs random valid and invalid calls of the whole API in child VMs"
+  @moduledoc """
+  Generates random valid and invalid calls across the API (every Nx op family on
+  `NxMlx.Backend` tensors, direct backend callbacks, `NxMlx.Native` functions with hostile
+  arguments, command queues, commands, pipelines and the memory API), runs each in a child
+  VM and classifies it:
+
+    * `ok`: the result agrees with the same call on `Nx.BinaryBackend` (within the tolerance
+      of its type, see `NxMlx.Fuzz.Exec`);
+    * `expected`: an `ArgumentError` naming the op, or the very exception Nx's front end
+      raised on `Nx.BinaryBackend` (direct backend and NIF calls: any error return or raise);
+    * `documented`: a difference the `NxMlx.Backend` moduledoc documents (the table of
+      divergences in `NxMlx.Fuzz.Exec`);
+    * `disagree`: values (or raising) differ from `Nx.BinaryBackend`;
+    * `other_exc`: any other exception;
+    * `crash`: the child VM died; `hang`: no answer within the timeout (the child is killed).
+
+      mix nx_mlx.fuzz --calls 1000 --seed 7
+      mix nx_mlx.fuzz --calls 200 --seed 7 --device gpu
+      mix nx_mlx.fuzz --seed 7 --only 17,42      # reruns cases and prints them in full
+
+  Options: `--calls N` (default 1000, 200 with `--quick`), `--seed S` (default 1),
+  `--first I` (first case index, default 0), `--only I,J` (just these indices),
+  `--device cpu|gpu`, `--batch N` (cases per child VM, default 250), `--timeout MS` (per
+  case, default 30000), `--memory-limit BYTES` (MLX's memory limit in the child, default
+  4 GiB), `--strict` (exit non-zero when a crash, hang, other exception or disagreement was
+  seen; otherwise the exit status is 0: the output is a report).
+
+  Every case is a pure function of (seed, index). The output ends with `key: value` lines,
+  the last five `calls`, `crashes`, `hangs`, `other_exceptions` and `disagreements`.
+  """
+  use Mix.Task
+
+  @switches [
+    calls: :integer,
+    seed: :integer,
+    first: :integer,
+    only: :string,
+    device: :string,
+    quick: :boolean,
+    batch: :integer,
+    timeout: :integer,
+    memory_limit: :integer,
+    strict: :boolean
+  ]
+
+  @impl true
+  def run(args) do
+    {opts, _} = OptionParser.parse!(args, strict: @switches)
+    Mix.Task.run("compile")
+    Mix.Task.run("loadpaths")
+    Application.load(:nx_mlx)
+
+    device =
+      case Keyword.get(opts, :device, "cpu") do
+        "cpu" -> :cpu
+        "gpu" -> :gpu
+        other -> Mix.raise("--device takes cpu or gpu, got #{inspect(other)}")
+      end
+
+    only =
+      case opts[:only] do
+        nil -> nil
+        list -> list |> String.split(",", trim: true) |> Enum.map(&String.to_integer/1)
+      end
+
+    calls = opts[:calls] || if(opts[:quick], do: 200, else: 1000)
+
+    run_opts =
+      [calls: calls, device: device, only: only, progress: if(only, do: nil, else: :stderr)] ++
+        Keyword.take(opts, [:seed, :first, :batch, :timeout, :memory_limit])
+
+    outcome = NxMlx.Fuzz.run(run_opts)
+
+    if only do
+      Enum.each(outcome.results, &IO.puts(NxMlx.Fuzz.describe(&1, device)))
+      IO.puts("")
+    end
+
+    IO.puts(NxMlx.Fuzz.report(outcome, run_opts))
+
+    totals = NxMlx.Fuzz.totals(outcome.results)
+    bad = totals.crash + totals.hang + totals.other_exception + totals.disagreement
+
+    if opts[:strict] && bad > 0 do
+      Mix.raise("nx_mlx.fuzz: #{bad} failing cases (--strict)")
+    end
+  end
+end
