@@ -30,23 +30,31 @@ defmodule NxMlx.Fuzz do
   def run(opts) do
     opts = Keyword.merge(@defaults, opts)
     indices = opts[:only] || Enum.to_list(opts[:first]..(opts[:first] + opts[:calls] - 1)//1)
+    specs = Stream.map(indices, &Gen.case(opts[:seed], &1, opts[:device]))
+    t0 = System.monotonic_time()
+    results = run_specs(specs, Keyword.put(opts, :total, length(indices)))
+    %{results: results, elapsed_s: seconds_since(t0)}
+  end
+
+  @doc "Runs the given cases (an enumerable of specs) in child VMs: [%{spec, class, detail, us}]."
+  def run_specs(specs, opts) do
+    opts = Keyword.merge(@defaults, opts)
     env = [nx_mlx: Application.get_all_env(:nx_mlx)]
     t0 = System.monotonic_time()
 
     {results, child} =
-      indices
-      |> Enum.with_index(1)
-      |> Enum.map_reduce(nil, fn {index, n}, child ->
-        spec = Gen.case(opts[:seed], index, opts[:device])
+      specs
+      |> Stream.with_index(1)
+      |> Enum.map_reduce(nil, fn {spec, n}, child ->
         child = child || start_child(env, opts[:memory_limit])
         {result, child} = run_one(child, spec, opts)
         child = if child && child.count >= opts[:batch], do: stop_child(child), else: child
-        progress(opts[:progress], n, length(indices), t0)
+        progress(opts[:progress], n, opts[:total], t0)
         {result, child}
       end)
 
     if child, do: stop_child(child)
-    %{results: results, elapsed_s: seconds_since(t0)}
+    results
   end
 
   defp seconds_since(t0),
@@ -55,7 +63,7 @@ defmodule NxMlx.Fuzz do
   defp progress(nil, _, _, _), do: :ok
 
   defp progress(io, n, total, t0) do
-    if rem(n, 250) == 0 or n == total do
+    if rem(n, 250) == 0 or n === total do
       rate = n / max(seconds_since(t0), 1.0e-6)
       IO.puts(io, "fuzz: #{n}/#{total} (#{Float.round(rate, 1)} calls/s)")
     end
