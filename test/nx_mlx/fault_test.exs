@@ -1,0 +1,293 @@
+defmodule NxMlx.FaultTest do
+  # Faults around the runtime: callers and queue owners that die mid-work, allocations over
+  # the memory limit, commands nobody waits for, many processes at once, and a short soak.
+  # After each, the VM, the queues and MLX's memory must be as before.
+  use ExUnit.Case, async: false
+
+  import Bitwise, only: [<<<: 2]
+  import NxMlx.TestHelpers
+
+  alias NxMlx.{CommandQueue, Native}
+
+  @mlx {NxMlx.Backend, device: :cpu}
+
+  defp mlx(data, opts \\ []), do: Nx.tensor(data, Keyword.put(opts, :backend, @mlx))
+
+  # MLX's active bytes once this process's dead tensors are collected and the default CPU
+  # queue has freed what it was handed.
+  defp settled_active do
+    :erlang.garbage_collect()
+    CommandQueue.synchronize(CommandQueue.default(:cpu))
+    NxMlx.memory().active
+  end
+
+  defp rss_kb do
+    "/proc/self/status"
+    |> File.read!()
+    |> String.split("\n")
+    |> Enum.find_value(fn
+      "VmRSS:" <> rest -> rest |> String.trim() |> String.split() |> hd() |> String.to_integer()
+      _ -> nil
+    end)
+  end
+
+  # About 2 s of CPU work: a chain of 1024^2 f32 matmuls, each 4 MiB.
+  defp long_evaluation(queue) do
+    CommandQueue.with_queue(queue, fn ->
+      a = Nx.iota({1024, 1024}, type: :f32, backend: @mlx) |> Nx.divide(1024 * 1024)
+      Enum.reduce(1..60, a, fn _, acc -> Nx.dot(acc, a) end)
+    end)
+  end
+
+  defp check_queue_works(queue) do
+    CommandQueue.with_queue(queue, fn ->
+      assert Nx.to_flat_list(Nx.add(mlx([1, 2, 3]), 10)) == [11, 12, 13]
+    end)
+  end
+
+  describe "callers killed mid-evaluation" do
+    test "the queue keeps working and the memory comes back" do
+      queue = CommandQueue.new!(:cpu)
+      baseline = settled_active()
+      parent = self()
+
+      pids =
+        for _ <- 1..3 do
+          spawn(fn ->
+            t = long_evaluation(queue)
+            send(parent, {:started, self()})
+            Nx.to_binary(t)
+            send(parent, {:finished, self()})
+          end)
+        end
+
+      for pid <- pids, do: assert_receive({:started, ^pid}, 10_000)
+      Process.sleep(100)
+      for pid <- pids, do: Process.exit(pid, :kill)
+      refute_received {:finished, _}
+
+      check_queue_works(queue)
+      :ok = CommandQueue.synchronize(queue)
+
+      assert eventually(fn -> settled_active() <= baseline + 1_048_576 end, 30_000),
+             "active #{NxMlx.memory().active} bytes, #{baseline} before"
+    end
+
+    test "a process killed while it waits for a submitted command" do
+      baseline = settled_active()
+      queue = CommandQueue.new!(:cpu)
+
+      pid =
+        spawn(fn ->
+          {:ok, command} = NxMlx.submit(long_evaluation(queue))
+          NxMlx.wait(command)
+        end)
+
+      Process.sleep(200)
+      Process.exit(pid, :kill)
+      check_queue_works(queue)
+      assert eventually(fn -> Native.live_commands() == 0 end, 30_000)
+      assert eventually(fn -> settled_active() <= baseline + 1_048_576 end, 30_000)
+    end
+  end
+
+  describe "queue owners dying" do
+    test "other processes keep using the queue; it stops once nobody holds it" do
+      workers_before = Native.live_workers()
+      parent = self()
+
+      owner =
+        spawn(fn ->
+          queue = CommandQueue.new!(:cpu)
+          send(parent, {:queue, queue})
+
+          receive do
+            :never -> :ok
+          end
+        end)
+
+      assert_receive {:queue, queue}
+      queue_id = CommandQueue.id(queue)
+
+      users =
+        for i <- 1..4 do
+          Task.async(fn ->
+            CommandQueue.with_queue(queue, fn ->
+              for k <- 1..200 do
+                t = Nx.add(Nx.multiply(mlx([i, k]), 2), 1)
+                assert Nx.to_flat_list(t) == [2 * i + 1, 2 * k + 1]
+                assert Native.array_info(t.data.ref).worker_id == queue_id
+                # The owner dies while the users are in the middle of their work.
+                if i == 1 and k == 50, do: Process.exit(owner, :kill)
+              end
+
+              :done
+            end)
+          end)
+        end
+
+      assert Task.await_many(users, 60_000) == List.duplicate(:done, 4)
+      refute Process.alive?(owner)
+      check_queue_works(queue)
+
+      # The queue's thread stops once its last reference (the struct and its arrays) is gone.
+      queue = nil
+      _ = queue
+      assert eventually(fn -> Native.live_workers() <= workers_before end, 10_000)
+    end
+  end
+
+  describe "allocation failures" do
+    test "an op above the memory limit raises ArgumentError and leaves the VM and memory fine" do
+      a = Nx.iota({1_000_000}, type: :f32, backend: @mlx)
+      Nx.to_binary(a)
+      baseline = settled_active()
+      old = NxMlx.set_memory_limit(2_000_000)
+
+      try do
+        for op <- [&Nx.add(&1, 1.0), &Nx.exp/1, &Nx.concatenate([&1, &1]), &Nx.outer(&1, &1)] do
+          assert_raise ArgumentError, ~r/memory limit/, fn -> op.(a) |> Nx.to_binary() end
+        end
+
+        # Small work goes on under the low limit.
+        assert Nx.to_flat_list(Nx.add(mlx([1.0, 2.0]), 1.0)) == [2.0, 3.0]
+      after
+        NxMlx.set_memory_limit(old)
+      end
+
+      assert NxMlx.memory().limit == old
+      assert settled_active() <= baseline + 65_536
+      assert Nx.to_number(Nx.sum(Nx.add(a, 1.0))) > 0
+    end
+
+    test "an impossible allocation under the default limit is refused too" do
+      baseline = settled_active()
+
+      # 2^36 f32 values (256 GiB), above any default limit; a lazy broadcast until the add.
+      assert_raise ArgumentError, ~r/NxMlx.Backend.\w+ failed.*memory limit/s, fn ->
+        Nx.tensor(1.0, backend: @mlx)
+        |> Nx.broadcast({1 <<< 18, 1 <<< 18})
+        |> Nx.add(1)
+        |> Nx.to_binary()
+      end
+
+      assert settled_active() <= baseline + 65_536
+      check_queue_works(CommandQueue.default(:cpu))
+    end
+  end
+
+  describe "commands never waited on" do
+    test "are freed with the processes that dropped them" do
+      assert eventually(fn -> Native.live_commands() == 0 end, 10_000)
+      parent = self()
+
+      for i <- 1..50 do
+        spawn(fn ->
+          {:ok, _command} = NxMlx.submit(Nx.add(mlx([i * 1.0]), 1.0))
+          {:ok, _command} = NxMlx.submit(Nx.exp(Nx.iota({10_000}, type: :f32, backend: @mlx)))
+          send(parent, {:submitted, self()})
+        end)
+      end
+
+      for _ <- 1..50, do: assert_receive({:submitted, _}, 5_000)
+      assert eventually(fn -> Native.live_commands() == 0 end, 10_000)
+
+      # Dropped in this process without waiting: freed once collected.
+      for _ <- 1..20, do: {:ok, _} = NxMlx.submit(Nx.multiply(mlx([2.0]), 3.0))
+      assert eventually(fn -> Native.live_commands() == 0 end, 10_000)
+    end
+  end
+
+  @tag :load
+  @tag timeout: 300_000
+  test "1,000 processes x 100 ops over 4 queues, every result checked" do
+    queues = for _ <- 1..4, do: CommandQueue.new!(:cpu)
+
+    results =
+      1..1_000
+      |> Task.async_stream(
+        fn i ->
+          queue = Enum.at(queues, rem(i, 4))
+
+          CommandQueue.with_queue(queue, fn ->
+            start = mlx([i, -i, 2 * i], type: :s64)
+
+            {_, ok} =
+              Enum.reduce(1..100, {start, true}, fn k, {t, ok} ->
+                t = if rem(k, 2) == 0, do: Nx.add(t, k), else: Nx.subtract(t, k)
+                # After op k the first element is i + (k even: k / 2, odd: -(k + 1) / 2).
+                expected = i + if(rem(k, 2) == 0, do: div(k, 2), else: -div(k + 1, 2))
+                {t, ok and hd(Nx.to_flat_list(t)) == expected}
+              end)
+
+            {ok, Native.array_info(start.data.ref).worker_id == CommandQueue.id(queue)}
+          end)
+        end,
+        max_concurrency: 1_000,
+        timeout: 240_000
+      )
+      |> Enum.map(fn {:ok, r} -> r end)
+
+    assert length(results) == 1_000
+    assert Enum.all?(results, &(&1 == {true, true})), inspect(Enum.frequencies(results))
+  end
+
+  @tag timeout: 120_000
+  test "short soak: 5,000 mixed ops keep RSS and MLX memory bounded" do
+    work = fn n -> Enum.each(1..n, &soak_op/1) end
+    # Warm-up: caches, lazily started threads, code loading.
+    work.(500)
+    rss0 = rss_kb()
+    active0 = settled_active()
+    work.(5_000)
+    rss1 = rss_kb()
+    active1 = settled_active()
+    growth = (rss1 - rss0) / rss0 * 100
+
+    IO.puts(
+      "\nshort soak: 5000 ops, RSS #{rss0} -> #{rss1} kB (#{Float.round(growth, 1)}%), " <>
+        "MLX active #{active0} -> #{active1} bytes"
+    )
+
+    assert growth < 20.0, "RSS grew by #{Float.round(growth, 1)}%"
+    assert active1 - active0 < 4_194_304, "MLX active memory grew by #{active1 - active0}"
+  end
+
+  # One op of the soak, checked: a mix of creation, element-wise work, reductions, shape ops,
+  # matmul, commands and an error.
+  defp soak_op(k) do
+    case rem(k, 8) do
+      0 ->
+        t = Nx.iota({64}, type: :f32, backend: @mlx) |> Nx.add(k)
+        assert Nx.to_number(Nx.sum(t)) == 64 * k + 2016
+
+      1 ->
+        t = mlx([k, k + 1], type: :s32) |> Nx.multiply(2)
+        assert Nx.to_flat_list(t) == [2 * k, 2 * k + 2]
+
+      2 ->
+        t = Nx.iota({16, 16}, type: :f32, backend: @mlx)
+        assert Nx.shape(Nx.dot(t, Nx.transpose(t))) == {16, 16}
+        Nx.to_binary(Nx.dot(t, t))
+
+      3 ->
+        t = Nx.iota({4, 8}, backend: @mlx) |> Nx.slice([1, 2], [2, 3]) |> Nx.reshape({6})
+        assert Nx.to_flat_list(t) == [10, 11, 12, 18, 19, 20]
+
+      4 ->
+        {:ok, c} = NxMlx.submit(Nx.exp(Nx.iota({1024}, type: :f32, backend: @mlx)))
+        :ok = NxMlx.wait(c)
+
+      5 ->
+        assert_raise ArgumentError, fn -> Nx.add(Nx.iota({2, 3}, backend: @mlx), mlx([1, 2])) end
+
+      6 ->
+        t = Nx.iota({1000}, type: :f32, backend: @mlx) |> Nx.sort(direction: :desc)
+        assert Nx.to_number(t[0]) == 999.0
+
+      7 ->
+        t = Nx.iota({256, 256}, type: :f32, backend: @mlx) |> Nx.multiply(0.5)
+        assert Nx.to_number(Nx.reduce_max(t)) == 65_535 * 0.5
+    end
+  end
+end
