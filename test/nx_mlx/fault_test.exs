@@ -31,11 +31,11 @@ defmodule NxMlx.FaultTest do
     end)
   end
 
-  # About 2 s of CPU work: a chain of 1024^2 f32 matmuls, each 4 MiB.
+  # A few hundred ms of CPU work (more on a busy machine): a chain of 512^2 f32 matmuls.
   defp long_evaluation(queue) do
     CommandQueue.with_queue(queue, fn ->
-      a = Nx.iota({1024, 1024}, type: :f32, backend: @mlx) |> Nx.divide(1024 * 1024)
-      Enum.reduce(1..60, a, fn _, acc -> Nx.dot(acc, a) end)
+      a = Nx.iota({512, 512}, type: :f32, backend: @mlx) |> Nx.divide(512 * 512)
+      Enum.reduce(1..30, a, fn _, acc -> Nx.dot(acc, a) end)
     end)
   end
 
@@ -52,7 +52,7 @@ defmodule NxMlx.FaultTest do
       parent = self()
 
       pids =
-        for _ <- 1..3 do
+        for _ <- 1..2 do
           spawn(fn ->
             t = long_evaluation(queue)
             send(parent, {:started, self()})
@@ -62,14 +62,19 @@ defmodule NxMlx.FaultTest do
         end
 
       for pid <- pids, do: assert_receive({:started, ^pid}, 10_000)
-      Process.sleep(100)
+      Process.sleep(50)
       for pid <- pids, do: Process.exit(pid, :kill)
       refute_received {:finished, _}
 
+      t0 = System.monotonic_time(:millisecond)
       check_queue_works(queue)
       :ok = CommandQueue.synchronize(queue)
 
-      assert eventually(fn -> settled_active() <= baseline + 1_048_576 end, 30_000),
+      IO.puts(
+        "\nkilled callers: queue answered after #{System.monotonic_time(:millisecond) - t0} ms"
+      )
+
+      assert eventually(fn -> settled_active() <= baseline + 1_048_576 end, 60_000),
              "active #{NxMlx.memory().active} bytes, #{baseline} before"
     end
 
@@ -86,8 +91,8 @@ defmodule NxMlx.FaultTest do
       Process.sleep(200)
       Process.exit(pid, :kill)
       check_queue_works(queue)
-      assert eventually(fn -> Native.live_commands() == 0 end, 30_000)
-      assert eventually(fn -> settled_active() <= baseline + 1_048_576 end, 30_000)
+      assert eventually(fn -> Native.live_commands() == 0 end, 60_000)
+      assert eventually(fn -> settled_active() <= baseline + 1_048_576 end, 60_000)
     end
   end
 
