@@ -1,6 +1,8 @@
 # The benchmark suite: `mix run bench/run.exs [suite...] [--device cpu|gpu] [--quick]`.
 #
-# Suites: dispatch, matmul, elementwise, transformer, mlp (default: all). Runs each on
+# Suites: dispatch, matmul, elementwise, transformer, mlp (default: all), and soak (only when
+# named: 100,000 checked mixed ops, 10,000 with --quick, printing RSS and NxMlx.memory() every
+# 10,000; its key lines are soak_*, printed last; no references). Runs each on
 # NxMlx.Backend, with references measured in the same run: Nx.BinaryBackend at small sizes,
 # the raw-MLX Rust bench (native/mlx_raw_bench: the same computations against the MLX binding,
 # with no BEAM in the loop; it also times OpenBLAS sgemm), and on the GPU PyTorch
@@ -21,20 +23,23 @@ Code.require_file("support/plot.exs", __DIR__)
 alias Bench.{Harness, Plot, Suites}
 
 all_suites = ~w(dispatch matmul elementwise transformer mlp)
+extra_suites = ~w(soak)
 
 {opts, suites, invalid} =
   OptionParser.parse(System.argv(), strict: [device: :string, quick: :boolean])
 
-if invalid != [] or Enum.any?(suites, &(&1 not in all_suites)) do
+if invalid != [] or Enum.any?(suites, &(&1 not in (all_suites ++ extra_suites))) do
   IO.puts(
     :stderr,
-    "usage: mix run bench/run.exs [#{Enum.join(all_suites, "|")}...] [--device cpu|gpu] [--quick]"
+    "usage: mix run bench/run.exs [#{Enum.join(all_suites ++ extra_suites, "|")}...] " <>
+      "[--device cpu|gpu] [--quick]"
   )
 
   System.halt(2)
 end
 
-suites = if suites == [], do: all_suites, else: suites
+soak? = "soak" in suites
+suites = if suites == [], do: all_suites, else: suites -- ["soak"]
 quick? = Keyword.get(opts, :quick, false)
 
 device =
@@ -113,6 +118,26 @@ machine = [
 ]
 
 for {k, v} <- machine, do: IO.puts("#{k}: #{v}")
+
+# The soak suite: no references, its key lines last.
+run_soak = fn ->
+  {ops, every} = if quick?, do: {10_000, 1_000}, else: {100_000, 10_000}
+  IO.puts(:stderr, "running soak (#{ops} ops)")
+  lines = Bench.Soak.run(backend, device, ops, every)
+  File.write!(Path.join(results, "soak_keys.txt"), Enum.join(lines, "\n") <> "\n")
+
+  IO.puts(
+    "\n== soak keys (also in #{Path.relative_to(Path.join(results, "soak_keys.txt"), root)})"
+  )
+
+  Enum.each(lines, &IO.puts/1)
+end
+
+if soak? and suites == [] do
+  run_soak.()
+  System.halt(0)
+end
+
 cpu_or_gpu_name = if device == :gpu, do: gpu |> String.split(",") |> hd(), else: cpu_model
 
 ## References run as separate programs
@@ -297,3 +322,5 @@ machine_lines = for {k, v} <- machine, do: "#{k}: #{v}"
 File.write!(Path.join(results, "keys.txt"), Enum.join(machine_lines ++ key_lines, "\n") <> "\n")
 IO.puts("\n== keys (also in #{Path.relative_to(Path.join(results, "keys.txt"), root)})")
 Enum.each(key_lines, &IO.puts/1)
+
+if soak?, do: run_soak.()

@@ -324,3 +324,124 @@ defmodule Bench.Suites do
     row("mlp", "#{name}_#{type_name(type)}", impl, Harness.measure(settings, run))
   end
 end
+
+defmodule Bench.Soak do
+  @moduledoc false
+  # The soak suite of bench/run.exs (not in the default list): `ops` mixed ops on
+  # NxMlx.Backend, each result checked, printing RSS (VmRSS of /proc/self/status) and
+  # NxMlx.memory() every `every` ops; then `soak_rss_growth_pct` (RSS at the end against RSS
+  # after a warm-up of `every` / 10 ops) and `soak_active_bytes_delta` (MLX's active bytes at
+  # the end minus after the warm-up, each after garbage collection and a queue sync).
+
+  alias NxMlx.CommandQueue
+
+  def run(backend, device, ops, every) do
+    queues = for _ <- 1..2, do: CommandQueue.new!(device)
+    Enum.each(1..div(every, 10), &op(&1, backend, queues))
+    {rss0, active0} = settled(device)
+    IO.puts("soak: start rss_kb #{rss0} active #{active0}")
+    t0 = System.monotonic_time(:millisecond)
+
+    for k <- 1..ops do
+      op(k, backend, queues)
+
+      if rem(k, every) == 0 do
+        m = NxMlx.memory()
+
+        IO.puts(
+          "soak: ops #{k} rss_kb #{rss_kb()} active #{m.active} peak #{m.peak} " <>
+            "cache #{m.cache} (#{System.monotonic_time(:millisecond) - t0} ms)"
+        )
+      end
+    end
+
+    elapsed = System.monotonic_time(:millisecond) - t0
+    {rss1, active1} = settled(device)
+    growth = (rss1 - rss0) / rss0 * 100
+
+    [
+      "soak_ops: #{ops}",
+      "soak_ops_per_s: #{round(ops / max(elapsed, 1) * 1000)}",
+      "soak_rss_start_kb: #{rss0}",
+      "soak_rss_end_kb: #{rss1}",
+      "soak_rss_growth_pct: #{:erlang.float_to_binary(growth, decimals: 2)}",
+      "soak_active_bytes_delta: #{active1 - active0}"
+    ]
+  end
+
+  defp settled(device) do
+    :erlang.garbage_collect()
+    CommandQueue.synchronize(CommandQueue.default(device))
+    {rss_kb(), NxMlx.memory().active}
+  end
+
+  def rss_kb do
+    "/proc/self/status"
+    |> File.read!()
+    |> String.split("\n")
+    |> Enum.find_value(fn
+      "VmRSS:" <> rest -> rest |> String.trim() |> String.split() |> hd() |> String.to_integer()
+      _ -> nil
+    end)
+  end
+
+  # One checked op: creation, element-wise work, reductions, shapes, matmul, sorting, a
+  # command, an op on a command queue, and an error that must raise.
+  defp op(k, backend, queues) do
+    ok =
+      case rem(k, 10) do
+        0 ->
+          t = Nx.iota({64}, type: :f32, backend: backend) |> Nx.add(k)
+          Nx.to_number(Nx.sum(t)) == 64 * k + 2016
+
+        1 ->
+          Nx.to_flat_list(Nx.multiply(Nx.tensor([k, k + 1], type: :s32, backend: backend), 2)) ==
+            [2 * k, 2 * k + 2]
+
+        2 ->
+          t = Nx.iota({32, 32}, type: :f32, backend: backend) |> Nx.divide(1024)
+
+          Nx.shape(Nx.dot(t, Nx.transpose(t))) == {32, 32} and
+            byte_size(Nx.to_binary(Nx.dot(t, t))) == 4096
+
+        3 ->
+          t = Nx.iota({4, 8}, backend: backend) |> Nx.slice([1, 2], [2, 3]) |> Nx.reshape({6})
+          Nx.to_flat_list(t) == [10, 11, 12, 18, 19, 20]
+
+        4 ->
+          {:ok, c} = NxMlx.submit(Nx.exp(Nx.iota({1024}, type: :f32, backend: backend)))
+          NxMlx.wait(c) == :ok
+
+        5 ->
+          try do
+            Nx.add(Nx.iota({2, 3}, backend: backend), Nx.tensor([1, 2], backend: backend))
+            false
+          rescue
+            ArgumentError -> true
+          end
+
+        6 ->
+          t = Nx.iota({1000}, type: :f32, backend: backend) |> Nx.sort(direction: :desc)
+          Nx.to_number(t[0]) == 999.0
+
+        7 ->
+          t = Nx.iota({256, 256}, type: :f32, backend: backend) |> Nx.multiply(0.5)
+          Nx.to_number(Nx.reduce_max(t)) == 65_535 * 0.5
+
+        8 ->
+          queue = Enum.at(queues, rem(div(k, 10), length(queues)))
+
+          CommandQueue.with_queue(queue, fn ->
+            Nx.to_flat_list(Nx.subtract(Nx.tensor([k], backend: backend), 1)) == [k - 1]
+          end)
+
+        9 ->
+          t = Nx.tensor([3.0, 1.0, 2.0], backend: backend)
+
+          Nx.to_flat_list(Nx.argsort(t)) == [1, 2, 0] and
+            Nx.to_flat_list(Nx.cumulative_sum(t)) == [3.0, 4.0, 6.0]
+      end
+
+    unless ok, do: raise("soak: op #{k} (kind #{rem(k, 10)}) gave a wrong result")
+  end
+end
