@@ -27,8 +27,9 @@ defmodule NxMlx.Backend do
       (`Nx.BinaryBackend` raises). Indices of any integer type reach every position (u8
       indices into an axis of 300 elements are not clamped at 255). With duplicate
       indices `indexed_put` keeps the last row on the CPU device, any one of them on the GPU.
-    * Element-wise: `add`, `subtract`, `multiply`, `min`, `max`, the comparisons, `divide`,
-      `pow`, `atan2` (floats), `quotient`, `remainder`, `bitwise_and`/`or`/`xor`,
+    * Element-wise: `add`, `subtract`, `multiply`, `min`, `max`, the comparisons (u64 against
+      a signed type compares the numbers, as Nx does), `divide`, `pow` (integers too, by
+      square and multiply), `atan2` (floats), `quotient`, `remainder`, `bitwise_and`/`or`/`xor`,
       `left_shift`, `right_shift` (integers, with Nx's truncation, sign and width rules),
       `logical_and`/`or`/`xor`, `select`, `clip`, `abs`, `negate`, `sign`, `ceil`, `floor`,
       `round` (half away from zero), `is_nan`, `is_infinity`, `bitwise_not`,
@@ -54,7 +55,14 @@ defmodule NxMlx.Backend do
       `Inf+0i` is `Inf+0i`, `tanh` of it `1+0i`) where `Nx.BinaryBackend` often gives NaN
       parts; finite inputs agree to f32 rounding.
     * Integer `quotient`/`remainder` by zero give an unspecified value instead of raising,
-      and shifting by a negative amount gives an unspecified value instead of raising.
+      and shifting by a negative amount or an integer `pow` with a negative exponent gives an
+      unspecified value instead of raising. The type's minimum divided by -1 wraps (quotient
+      the minimum, remainder 0), as in Nx.
+    * Float sums on the CPU device are taken in blocks of 256 elements (partial sums, then
+      their sum), so their last bits may differ from a sequential sum; the error no longer
+      grows with the number of elements.
+    * Index arrays given to the NIF directly are clamped into their axis: no value reads or
+      writes outside an array.
     * Float results may differ in the last bits (BLAS matmul, MLX's kernels); see the tests.
     * `fft`/`ifft` along a non-last axis of a tensor of rank 3 or more give the DFT; Nx
       0.13.1's `Nx.BinaryBackend` gives something else there (e.g. row 0 of `fft(axis: 0)` of
@@ -388,7 +396,9 @@ defmodule NxMlx.Backend do
     Runtime.before_eval()
     binary = Runtime.call(:to_binary, [ref], fn -> describe(:to_binary, [t]) end)
 
-    if byte_size(binary) * 8 != Nx.size(t) * bits do
+    elements = Enum.reduce(t.vectorized_axes, Nx.size(t), fn {_, n}, acc -> n * acc end)
+
+    if byte_size(binary) * 8 != elements * bits do
       raise ArgumentError,
             "NxMlx.Backend.to_binary: the tensor's data (#{byte_size(binary)} bytes) does not " <>
               "fill its shape #{inspect(t.shape)} of #{inspect(t.type)} (was it built from a " <>
@@ -1841,7 +1851,7 @@ defmodule NxMlx.Backend do
     keep = opts[:keep_axes] == true
     r = if mode == :cast_input, do: ref_as(t, out.type, device), else: ref!(t, device)
     op = op_fn(device, nx_op, [t])
-    reduced = Enum.reduce(axes, 1, &(elem(t.shape, &1) * &2))
+    reduced = Enum.reduce(axes, 1, &(axis_size!(t, &1, nx_op) * &2))
 
     r =
       cond do

@@ -1,0 +1,284 @@
+defmodule NxMlx.ReliabilityTest do
+  # Inputs that once crashed the VM or answered wrong without a word. Each case gives Nx's
+  # answer or an ArgumentError naming the call. (A crash fails the whole run.)
+  use ExUnit.Case, async: false
+
+  import Bitwise
+
+  alias NxMlx.{Native, Runtime}
+
+  @b {NxMlx.Backend, device: :cpu}
+
+  defp t(data, opts \\ []), do: Nx.tensor(data, Keyword.put(opts, :backend, @b))
+  defp worker, do: Runtime.worker(:cpu)
+  defp read(ref), do: Runtime.call(:to_binary, [ref], fn -> "read" end)
+
+  describe "integer division that traps in hardware" do
+    test "the type's minimum divided by -1 wraps, as Nx does" do
+      for type <- [{:s, 32}, {:s, 64}] do
+        {:s, bits} = type
+        min = -(1 <<< (bits - 1))
+        a = t([min, 7, -7], type: type)
+        assert Nx.to_list(Nx.remainder(a, -1)) == [0, 0, 0]
+        assert Nx.to_list(Nx.quotient(a, -1)) == [min, -7, 7]
+        # broadcast divisor tensor
+        assert Nx.to_list(Nx.quotient(a, t([-1], type: type))) == [min, -7, 7]
+      end
+    end
+
+    test "the binding's floor_divide and remainder survive any divisor" do
+      a = t([-9_223_372_036_854_775_808, 5], type: :s64).data.ref
+      b = t([-1, 0], type: :s64).data.ref
+
+      for op <- [:floor_divide, :remainder] do
+        r = Runtime.call(:binary, [worker(), op, a, b], fn -> "#{op}" end)
+        assert byte_size(read(r)) == 16
+      end
+    end
+  end
+
+  describe "direct calls with hostile arguments" do
+    test "a stride of 0 is refused by the callback and by the NIF" do
+      x = t([1, 2, 3, 4])
+
+      assert_raise ArgumentError, ~r/NxMlx.Backend.slice/, fn ->
+        NxMlx.Backend.slice(Nx.template({4}, :s32), x, [0], [4], [0])
+      end
+
+      assert {:error, {:argument, message}} = Native.slice(worker(), x.data.ref, [0], [4], [0])
+      assert message =~ "stride of 0"
+    end
+
+    test "conv with feature groups below 1 raises" do
+      x = Nx.iota({1, 2, 4}, type: :f32, backend: @b)
+      k = Nx.iota({2, 2, 2}, type: :f32, backend: @b)
+
+      opts = [
+        strides: [1],
+        padding: [{0, 0}],
+        input_dilation: [1],
+        kernel_dilation: [1],
+        feature_group_size: 0,
+        batch_group_size: 1,
+        input_permutation: [0, 1, 2],
+        kernel_permutation: [0, 1, 2],
+        output_permutation: [0, 1, 2]
+      ]
+
+      assert_raise ArgumentError, ~r/groups must be at least 1/, fn ->
+        NxMlx.Backend.conv(Nx.template({1, 2, 3}, :f32), x, k, opts)
+      end
+    end
+
+    test "index arrays out of range never read or write outside the array" do
+      x = t([1, 2, 3, 4])
+      far = t([100_000, -7]).data.ref
+
+      {:ok, taken} = Native.take(worker(), x.data.ref, far, 0)
+      assert read(taken) == <<4::32-native, 1::32-native>>
+
+      {:ok, gathered} = Native.gather(worker(), x.data.ref, [far], [0], [1])
+      assert read(gathered) == <<4::32-native, 1::32-native>>
+
+      {:ok, along} = Native.take_along_axis(worker(), x.data.ref, far, 0)
+      assert byte_size(read(along)) == 8
+
+      values = t([9, 9]).data.ref
+      {:ok, put} = Native.put_along_axis(worker(), x.data.ref, far, values, 0)
+      assert byte_size(read(put)) == 16
+
+      updates = t([[5], [6]]).data.ref
+      {:ok, scattered} = Native.scatter(worker(), true, x.data.ref, [far], updates, [0])
+      assert byte_size(read(scattered)) == 16
+
+      assert {:error, {:argument, _}} = Native.take(worker(), x.data.ref, far, 3)
+      assert {:error, {:argument, _}} = Native.topk(worker(), x.data.ref, 0, 0)
+    end
+
+    test "undecodable NIF terms raise an ArgumentError naming the call" do
+      forged = %NxMlx.CommandQueue{ref: make_ref(), device: :cpu}
+
+      assert_raise ArgumentError, ~r/invalid argument to NxMlx.Native/, fn ->
+        NxMlx.CommandQueue.with_queue(forged, fn -> Nx.add(t([1, 2]), 1) end)
+      end
+    end
+
+    test "templates that do not fit their input raise" do
+      x = t([[1, 2], [3, 4]])
+
+      assert_raise ArgumentError, ~r/NxMlx.Backend.as_type/, fn ->
+        NxMlx.Backend.as_type(Nx.template({3}, :f32), x)
+      end
+
+      assert_raise ArgumentError, ~r/NxMlx.Backend.slice/, fn ->
+        NxMlx.Backend.slice(Nx.template({5, 5}, :s32), x, [0, 0], [1, 1], [1, 1])
+      end
+
+      assert_raise ArgumentError, ~r/NxMlx.Backend.pad/, fn ->
+        NxMlx.Backend.pad(Nx.template({2, 2}, :s32), x, t(0), [{1, 1, 0}, {0, 0, 0}])
+      end
+    end
+
+    test "padding that removes more than the tensor raises" do
+      assert_raise ArgumentError, ~r/NxMlx.Backend.pad.*\{-3, 2\}/, fn ->
+        Nx.pad(t([[1, 2], [3, 4]]), 0, [{-5, 0, 0}, {0, 0, 0}])
+      end
+    end
+
+    test "from_binary takes iodata" do
+      out = NxMlx.Backend.from_binary(Nx.template({4}, :u8), [<<1, 2>>, [<<3>>, 4]], device: :cpu)
+      assert Nx.to_list(out) == [1, 2, 3, 4]
+    end
+  end
+
+  describe "the runtime API refuses junk with ArgumentError" do
+    test "memory and cache limits" do
+      assert_raise ArgumentError, ~r/set_memory_limit/, fn -> NxMlx.set_memory_limit(-1) end
+      assert_raise ArgumentError, ~r/set_cache_limit/, fn -> NxMlx.set_cache_limit(-5) end
+      assert_raise ArgumentError, ~r/set_memory_limit/, fn -> NxMlx.set_memory_limit(:x) end
+    end
+
+    test "queues and commands" do
+      assert_raise ArgumentError, ~r/with_queue/, fn ->
+        NxMlx.CommandQueue.with_queue(:junk, fn -> 1 end)
+      end
+
+      assert_raise ArgumentError, ~r/synchronize/, fn -> NxMlx.CommandQueue.synchronize(:junk) end
+      assert_raise ArgumentError, ~r/submit/, fn -> NxMlx.submit(:junk) end
+      assert_raise ArgumentError, ~r/poll/, fn -> NxMlx.poll(:junk) end
+      assert_raise ArgumentError, ~r/wait/, fn -> NxMlx.wait(:junk) end
+    end
+
+    test "the memory limit is clamped to the machine, so huge ops are refused" do
+      previous = NxMlx.set_memory_limit(1 <<< 40)
+
+      try do
+        limit = NxMlx.memory().limit
+        assert limit < 1 <<< 40
+
+        assert_raise ArgumentError, ~r/memory limit/, fn ->
+          Nx.broadcast(t(1.0), {100_000, 100_000}) |> Nx.add(1.0) |> Nx.sum() |> Nx.to_number()
+        end
+      after
+        NxMlx.set_memory_limit(previous)
+      end
+    end
+  end
+
+  describe "answers that were wrong" do
+    test "reductions over 2^31 elements or more" do
+      big = Nx.broadcast(t(41, type: :u8), {46_341, 46_341})
+      assert Nx.to_number(Nx.reduce_max(big)) == 41
+      assert Nx.to_number(Nx.reduce_min(big)) == 41
+      assert Nx.to_number(Nx.any(big)) == 1
+      assert Nx.to_number(Nx.all(big)) == 1
+    end
+
+    @tag timeout: 120_000
+    test "the u8 sum of a 46,341 x 46,341 broadcast" do
+      big = Nx.broadcast(t(1, type: :u8), {46_341, 46_341})
+      assert Nx.to_number(Nx.sum(big)) == 46_341 * 46_341
+    end
+
+    test "f32 sums of 2^25 ones are exact" do
+      ones = Nx.broadcast(t(1.0), {33_554_432})
+      assert Nx.to_number(Nx.sum(ones)) == 33_554_432.0
+      assert Nx.to_number(Nx.sum(Nx.add(ones, 0.0))) == 33_554_432.0
+      # along one axis, kept
+      assert Nx.to_list(Nx.sum(Nx.reshape(ones, {2, 16_777_216}), axes: [1], keep_axes: true)) ==
+               [[16_777_216.0], [16_777_216.0]]
+    end
+
+    test "blocked sums agree with Nx.BinaryBackend on several axes" do
+      x = Nx.iota({3000, 7, 5}, type: :f32, backend: @b) |> Nx.divide(1000)
+      ref = Nx.backend_copy(x, Nx.BinaryBackend)
+
+      for axes <- [[0], [0, 2], [1, 0], nil], keep <- [true, false] do
+        opts = [axes: axes, keep_axes: keep]
+        got = Nx.sum(x, opts) |> Nx.backend_copy(Nx.BinaryBackend)
+        want = Nx.sum(ref, opts)
+        assert got.shape == want.shape
+        assert Nx.to_number(Nx.all_close(got, want, rtol: 1.0e-6)) == 1
+      end
+    end
+
+    test "f16 and bf16 cumulative max and min keep NaN" do
+      for type <- [:f16, :bf16], fun <- [&Nx.cumulative_max/1, &Nx.cumulative_min/1] do
+        got = fun.(t([1.0, :nan, 3.0], type: type)) |> Nx.to_list()
+        assert [1.0, :nan, :nan] == got
+      end
+    end
+
+    test "u64 against a signed type compares the numbers" do
+      u = t([18_446_744_073_709_551_615, 0, 5], type: :u64)
+      s = t([-1, -1, 5], type: :s64)
+      assert Nx.to_list(Nx.greater(u, s)) == [1, 1, 0]
+      assert Nx.to_list(Nx.less(s, u)) == [1, 1, 0]
+      assert Nx.to_list(Nx.equal(u, s)) == [0, 0, 1]
+      assert Nx.to_list(Nx.greater_equal(s, u)) == [0, 0, 1]
+      assert Nx.to_list(Nx.greater(u, -1)) == [1, 1, 1]
+    end
+
+    test "c64 to integers maps NaN to 0 and the infinities to the extremes" do
+      z =
+        t(
+          [Complex.new(:nan, 0), Complex.new(:infinity, 0), Complex.new(:neg_infinity, 0), 3.7],
+          type: :c64
+        )
+
+      assert Nx.to_list(Nx.as_type(z, :s32)) == [0, 2_147_483_647, -2_147_483_648, 3]
+      assert Nx.to_list(Nx.as_type(z, :s64)) == [0, (1 <<< 63) - 1, -(1 <<< 63), 3]
+    end
+
+    test "linear algebra blocks run on MLX tensors whatever the default backend" do
+      Nx.default_backend(Nx.BinaryBackend)
+      a = t([[4.0, 1.0], [1.0, 3.0]])
+      {_u, s, _vt} = Nx.LinAlg.svd(a)
+      assert_in_delta Nx.to_number(s[0]), 4.618, 1.0e-3
+      {values, _} = Nx.LinAlg.eigh(a)
+      assert_in_delta Nx.to_number(values[0]), 4.618, 1.0e-3
+      assert Nx.LinAlg.matrix_rank(a) |> Nx.to_number() == 2
+      assert Nx.LinAlg.pinv(a).shape == {2, 2}
+      batched = Nx.reshape(a, {1, 2, 2})
+      assert elem(Nx.LinAlg.svd(batched), 1).shape == {1, 2}
+    end
+  end
+
+  describe "integer pow runs on MLX" do
+    test "matches Nx, wrapping, with host and device exponents" do
+      NxMlx.TestHelpers.assert_native(fn ->
+        for type <- [:u8, :s8, :s32, :s64] do
+          a = Nx.tensor([2, 3, -2, 0, 1], type: type) |> Nx.abs()
+          e = Nx.tensor([0, 1, 5, 7, 62], type: type) |> Nx.abs()
+          want = Nx.pow(a, e)
+
+          assert Nx.pow(Nx.backend_copy(a, @b), Nx.backend_copy(e, @b)) |> Nx.to_list() ==
+                   Nx.to_list(want)
+
+          assert Nx.pow(Nx.backend_copy(a, @b), e) |> Nx.to_list() == Nx.to_list(want)
+        end
+      end)
+    end
+
+    test "a huge exponent takes microseconds, not minutes" do
+      {us, r} = :timer.tc(fn -> Nx.pow(t([3, -1, 1], type: :s64), 10_000_000) |> Nx.to_list() end)
+      assert r == Enum.map([3, -1, 1], &wrapping_pow(&1, 10_000_000))
+      assert us < 5_000_000
+    end
+  end
+
+  # base^exponent in s64 arithmetic (Nx.BinaryBackend builds the whole integer first).
+  defp wrapping_pow(base, exponent) do
+    mask = (1 <<< 64) - 1
+
+    mod_pow(base &&& mask, exponent, 1, mask)
+    |> then(&if(&1 >= 1 <<< 63, do: &1 - (1 <<< 64), else: &1))
+  end
+
+  defp mod_pow(_base, 0, acc, _mask), do: acc
+
+  defp mod_pow(base, e, acc, mask) do
+    acc = if (e &&& 1) == 1, do: acc * base &&& mask, else: acc
+    mod_pow(base * base &&& mask, e >>> 1, acc, mask)
+  end
+end
