@@ -1420,8 +1420,9 @@ defmodule NxMlx.Backend do
   defp pow_steps(%T{data: %__MODULE__{}}, bits), do: bits
 
   defp pow_steps(%T{} = b, bits) do
-    max = b |> Nx.backend_copy(Nx.BinaryBackend) |> Nx.reduce_max() |> Nx.to_number()
-    min = b |> Nx.backend_copy(Nx.BinaryBackend) |> Nx.reduce_min() |> Nx.to_number()
+    host = Nx.backend_copy(b, Nx.BinaryBackend)
+    max = host |> Nx.reduce_max() |> Nx.to_number()
+    min = host |> Nx.reduce_min() |> Nx.to_number()
 
     cond do
       not is_integer(max) or min < 0 -> bits
