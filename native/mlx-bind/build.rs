@@ -16,7 +16,13 @@ fn main() {
     for var in ["MLX_DIR", "NX_MLX_BLAS"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
-    for file in ["src/ffi.rs", "cxx/shim.h", "cxx/shim.cc"] {
+    for file in [
+        "src/ffi.rs",
+        "cxx/shim.h",
+        "cxx/shim.cc",
+        "cxx/kernels.h",
+        "cxx/kernels.cc",
+    ] {
         println!("cargo:rerun-if-changed={file}");
     }
 
@@ -38,6 +44,7 @@ fn main() {
 
     cxx_build::bridge("src/ffi.rs")
         .file("cxx/shim.cc")
+        .file("cxx/kernels.cc")
         .include(&include)
         .std("c++20")
         .flag_if_supported("-Wno-unused-parameter")

@@ -10,7 +10,17 @@ defmodule NxMlx.NxDoctestTest do
     :ok
   end
 
-  doctest Nx
+  # Left out: f64 examples whose printed digits are Nx.BinaryBackend's own rounding. Its f64
+  # erf_inv is accurate to about 4e-8 relative (erf_inv(0.1) = 0.08885599049425769 to f64 precision,
+  # as NxMlx gives); log1p(2.0) is 1 ulp from Nx's log(3.0) in the C library's log1p. Both
+  # are measured in ulp in test/nx_mlx/accuracy_test.exs.
+  doctest_examples(Nx,
+    skip_examples: [
+      "Nx.erf_inv/1 (453)",
+      "Nx.erf_inv/1 (476)",
+      "Nx.log1p/1 (480)"
+    ]
+  )
 
   # Left out: these examples print f32 results whose last digit differs, because MLX's
   # matmul goes through BLAS, which rounds differently from Nx.BinaryBackend (which sums in

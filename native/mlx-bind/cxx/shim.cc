@@ -1,6 +1,7 @@
 #include "mlx-bind/cxx/shim.h"
 
 #include <chrono>
+#include <optional>
 #include <cstring>
 #include <thread>
 #include <unordered_set>
@@ -11,6 +12,7 @@
 #include <dlfcn.h>
 #include <unistd.h>
 
+#include "mlx-bind/cxx/kernels.h"
 #include "mlx-bind/src/ffi.rs.h"
 #include "mlx/mlx.h"
 
@@ -415,8 +417,29 @@ std::unique_ptr<array> random_uniform(
   return boxed(mx::random::uniform(to_shape(shape), to_mx(dtype), key, to_mx(s)));
 }
 
+// MLX's CPU exp, sigmoid, erf, erfinv, sin and cos are float polynomials (62 ulp,
+// erf(1e-7) = 0) and its rsqrt is off by 1.5 ulp;
+// on CPU streams these run our kernels, within 1 ulp.
+static std::optional<kernels::AccurateFn> accurate_fn(UnaryOp op) {
+  switch (op) {
+    case UnaryOp::Exp: return kernels::AccurateFn::Exp;
+    case UnaryOp::Sigmoid: return kernels::AccurateFn::Sigmoid;
+    case UnaryOp::Erf: return kernels::AccurateFn::Erf;
+    case UnaryOp::ErfInv: return kernels::AccurateFn::ErfInv;
+    case UnaryOp::Sin: return kernels::AccurateFn::Sin;
+    case UnaryOp::Cos: return kernels::AccurateFn::Cos;
+    case UnaryOp::Rsqrt: return kernels::AccurateFn::Rsqrt;
+    case UnaryOp::Erfc: return kernels::AccurateFn::Erfc;
+    case UnaryOp::Cbrt: return kernels::AccurateFn::Cbrt;
+    default: return std::nullopt;
+  }
+}
+
 std::unique_ptr<array> unary(UnaryOp op, const array& a, StreamRef s) {
   auto st = to_mx(s);
+  if (auto fn = accurate_fn(op); fn && kernels::has_accurate_unary(st, a.dtype())) {
+    return boxed(kernels::accurate_unary(*fn, a, st));
+  }
   switch (op) {
     case UnaryOp::Abs: return boxed(mx::abs(a, st));
     case UnaryOp::Ceil: return boxed(mx::ceil(a, st));
@@ -452,6 +475,10 @@ std::unique_ptr<array> unary(UnaryOp op, const array& a, StreamRef s) {
     case UnaryOp::Real: return boxed(mx::real(a, st));
     case UnaryOp::Imag: return boxed(mx::imag(a, st));
     case UnaryOp::Conjugate: return boxed(mx::conjugate(a, st));
+    case UnaryOp::Erfc:
+    case UnaryOp::Cbrt:
+      throw std::invalid_argument(
+          "erfc and cbrt take real floating-point arrays on a CPU stream");
   }
   throw std::invalid_argument("unknown unary op code");
 }

@@ -75,6 +75,9 @@ pub(crate) mod bridge {
         Real,
         Imag,
         Conjugate,
+        /// erfc and cbrt: CPU streams only (MLX has neither; the binding's own kernels).
+        Erfc,
+        Cbrt,
     }
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
