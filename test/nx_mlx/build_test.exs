@@ -155,4 +155,58 @@ defmodule NxMlx.BuildTest do
       assert NxMlx.build_info()["blas"] in ["openblas", "reference", "accelerate"]
     end
   end
+
+  describe "BLAS" do
+    test "OpenBLAS's version and kernel set are reported" do
+      info = NxMlx.Blas.info()
+
+      if info.library == "openblas" do
+        assert info.version =~ ~r/^0\.\d+\.\d+/
+        assert is_binary(info.core) and info.core != ""
+      else
+        assert info.core == nil and info.version == nil
+      end
+    end
+
+    test "the kernel set OpenBLAS was told to use is the one it reports" do
+      if NxMlx.Blas.info().library == "openblas" do
+        {out, 0} =
+          System.cmd("mix", ["nx_mlx.info", "--no-bench"],
+            env: [{"OPENBLAS_CORETYPE", "Prescott"}, {"MIX_ENV", "test"}],
+            stderr_to_stdout: true
+          )
+
+        assert out =~ "blas_core: Prescott"
+        assert out =~ "blas_coretype_override: Prescott"
+
+        if NxMlx.Blas.info().cpu != :other do
+          assert out =~ "warning: OpenBLAS runs its generic Prescott kernels"
+        end
+      end
+    end
+
+    test "warnings: generic kernels on vector CPUs, AVX2 kernels on AVX-512 CPUs" do
+      assert NxMlx.Blas.warning("Prescott", :avx2, nil) =~ "OPENBLAS_CORETYPE=Haswell"
+      assert NxMlx.Blas.warning("Prescott", :avx512, nil) =~ "OPENBLAS_CORETYPE=SkylakeX"
+      assert NxMlx.Blas.warning("Sandybridge", :avx2, nil) =~ "generic Sandybridge"
+
+      assert NxMlx.Blas.warning("Haswell", :avx512, "Haswell") =~
+               "OPENBLAS_CORETYPE=Haswell is set"
+
+      assert NxMlx.Blas.warning("Haswell", :avx2, nil) == nil
+      assert NxMlx.Blas.warning("Cooperlake", :avx512, nil) == nil
+      assert NxMlx.Blas.warning("SkylakeX", :avx512, "SkylakeX") == nil
+      assert NxMlx.Blas.warning("Prescott", :other, nil) == nil
+      assert NxMlx.Blas.warning(nil, :avx512, nil) == nil
+    end
+
+    test "the version is read from OpenBLAS's configuration string" do
+      assert NxMlx.Blas.version("OpenBLAS 0.3.29  DYNAMIC_ARCH NO_AFFINITY Cooperlake") ==
+               "0.3.29"
+
+      assert NxMlx.Blas.version("OpenBLAS 0.3.21.dev DYNAMIC_ARCH") == "0.3.21.dev"
+      assert NxMlx.Blas.version("") == nil
+      assert NxMlx.Blas.version(nil) == nil
+    end
+  end
 end

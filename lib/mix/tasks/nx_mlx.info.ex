@@ -10,11 +10,19 @@ defmodule Mix.Tasks.NxMlx.Info do
       devices: cpu
       blas: openblas
       blas_library: /lib/x86_64-linux-gnu/libopenblas.so.0
-      matmul_f32_1024_gflops: 231.4
+      blas_version: 0.3.29
+      blas_core: Cooperlake
+      blas_coretype_override: none
+      cpu_vector_isa: avx512
+      matmul_f32_1024_gflops: 195.2
 
   `blas` names the library that provides `cblas_sgemm` to libmlx (`openblas`, `reference`
-  for the wheel's bundled reference BLAS, `accelerate` on macOS). `matmul_f32_1024_gflops`
-  is the median of 10 timed, evaluated 1024x1024 f32 matmuls on the CPU device.
+  for the wheel's bundled reference BLAS, `accelerate` on macOS). `blas_version` and
+  `blas_core` are OpenBLAS's version and the kernel set it chose for this CPU (`none` for
+  other libraries), `blas_coretype_override` the `OPENBLAS_CORETYPE` forcing it, if any;
+  when that set is generic, or AVX2 on an AVX-512 CPU, a warning says how to change it (see
+  `NxMlx.Blas`). `matmul_f32_1024_gflops` is the median of 10 timed,
+  evaluated 1024x1024 f32 matmuls on the CPU device.
 
   Options: `--no-bench` skips the timing.
   """
@@ -25,6 +33,7 @@ defmodule Mix.Tasks.NxMlx.Info do
     Mix.Task.run("app.start")
     {opts, _} = OptionParser.parse!(args, strict: [bench: :boolean])
     info = NxMlx.build_info()
+    blas = NxMlx.Blas.info()
 
     lines = [
       nx_mlx: Application.spec(:nx_mlx, :vsn),
@@ -33,10 +42,15 @@ defmodule Mix.Tasks.NxMlx.Info do
       libmlx: info["libmlx"],
       devices: info["devices"],
       blas: info["blas"],
-      blas_library: info["blas_library"]
+      blas_library: info["blas_library"],
+      blas_version: blas.version || "none",
+      blas_core: blas.core || "none",
+      blas_coretype_override: blas.coretype_override || "none",
+      cpu_vector_isa: blas.cpu
     ]
 
     Enum.each(lines, fn {k, v} -> IO.puts("#{k}: #{v}") end)
+    if blas.warning, do: Mix.shell().error("warning: " <> blas.warning)
 
     if Keyword.get(opts, :bench, true) do
       IO.puts("matmul_f32_1024_gflops: #{Float.round(NxMlx.Bench.matmul_gflops(1024, 10), 1)}")

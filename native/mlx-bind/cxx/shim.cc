@@ -190,18 +190,38 @@ rust::String library_path() {
 // Which shared object provides `cblas_sgemm` to libmlx. The lookup goes through the handle
 // of the object this shim is linked into, so it follows the same dependency order (breadth
 // first from that object) that the dynamic loader used when it bound libmlx's references.
-rust::String blas_library_path() {
+static void* blas_symbol(const char* name) {
   std::string self = path_of(reinterpret_cast<const void*>(&blas_library_path));
   void* handle = dlopen(self.empty() ? nullptr : self.c_str(), RTLD_LAZY | RTLD_NOLOAD);
   if (handle == nullptr) {
     handle = dlopen(nullptr, RTLD_LAZY);
   }
-  void* sym = handle ? dlsym(handle, "cblas_sgemm") : nullptr;
-  std::string path = path_of(sym);
+  void* sym = handle ? dlsym(handle, name) : nullptr;
   if (handle != nullptr) {
     dlclose(handle);
   }
-  return rust::String(path);
+  return sym;
+}
+
+rust::String blas_library_path() {
+  return rust::String(path_of(blas_symbol("cblas_sgemm")));
+}
+
+// OpenBLAS's own description of its build (`openblas_get_config`, e.g. "OpenBLAS 0.3.29
+// DYNAMIC_ARCH NO_AFFINITY Cooperlake MAX_THREADS=64") and the kernel set it chose for this
+// CPU (`openblas_get_corename`); empty for other BLAS libraries.
+rust::String blas_config() {
+  using Fn = char* (*)();
+  auto fn = reinterpret_cast<Fn>(blas_symbol("openblas_get_config"));
+  const char* s = fn ? fn() : nullptr;
+  return rust::String(s ? s : "");
+}
+
+rust::String blas_core() {
+  using Fn = char* (*)();
+  auto fn = reinterpret_cast<Fn>(blas_symbol("openblas_get_corename"));
+  const char* s = fn ? fn() : nullptr;
+  return rust::String(s ? s : "");
 }
 
 std::unique_ptr<array> from_bytes(

@@ -33,6 +33,8 @@ void synchronize(StreamRef stream);
 void set_default_stream(StreamRef stream);
 rust::String library_path();
 rust::String blas_library_path();
+rust::String blas_config();
+rust::String blas_core();
 
 std::unique_ptr<array> from_bytes(
     rust::Slice<const uint8_t> data, rust::Slice<const int32_t> shape, Dtype dtype);

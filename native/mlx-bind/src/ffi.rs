@@ -145,6 +145,8 @@ pub(crate) mod bridge {
         fn set_default_stream(stream: StreamRef) -> Result<()>;
         fn library_path() -> String;
         fn blas_library_path() -> String;
+        fn blas_config() -> String;
+        fn blas_core() -> String;
 
         fn from_bytes(data: &[u8], shape: &[i32], dtype: Dtype) -> Result<UniquePtr<Array>>;
         fn clone_array(a: &Array) -> UniquePtr<Array>;

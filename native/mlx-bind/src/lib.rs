@@ -62,6 +62,18 @@ pub fn blas_library_path() -> String {
     bridge::blas_library_path()
 }
 
+/// OpenBLAS's description of its build (`openblas_get_config`: version, options, target);
+/// empty when the BLAS is not OpenBLAS.
+pub fn blas_config() -> String {
+    bridge::blas_config()
+}
+
+/// The kernel set OpenBLAS chose for this CPU (`openblas_get_corename`, e.g. `"Haswell"`,
+/// `"SkylakeX"`, or `"Prescott"` for its generic x86-64 kernels); empty for other BLAS.
+pub fn blas_core() -> String {
+    bridge::blas_core()
+}
+
 /// The BLAS the crate was linked for: `"openblas"`, `"reference"` or `"system"`.
 pub const LINKED_BLAS: &str = env!("MLX_BIND_BLAS");
 

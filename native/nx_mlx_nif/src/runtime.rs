@@ -167,6 +167,8 @@ fn build_info() -> HashMap<String, String> {
         ("linked_blas".to_string(), mlx_bind::LINKED_BLAS.to_string()),
         ("blas".to_string(), blas.to_string()),
         ("blas_library".to_string(), blas_path),
+        ("blas_config".to_string(), mlx_bind::blas_config()),
+        ("blas_core".to_string(), mlx_bind::blas_core()),
         (
             "variant".to_string(),
             env!("NX_MLX_BUILD_VARIANT").to_string(),
