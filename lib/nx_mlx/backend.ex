@@ -1863,13 +1863,10 @@ defmodule NxMlx.Backend do
       do: reduction(out, t, opts, unquote(nx_op), unquote(mlx_op), unquote(mode))
   end
 
-  # MLX's CPU sum adds the elements of a reduction one after the other, so its error grows
-  # with their number (an f32 sum of 2^25 ones stops at 2^24). Float sums over more than
-  # @sum_block elements are taken axis by axis, each axis longer than @sum_block in blocks
-  # of that many (partial sums of blocks, then their sum): the error then grows with the
-  # block size and the number of levels, not with n. Measured on 16M uniform f32: relative
-  # error 2.6e-6 plain, 2e-7 blocked, in the same time (the GPU's reductions are trees).
-  @sum_block 256
+  # MLX's CPU sum adds the elements of a reduction one after the other in the array's type,
+  # so its error grows with their number (an f32 sum of 2^25 ones stops at 2^24). On CPU
+  # streams the binding sums floats and c64 with a kernel of its own instead, accumulating
+  # in double (see NxMlx.Backend, "Accuracy"); the GPU's reductions are trees.
 
   # MLX's kernels that reduce every axis at once count elements in 32 bits: over 2^31 or more
   # elements they answer nothing (a sum of 0, a max of -inf). Such reductions go axis by
@@ -1882,14 +1879,10 @@ defmodule NxMlx.Backend do
     keep = opts[:keep_axes] == true
     r = if mode == :cast_input, do: ref_as(t, out.type, device), else: ref!(t, device)
     op = op_fn(device, nx_op, [t])
-    reduced = Enum.reduce(axes, 1, &(axis_size!(t, &1, nx_op) * &2))
+    Enum.each(axes, &axis_size!(t, &1, nx_op))
 
     r =
       cond do
-        mlx_op == :sum and device == :cpu and elem(out.type, 0) in [:f, :bf, :c] and
-            reduced > @sum_block ->
-          by_axis(op, r, t.shape, axes, keep, &blocked_sum(op, &1, &2, &3))
-
         Nx.size(t) > @mlx_int_limit and length(axes) > 1 ->
           by_axis(op, r, t.shape, axes, keep, fn ref, _dims, axis ->
             op.(:reduce, [mlx_op, ref, [axis], true])
@@ -1920,34 +1913,6 @@ defmodule NxMlx.Backend do
     else
       dims = shape |> Tuple.to_list() |> Enum.with_index() |> Enum.reject(&(elem(&1, 1) in axes))
       op.(:reshape, [r, Enum.map(dims, &elem(&1, 0))])
-    end
-  end
-
-  # The sum of `ref` (of shape `dims`) along `axis`, kept as size 1, in blocks of
-  # @sum_block.
-  defp blocked_sum(op, ref, dims, axis) do
-    dim = Enum.at(dims, axis)
-
-    if dim <= @sum_block,
-      do: op.(:reduce, [:sum, ref, [axis], true]),
-      else: blocked_sum(op, ref, dims, axis, dim)
-  end
-
-  defp blocked_sum(op, ref, dims, axis, dim) do
-    blocks = div(dim, @sum_block)
-    main_len = blocks * @sum_block
-    start = List.duplicate(0, length(dims))
-    ones = List.duplicate(1, length(dims))
-    main = op.(:slice, [ref, start, List.replace_at(dims, axis, main_len), ones])
-    split = List.replace_at(dims, axis, [blocks, @sum_block]) |> List.flatten()
-    partial = op.(:reduce, [:sum, op.(:reshape, [main, split]), [axis + 1], false])
-    total = blocked_sum(op, partial, List.replace_at(dims, axis, blocks), axis)
-
-    if main_len == dim do
-      total
-    else
-      tail = op.(:slice, [ref, List.replace_at(start, axis, main_len), dims, ones])
-      op.(:binary, [:add, total, op.(:reduce, [:sum, tail, [axis], true])])
     end
   end
 

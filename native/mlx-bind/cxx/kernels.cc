@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <complex>
 #include <limits>
 #include <stdexcept>
 #include <system_error>
@@ -25,10 +26,11 @@ constexpr size_t kParallelGrain = size_t{1} << 15;
 
 // Runs body(begin, end) over [0, n) in contiguous chunks, one per core. body must not throw.
 // When a thread cannot be started, its chunk runs on the calling thread.
+// `grain` is the least number of items worth a thread of their own.
 template <typename Body>
-void parallel_for(size_t n, const Body& body) {
+void parallel_for(size_t n, size_t grain, const Body& body) {
   size_t workers = std::max<size_t>(1, std::thread::hardware_concurrency());
-  workers = std::max<size_t>(1, std::min(workers, n / kParallelGrain));
+  workers = std::max<size_t>(1, std::min(workers, n / std::max<size_t>(1, grain)));
   if (workers == 1) {
     body(size_t{0}, n);
     return;
@@ -128,7 +130,7 @@ template <typename T, typename Op>
 void map_contiguous(const mx::array& in, mx::array& out, Op op) {
   const T* src = in.data<T>();
   T* dst = out.data<T>();
-  parallel_for(in.data_size(), [src, dst, op](size_t begin, size_t end) {
+  parallel_for(in.data_size(), kParallelGrain, [src, dst, op](size_t begin, size_t end) {
     for (size_t i = begin; i < end; ++i) {
       dst[i] = narrow<T>(op(widen<T>(src[i])));
     }
@@ -222,7 +224,216 @@ class AccurateUnary : public mx::UnaryPrimitive {
   AccurateFn fn_;
 };
 
+// Sums: the input, row-major, is seen as [outer, k, inner] and reduced over k. Each task
+// sums one [k, chunk of inner] slab into double accumulators (four interleaved ones along
+// a contiguous row); when there are fewer slabs than cores, k is split too and the partial
+// sums are added at the end.
+constexpr size_t kInnerChunk = 1024;
+
+template <typename T>
+struct Accumulator {
+  using type = double;
+};
+
+template <>
+struct Accumulator<mx::complex64_t> {
+  using type = std::complex<double>;
+};
+
+template <typename T>
+inline typename Accumulator<T>::type widen_acc(T x) {
+  if constexpr (std::is_same_v<T, mx::complex64_t>) {
+    return {static_cast<double>(x.real()), static_cast<double>(x.imag())};
+  } else {
+    return widen<T>(x);
+  }
+}
+
+template <typename T>
+inline T narrow_acc(typename Accumulator<T>::type x) {
+  if constexpr (std::is_same_v<T, mx::complex64_t>) {
+    return T(static_cast<float>(x.real()), static_cast<float>(x.imag()));
+  } else {
+    return narrow<T>(x);
+  }
+}
+
+// acc[0..width) = sum over rows [0, rows) of src[row * stride + j].
+template <typename T, typename A>
+void sum_slab(const T* src, size_t rows, size_t stride, size_t width, A* acc) {
+  if (width == 1 && stride == 1) {
+    A a0{}, a1{}, a2{}, a3{};
+    size_t i = 0;
+    for (; i + 4 <= rows; i += 4) {
+      a0 += widen_acc(src[i]);
+      a1 += widen_acc(src[i + 1]);
+      a2 += widen_acc(src[i + 2]);
+      a3 += widen_acc(src[i + 3]);
+    }
+    for (; i < rows; ++i) {
+      a0 += widen_acc(src[i]);
+    }
+    acc[0] = (a0 + a1) + (a2 + a3);
+    return;
+  }
+  std::fill(acc, acc + width, A{});
+  for (size_t r = 0; r < rows; ++r) {
+    const T* row = src + r * stride;
+    for (size_t j = 0; j < width; ++j) {
+      acc[j] += widen_acc(row[j]);
+    }
+  }
+}
+
+template <typename T>
+void sum_axis(const T* in, T* out, size_t outer, size_t k, size_t inner) {
+  using A = typename Accumulator<T>::type;
+  if (outer == 0 || inner == 0) {
+    return;
+  }
+  const size_t chunks = (inner + kInnerChunk - 1) / kInnerChunk;
+  const size_t slabs = outer * chunks;
+  const size_t workers = std::max<size_t>(1, std::thread::hardware_concurrency());
+  const size_t slab_items = std::max<size_t>(1, k * std::min(inner, kInnerChunk));
+  const size_t splits =
+      (slabs < workers && k >= 2 * workers && slab_items >= kParallelGrain) ? workers : 1;
+
+  auto slab = [&](size_t s, size_t k_begin, size_t k_end, A* acc) {
+    size_t o = s / chunks;
+    size_t j0 = (s % chunks) * kInnerChunk;
+    size_t width = std::min(inner - j0, kInnerChunk);
+    sum_slab(in + (o * k + k_begin) * inner + j0, k_end - k_begin, inner, width, acc);
+    return std::pair<size_t, size_t>{o * inner + j0, width};
+  };
+
+  if (splits == 1) {
+    parallel_for(slabs, std::max<size_t>(1, kParallelGrain / slab_items),
+                 [&](size_t begin, size_t end) {
+                   std::vector<A> acc(std::min(inner, kInnerChunk));
+                   for (size_t s = begin; s < end; ++s) {
+                     auto [at, width] = slab(s, 0, k, acc.data());
+                     for (size_t j = 0; j < width; ++j) {
+                       out[at + j] = narrow_acc<T>(acc[j]);
+                     }
+                   }
+                 });
+    return;
+  }
+
+  // Few slabs: each of `splits` tasks sums a range of k for every slab.
+  const size_t width_max = std::min(inner, kInnerChunk);
+  std::vector<A> partial(splits * slabs * width_max);
+  const size_t k_step = (k + splits - 1) / splits;
+  parallel_for(splits, 1, [&](size_t begin, size_t end) {
+    for (size_t c = begin; c < end; ++c) {
+      size_t k_begin = std::min(k, c * k_step);
+      size_t k_end = std::min(k, k_begin + k_step);
+      for (size_t s = 0; s < slabs; ++s) {
+        slab(s, k_begin, k_end, partial.data() + (c * slabs + s) * width_max);
+      }
+    }
+  });
+  std::vector<A> acc(width_max);
+  for (size_t s = 0; s < slabs; ++s) {
+    std::fill(acc.begin(), acc.end(), A{});
+    size_t width = 0;
+    for (size_t c = 0; c < splits; ++c) {
+      const A* p = partial.data() + (c * slabs + s) * width_max;
+      size_t j0 = (s % chunks) * kInnerChunk;
+      width = std::min(inner - j0, kInnerChunk);
+      for (size_t j = 0; j < width; ++j) {
+        acc[j] += p[j];
+      }
+    }
+    size_t at = (s / chunks) * inner + (s % chunks) * kInnerChunk;
+    for (size_t j = 0; j < width; ++j) {
+      out[at + j] = narrow_acc<T>(acc[j]);
+    }
+  }
+}
+
+class AccurateSum : public mx::UnaryPrimitive {
+ public:
+  AccurateSum(mx::Stream stream, int axis) : mx::UnaryPrimitive(stream), axis_(axis) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& in = inputs[0];
+    if (!in.flags().row_contiguous) {
+      throw std::runtime_error("[nx_mlx accurate sum] input is not row-contiguous");
+    }
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    size_t outer = 1, inner = 1;
+    for (int d = 0; d < axis_; ++d) {
+      outer *= static_cast<size_t>(in.shape(d));
+    }
+    for (int d = axis_ + 1; d < static_cast<int>(in.ndim()); ++d) {
+      inner *= static_cast<size_t>(in.shape(d));
+    }
+    size_t k = static_cast<size_t>(in.shape(axis_));
+    encoder.dispatch([in = mx::array::unsafe_weak_copy(in),
+                      out = mx::array::unsafe_weak_copy(out), outer, k, inner]() mutable {
+      switch (out.dtype()) {
+        case mx::float16:
+          return sum_axis(in.data<mx::float16_t>(), out.data<mx::float16_t>(), outer, k, inner);
+        case mx::bfloat16:
+          return sum_axis(in.data<mx::bfloat16_t>(), out.data<mx::bfloat16_t>(), outer, k,
+                          inner);
+        case mx::float32:
+          return sum_axis(in.data<float>(), out.data<float>(), outer, k, inner);
+        case mx::float64:
+          return sum_axis(in.data<double>(), out.data<double>(), outer, k, inner);
+        case mx::complex64:
+          return sum_axis(in.data<mx::complex64_t>(), out.data<mx::complex64_t>(), outer, k,
+                          inner);
+        default:
+          throw std::runtime_error("[nx_mlx accurate sum] takes float and complex64 arrays");
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("[nx_mlx accurate sum] has no GPU kernel");
+  }
+
+  const char* name() const override { return "NxMlxAccurateSum"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const AccurateSum*>(&other);
+    return o != nullptr && o->axis_ == axis_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto shape = inputs[0].shape();
+    shape[axis_] = 1;
+    return {shape};
+  }
+
+ private:
+  int axis_;
+};
+
 }  // namespace
+
+bool has_accurate_sum(const mx::Stream& stream, mx::Dtype dtype) {
+  return stream.device.type == mx::Device::cpu &&
+         (dtype == mx::float16 || dtype == mx::bfloat16 || dtype == mx::float32 ||
+          dtype == mx::float64 || dtype == mx::complex64);
+}
+
+mx::array accurate_sum(const mx::array& a, int axis, const mx::Stream& stream) {
+  if (!has_accurate_sum(stream, a.dtype()) || axis < 0 || axis >= static_cast<int>(a.ndim())) {
+    throw std::invalid_argument(
+        "[nx_mlx accurate sum] takes a float or complex64 array on a CPU stream and one of "
+        "its axes");
+  }
+  auto input = mx::contiguous(a, false, stream);
+  auto shape = input.shape();
+  shape[axis] = 1;
+  return mx::array(shape, input.dtype(), std::make_shared<AccurateSum>(stream, axis), {input});
+}
 
 bool has_accurate_unary(const mx::Stream& stream, mx::Dtype dtype) {
   return stream.device.type == mx::Device::cpu &&

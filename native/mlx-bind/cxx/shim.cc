@@ -1,5 +1,6 @@
 #include "mlx-bind/cxx/shim.h"
 
+#include <algorithm>
 #include <chrono>
 #include <optional>
 #include <cstring>
@@ -537,6 +538,25 @@ std::unique_ptr<array> reduce(
     ReduceOp op, const array& a, rust::Slice<const int32_t> axes, bool keep_dims, StreamRef s) {
   auto st = to_mx(s);
   auto ax = to_ints(axes);
+  if (op == ReduceOp::Sum && kernels::has_accurate_sum(st, a.dtype())) {
+    // Axis by axis, each kept as size 1, then dropped unless keep_dims.
+    std::vector<int> normalized;
+    for (int axis : ax) {
+      int n = checked_axis("sum", a, axis);
+      if (std::find(normalized.begin(), normalized.end(), n) != normalized.end()) {
+        throw std::invalid_argument("[sum] axis " + std::to_string(axis) + " is given twice");
+      }
+      normalized.push_back(n);
+    }
+    array r = a;
+    for (int axis : normalized) {
+      r = kernels::accurate_sum(r, axis, st);
+    }
+    if (!keep_dims && !normalized.empty()) {
+      r = mx::squeeze(r, normalized, st);
+    }
+    return boxed(r);
+  }
   switch (op) {
     case ReduceOp::Sum: return boxed(mx::sum(a, ax, keep_dims, st));
     case ReduceOp::Prod: return boxed(mx::prod(a, ax, keep_dims, st));
