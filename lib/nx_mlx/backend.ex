@@ -952,8 +952,19 @@ defmodule NxMlx.Backend do
           Enum.zip_with(dilations, element_strides, &(&1 * &2))
 
       view = op.(:as_strided, [padded, view_shape, view_strides, 0])
-      r = op.(:reduce, [mlx_op, view, Enum.to_list(rank..(2 * rank - 1)//1), false])
-      wrap(out, r, device)
+
+      # MLX's reductions assume that no two elements of their input share memory: on a view
+      # whose windows overlap, the plan it picks for a reduced axis of stride > 1 (a window
+      # dilation) reads the wrong elements. Flattening the view copies it exactly when its
+      # windows cannot be walked with one stride (overlap or gaps); then each window is a
+      # row.
+      size = Enum.product(view_shape)
+      flat = op.(:reshape, [op.(:reshape, [view, [size]]), out_dims ++ [Enum.product(windows)]])
+      r = op.(:reduce, [mlx_op, flat, [rank], false])
+
+      # MLX sums and multiplies 8- and 16-bit integers in 32 bits; Nx keeps the input type,
+      # wrapping: back to it (the low bits are the same).
+      wrap(out, op.(:astype, [r, Types.to_mlx(type)]), device)
     end
   end
 

@@ -368,6 +368,68 @@ defmodule NxMlx.OracleShapeTest do
     end
   end
 
+  describe "window reductions on random inputs" do
+    test "every integer and float type, strides, dilations and padding modes" do
+      types =
+        device_types([
+          {:u, 8},
+          {:u, 16},
+          {:u, 32},
+          {:s, 8},
+          {:s, 16},
+          {:s, 64},
+          {:f, 16},
+          {:bf, 16},
+          {:f, 32},
+          {:f, 64}
+        ])
+
+      for _ <- 1..150 do
+        shape = List.to_tuple(for _ <- 1..Enum.random(1..3), do: Enum.random(1..6))
+        dims = Tuple.to_list(shape)
+        window = List.to_tuple(for d <- dims, do: Enum.random(1..min(d, 3)))
+        dilations = for {d, w} <- Enum.zip(dims, Tuple.to_list(window)), do: dilation(d, w)
+
+        padding =
+          Enum.random([:same, :valid, for(_ <- dims, do: {Enum.random(0..2), Enum.random(0..2)})])
+
+        opts = [
+          strides: for(_ <- dims, do: Enum.random(1..3)),
+          padding: padding,
+          window_dilations: dilations
+        ]
+
+        type = Enum.random(types)
+        fun = Enum.random([:window_sum, :window_product, :window_max, :window_min])
+        x = random(shape, type)
+        # Products of up to 27 values stay within f16 and bf16.
+        x =
+          if fun == :window_product and elem(type, 0) in [:f, :bf], do: Nx.divide(x, 64), else: x
+
+        context = "#{fun} #{inspect(type)} #{inspect(shape)} #{inspect(window)} #{inspect(opts)}"
+
+        expected = apply(Nx, fun, [x, window, opts])
+        got = assert_native(fn -> apply(Nx, fun, [mlx(x), window, opts]) end)
+        assert {got.type, got.shape} == {expected.type, expected.shape}, context
+
+        case expected.type do
+          {kind, _} when kind in [:s, :u] ->
+            assert Nx.to_binary(got) == Nx.to_binary(expected), context
+
+          {_, bits} ->
+            tol = if bits == 16, do: 3.0e-2, else: 1.0e-5
+            got_b = Nx.backend_copy(got, Nx.BinaryBackend)
+            close = Nx.all_close(got_b, expected, rtol: tol, atol: tol)
+            assert Nx.to_number(close) == 1, "#{context}\n#{inspect(got_b)}\n#{inspect(expected)}"
+        end
+      end
+    end
+  end
+
+  # A window dilation that keeps the dilated window within the axis.
+  defp dilation(dim, window) when window > 1 and dim >= 2 * window - 1, do: Enum.random(1..2)
+  defp dilation(_dim, _window), do: 1
+
   describe "complex parts and bitcast" do
     test "real, imag and conjugate of c64; bitcast keeps the bits" do
       c = Nx.complex(random({3, 2}, {:f, 32}), random({3, 2}, {:f, 32}))

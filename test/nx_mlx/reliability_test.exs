@@ -230,6 +230,30 @@ defmodule NxMlx.ReliabilityTest do
       assert Nx.to_list(Nx.greater(u, -1)) == [1, 1, 1]
     end
 
+    test "window sums and products of 8- and 16-bit integers keep their type" do
+      # MLX sums and multiplies them in 32 bits: the result had twice the bytes of its shape.
+      opts = [strides: [2], padding: :same]
+      assert Nx.to_list(Nx.window_product(t([-3, 3, 2], type: :s16), {1}, opts)) == [-3, 2]
+      x = Nx.iota({3, 7}, type: :u16, backend: @b)
+      got = Nx.window_sum(x, {2, 3}, strides: [2, 3], padding: :same)
+      assert got.type == {:u, 16}
+      assert Nx.to_list(got) == [[16, 39, 36], [29, 51, 39]]
+      # wrapping, as Nx does
+      assert Nx.to_list(Nx.window_sum(t([200, 100, 7], type: :u8), {2})) == [44, 107]
+      assert Nx.to_list(Nx.window_product(t([-128, 2], type: :s8), {2})) == [0]
+    end
+
+    test "window reductions with a dilated last axis read the right elements" do
+      # A window dilation makes the view's windows overlap with a stride > 1: MLX's reduction
+      # then took a plan that read other rows (row 1 gave max 2 instead of 4).
+      x = Nx.iota({6, 3}, type: :u32, backend: @b)
+      opts = [strides: [2, 1], padding: :same, window_dilations: [1, 2]]
+      assert Nx.to_list(Nx.window_max(x, {1, 2}, opts)) == [[1, 2, 1], [7, 8, 7], [13, 14, 13]]
+      y = Nx.iota({3, 5}, type: :f32, backend: @b)
+      sums = Nx.window_sum(y, {1, 2}, window_dilations: [1, 2])
+      assert Nx.to_list(sums) == [[2.0, 4.0, 6.0], [12.0, 14.0, 16.0], [22.0, 24.0, 26.0]]
+    end
+
     test "c64 to integers maps NaN to 0 and the infinities to the extremes" do
       z =
         t(
