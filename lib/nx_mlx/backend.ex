@@ -27,15 +27,17 @@ defmodule NxMlx.Backend do
       (`Nx.BinaryBackend` raises). Indices of any integer type reach every position (u8
       indices into an axis of 300 elements are not clamped at 255). With duplicate
       indices `indexed_put` keeps the last row on the CPU device, any one of them on the GPU.
-    * Element-wise: `add`, `subtract`, `multiply`, `min`, `max`, the comparisons (u64 against
-      a signed type compares the numbers, as Nx does), `divide`, `pow` (integers too, by
-      square and multiply), `atan2` (floats), `quotient`, `remainder`, `bitwise_and`/`or`/`xor`,
-      `left_shift`, `right_shift` (integers, with Nx's truncation, sign and width rules),
-      `logical_and`/`or`/`xor`, `select`, `clip`, `abs`, `negate`, `sign`, `ceil`, `floor`,
-      `round` (half away from zero), `is_nan`, `is_infinity`, `bitwise_not`,
-      `population_count` and `count_leading_zeros` (composed from shifts, masks and adds),
-      `real`, `imag`, `conjugate`, and the floating-point unary functions on every real
-      float type, f64 included (`erfc` and `cbrt` on the CPU device; see "Accuracy"). On c64: the
+    * Element-wise: `add`, `subtract`, `multiply`, `min`, `max`, the comparisons, `divide`,
+      `pow` (integers too, by square and multiply), `atan2` (floats), `quotient`,
+      `remainder`, `bitwise_and`/`or`/`xor`, `left_shift`, `right_shift` (integers, with Nx's
+      truncation, sign and width rules), `logical_and`/`or`/`xor`, `select`, `clip`, `abs`,
+      `negate`, `sign`, `ceil`, `floor`, `round` (half away from zero), `is_nan`,
+      `is_infinity`, `bitwise_not`, `population_count` and `count_leading_zeros` (composed
+      from shifts, masks and adds), `real`, `imag`, `conjugate`, and the floating-point unary
+      functions on every real float type, f64 included (`erfc` and `cbrt` on the CPU device;
+      see "Accuracy"). Integer ops of u64 with a signed type (an s64 result) work on the
+      numbers, as Nx does: the comparisons, `min`, `max`, `clip`, `quotient`, `remainder` and
+      `right_shift` do not see 2^64 - 1 as -1 (the others wrap alike either way). On c64: the
       arithmetic, `divide`, the comparisons, `negate`, `abs`, `sign`, `exp`, `log`, `log1p`,
       `sqrt`, `sin`, `cos`, `tan`, `sinh`, `cosh` and `tanh`.
     * Reductions and scans: `sum`, `product`, `reduce_max`, `reduce_min`, `all`, `any`,
@@ -1377,8 +1379,23 @@ defmodule NxMlx.Backend do
     max: :maximum
   ]
 
+  # u64 against a signed type merges to s64 in Nx, which cannot hold both: Nx compares the
+  # numbers themselves (then wraps the answer into s64).
+  defguardp u64_with_signed(ta, tb)
+            when (ta == {:u, 64} and elem(tb, 0) == :s) or (tb == {:u, 64} and elem(ta, 0) == :s)
+
   for {nx_op, mlx_op} <- @same_type_binary do
     @impl true
+    if nx_op in [:min, :max] do
+      def unquote(nx_op)(out, %T{type: ta} = a, %T{type: tb} = b) when u64_with_signed(ta, tb) do
+        device = op_device([a, b])
+        op = op_fn(device, unquote(nx_op), [a, b])
+        pick_a = u64_signed_mask(op, unquote(if nx_op == :max, do: :greater, else: :less), a, b)
+        r = op.(:select, [pick_a, ref_as(a, out.type, device), ref_as(b, out.type, device)])
+        wrap(out, r, device)
+      end
+    end
+
     def unquote(nx_op)(out, a, b), do: binary_op(out, a, b, unquote(nx_op), unquote(mlx_op))
   end
 
@@ -1468,9 +1485,11 @@ defmodule NxMlx.Backend do
 
   for {nx_op, mlx_op} <- @comparisons do
     @impl true
-    def unquote(nx_op)(out, %T{type: ta} = a, %T{type: tb} = b)
-        when (ta == {:u, 64} and elem(tb, 0) == :s) or (tb == {:u, 64} and elem(ta, 0) == :s) do
-      u64_signed_comparison(out, a, b, unquote(nx_op), unquote(mlx_op))
+    def unquote(nx_op)(out, %T{type: ta} = a, %T{type: tb} = b) when u64_with_signed(ta, tb) do
+      device = op_device([a, b])
+      op = op_fn(device, unquote(nx_op), [a, b])
+      r = u64_signed_mask(op, unquote(mlx_op), a, b)
+      wrap(out, op.(:astype, [r, Types.to_mlx(out.type)]), device)
     end
 
     def unquote(nx_op)(out, a, b) do
@@ -1489,22 +1508,19 @@ defmodule NxMlx.Backend do
     end
   end
 
-  # u64 against a signed type merges to s64 in Nx, which cannot hold both; Nx compares the
-  # numbers themselves. Compare in u64, then answer by sign where the signed one is negative.
-  defp u64_signed_comparison(out, a, b, nx_op, mlx_op) do
+  # `a mlx_op b` (a bool array) for u64 against a signed type, compared as numbers: in u64,
+  # then answered by sign where the signed one is negative (so below every u64).
+  defp u64_signed_mask(op, mlx_op, a, b) do
     device = op_device([a, b])
-    op = op_fn(device, nx_op, [a, b])
     {signed, signed_left?} = if a.type == {:u, 64}, do: {b, false}, else: {a, true}
-    s = ref!(signed, device)
-    negative = op.(:binary, [:less, s, scalar_ref(0, signed.type, device)])
+    negative = op.(:binary, [:less, ref!(signed, device), scalar_ref(0, signed.type, device)])
     r = op.(:binary, [mlx_op, ref_as(a, {:u, 64}, device), ref_as(b, {:u, 64}, device)])
+    below? = mlx_op in [:less, :less_equal, :not_equal]
+    above? = mlx_op in [:greater, :greater_equal, :not_equal]
 
-    # What `left op right` is when the signed side is negative (so below every u64).
-    below? = nx_op in [:less, :less_equal, :not_equal]
-    above? = nx_op in [:greater, :greater_equal, :not_equal]
-    answer = if signed_left?, do: below?, else: above?
-    fixed = op.(:select, [negative, scalar_ref(if(answer, do: 1, else: 0), {:u, 8}, device), r])
-    wrap(out, op.(:astype, [fixed, Types.to_mlx(out.type)]), device)
+    if (signed_left? and below?) or (not signed_left? and above?),
+      do: op.(:binary, [:logical_or, negative, r]),
+      else: op.(:binary, [:logical_and, op.(:unary, [:logical_not, negative]), r])
   end
 
   defp binary_op(out, a, b, nx_op, mlx_op) do
@@ -1635,6 +1651,9 @@ defmodule NxMlx.Backend do
   end
 
   @impl true
+  def quotient(out, %T{type: ta} = a, %T{type: tb} = b) when u64_with_signed(ta, tb),
+    do: u64_signed_division(out, a, b, :quotient)
+
   def quotient(%T{type: {kind, _}} = out, a, b) when kind in [:s, :u] do
     # Nx truncates toward zero; MLX's floor_divide floors. Add one where the division was
     # inexact and the signs differ.
@@ -1647,6 +1666,9 @@ defmodule NxMlx.Backend do
   def quotient(out, a, b), do: NxMlx.Fallback.run(:quotient, [out, a, b], op_device([a, b]))
 
   @impl true
+  def remainder(out, %T{type: ta} = a, %T{type: tb} = b) when u64_with_signed(ta, tb),
+    do: u64_signed_division(out, a, b, :remainder)
+
   def remainder(%T{type: {kind, _}} = out, a, b) when kind in [:s, :u] do
     # Nx's remainder has the sign of the dividend (C's %); MLX's has the divisor's (Python's).
     {device, op, ar, br} = binary_inputs(out, a, b, :remainder)
@@ -1658,6 +1680,36 @@ defmodule NxMlx.Backend do
   # Float remainder is C's fmod in Nx; MLX has only the Python-style one, and converting it
   # loses precision.
   def remainder(out, a, b), do: NxMlx.Fallback.run(:remainder, [out, a, b], op_device([a, b]))
+
+  # u64 against a signed type: Nx divides the numbers themselves, then wraps the answer
+  # into s64 (converting both to s64 first would turn large u64 values negative). The
+  # magnitudes are divided in u64; the quotient takes the sign of a * b, the remainder the
+  # dividend's.
+  defp u64_signed_division(out, a, b, nx_op) do
+    device = op_device([a, b])
+    op = op_fn(device, nx_op, [a, b])
+    {a_negative, a_magnitude} = sign_magnitude(op, a, device)
+    {b_negative, b_magnitude} = sign_magnitude(op, b, device)
+
+    {mlx_op, negative} =
+      if nx_op == :quotient,
+        do: {:floor_divide, op.(:binary, [:not_equal, a_negative, b_negative])},
+        else: {:remainder, a_negative}
+
+    m = op.(:binary, [mlx_op, a_magnitude, b_magnitude])
+    zero = scalar_ref(0, {:u, 64}, device)
+    r = op.(:select, [negative, op.(:binary, [:subtract, zero, m]), m])
+    wrap(out, op.(:astype, [r, Types.to_mlx(out.type)]), device)
+  end
+
+  # Whether the integer tensor `t` is negative, and its magnitude as u64 (exact, 2^63 for
+  # the s64 minimum).
+  defp sign_magnitude(op, %T{type: type} = t, device) do
+    negative = op.(:binary, [:less, ref!(t, device), scalar_ref(0, type, device)])
+    x = ref_as(t, {:u, 64}, device)
+    negated = op.(:binary, [:subtract, scalar_ref(0, {:u, 64}, device), x])
+    {negative, op.(:select, [negative, negated, x])}
+  end
 
   # r != 0 and sign(x) != sign(y), as bool.
   defp inexact_with_other_sign(op, _ar, br, r, x, y) do
@@ -1674,7 +1726,7 @@ defmodule NxMlx.Backend do
   def left_shift(%T{type: {kind, size}} = out, a, b) when kind in [:s, :u] do
     # Shifting by the type's width or more gives 0 in Nx; MLX masks the count.
     {device, op, ar, br} = binary_inputs(out, a, b, :left_shift)
-    too_far = op.(:binary, [:greater_equal, br, scalar_ref(size, out.type, device)])
+    too_far = shift_too_far(op, b, size, device)
     shifted = op.(:binary, [:left_shift, ar, br])
     wrap(out, op.(:select, [too_far, op.(:binary, [:subtract, br, br]), shifted]), device)
   end
@@ -1686,18 +1738,32 @@ defmodule NxMlx.Backend do
     # Shifting by the width or more gives the sign fill (0 or -1; 0 when unsigned) in Nx;
     # MLX masks the count.
     {device, op, ar, br} = binary_inputs(out, a, b, :right_shift)
-    too_far = op.(:binary, [:greater_equal, br, scalar_ref(size, out.type, device)])
+    too_far = shift_too_far(op, b, size, device)
 
-    fill =
-      if kind == :s,
-        do: op.(:binary, [:right_shift, ar, scalar_ref(size - 1, out.type, device)]),
-        else: op.(:binary, [:subtract, br, br])
+    if a.type == {:u, 64} and kind == :s do
+      # A u64 value shifted by a signed count (an s64 result): Nx shifts the number, which
+      # is not negative, so the shift is logical: in u64, then wrapped into s64.
+      x = ref!(a, device)
+      shifted = op.(:binary, [:right_shift, x, ref_as(b, {:u, 64}, device)])
+      r = op.(:select, [too_far, scalar_ref(0, {:u, 64}, device), shifted])
+      wrap(out, op.(:astype, [r, Types.to_mlx(out.type)]), device)
+    else
+      fill =
+        if kind == :s,
+          do: op.(:binary, [:right_shift, ar, scalar_ref(size - 1, out.type, device)]),
+          else: op.(:binary, [:subtract, br, br])
 
-    shifted = op.(:binary, [:right_shift, ar, br])
-    wrap(out, op.(:select, [too_far, fill, shifted]), device)
+      shifted = op.(:binary, [:right_shift, ar, br])
+      wrap(out, op.(:select, [too_far, fill, shifted]), device)
+    end
   end
 
   def right_shift(out, a, b), do: NxMlx.Fallback.run(:right_shift, [out, a, b], op_device([a, b]))
+
+  # Whether the count `b` is the width `size` or more, compared in b's own type: a u64
+  # count of 2^63 converted to s64 would be negative.
+  defp shift_too_far(op, %T{type: type} = b, size, device),
+    do: op.(:binary, [:greater_equal, ref!(b, device), scalar_ref(size, type, device)])
 
   for {nx_op, mlx_op} <- [
         logical_and: :logical_and,
@@ -1844,7 +1910,30 @@ defmodule NxMlx.Backend do
   def round(out, t), do: NxMlx.Fallback.run(:round, [out, t], op_device([t]))
 
   @impl true
-  def clip(%T{type: {kind, _}} = out, t, min, max) when kind != :c do
+  def clip(%T{type: {kind, _}} = out, t, min, max) when kind in [:s, :u] do
+    types = [t.type, min.type, max.type]
+
+    if {:u, 64} in types and Enum.any?(types, &match?({:s, _}, &1)) do
+      # u64 with a signed type (an s64 result): Nx compares the numbers themselves, so the
+      # choices are made on the inputs and only the chosen value is converted.
+      device = op_device([t, min, max])
+      op = op_fn(device, :clip, [t, min, max])
+      less = fn a, b -> compare_numbers(op, :less, a, b, device) end
+      [x, lo, hi] = Enum.map([t, min, max], &ref_as(&1, out.type, device))
+      above_min = op.(:select, [less.(t, max), x, hi])
+      at_min = op.(:select, [less.(min, max), lo, hi])
+      wrap(out, op.(:select, [less.(min, t), above_min, at_min]), device)
+    else
+      clip_in(out, t, min, max)
+    end
+  end
+
+  def clip(%T{type: {kind, _}} = out, t, min, max) when kind != :c, do: clip_in(out, t, min, max)
+
+  def clip(out, t, min, max), do: NxMlx.Fallback.run(:clip, [out, t, min, max], op_device([t]))
+
+  # Clipping in the output type.
+  defp clip_in(out, t, min, max) do
     # As Nx: x > min ? x : min, then < max ? : max (so NaN becomes min).
     device = op_device([t, min, max])
     op = op_fn(device, :clip, [t, min, max])
@@ -1855,7 +1944,15 @@ defmodule NxMlx.Backend do
     wrap(out, op.(:select, [op.(:binary, [:less, low_clipped, hi]), low_clipped, hi]), device)
   end
 
-  def clip(out, t, min, max), do: NxMlx.Fallback.run(:clip, [out, t, min, max], op_device([t]))
+  # `a mlx_op b` (bool) for two integer tensors, as numbers.
+  defp compare_numbers(op, mlx_op, %T{type: ta} = a, %T{type: tb} = b, _device)
+       when u64_with_signed(ta, tb),
+       do: u64_signed_mask(op, mlx_op, a, b)
+
+  defp compare_numbers(op, mlx_op, a, b, device) do
+    type = Nx.Type.merge(a.type, b.type)
+    op.(:binary, [mlx_op, ref_as(a, type, device), ref_as(b, type, device)])
+  end
 
   ## Reductions
 

@@ -142,6 +142,47 @@ defmodule NxMlx.OracleElementwiseTest do
       end
     end
 
+    test "mixed integer types, u64 against signed types included" do
+      # Nx computes on the numbers and wraps the answer into the merged type (s64 for u64
+      # with a signed type, which holds neither range whole).
+      for _ <- 1..60 do
+        ta = Enum.random(@int_types)
+        tb = Enum.random([{:u, 64}, {:s, 8}, {:s, 64} | @int_types])
+        {sa, sb} = Enum.random(@shapes)
+        a = random(sa, ta)
+        b = random(sb, tb)
+        divisor = random(sb, tb, nonzero: true)
+        shift = random(sb, tb, range: 0..70)
+        context = "#{inspect(ta)} #{inspect(tb)} #{inspect(sa)} #{inspect(sb)}"
+
+        for {op, rhs} <- [
+              max: b,
+              min: b,
+              greater: b,
+              less_equal: b,
+              equal: b,
+              quotient: divisor,
+              remainder: divisor,
+              right_shift: shift,
+              left_shift: shift,
+              add: b,
+              multiply: b
+            ] do
+          assert_same(
+            apply(Nx, op, [mlx(a), mlx(rhs)]),
+            apply(Nx, op, [a, rhs]),
+            0,
+            "#{op} #{context}"
+          )
+        end
+
+        [lo, hi] =
+          Enum.sort([random({}, tb), random({}, tb)], &(Nx.to_number(&1) <= Nx.to_number(&2)))
+
+        assert_same(Nx.clip(mlx(a), mlx(lo), mlx(hi)), Nx.clip(a, lo, hi), 0, "clip #{context}")
+      end
+    end
+
     test "logical ops treat every non-zero value, NaN included, as true" do
       for type <- NxMlx.TestHelpers.device_types([{:s, 32}, {:u, 8}, {:f, 32}, {:f, 64}]),
           {sa, sb} <- @shapes,

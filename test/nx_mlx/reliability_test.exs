@@ -254,6 +254,24 @@ defmodule NxMlx.ReliabilityTest do
       assert Nx.to_list(sums) == [[2.0, 4.0, 6.0], [12.0, 14.0, 16.0], [22.0, 24.0, 26.0]]
     end
 
+    test "u64 against a signed type: min, max, clip, quotient, remainder and right_shift" do
+      # Nx works on the numbers (s64 result, wrapping); converting the u64 side to s64 first
+      # made 2^64 - 1 into -1.
+      big = 18_446_744_073_709_551_615
+      u = t([big, 7, 9_223_372_036_854_775_808], type: :u64)
+      s = t([-1, 2, 3], type: :s16)
+      assert Nx.to_list(Nx.max(u, s)) == [-1, 7, -9_223_372_036_854_775_808]
+      assert Nx.to_list(Nx.min(u, s)) == [-1, 2, 3]
+      assert Nx.to_list(Nx.max(s, u)) == [-1, 7, -9_223_372_036_854_775_808]
+      assert Nx.to_list(Nx.clip(u, 18, 37)) == [37, 18, 37]
+      assert Nx.to_list(Nx.quotient(u, s)) == [1, 3, 3_074_457_345_618_258_602]
+      assert Nx.to_list(Nx.remainder(u, s)) == [0, 1, 2]
+      assert Nx.to_list(Nx.quotient(t([-7, 7, 1], type: :s8), u)) == [0, 1, 0]
+      assert Nx.to_list(Nx.remainder(t([-7, 7, 1], type: :s8), u)) == [-7, 0, 1]
+      assert Nx.to_list(Nx.right_shift(u, t([11, 1, 63], type: :s8))) == [(1 <<< 53) - 1, 3, 1]
+      assert Nx.to_list(Nx.right_shift(t([-8, 8, 1], type: :s8), u)) == [-1, 0, 0]
+    end
+
     test "c64 to integers maps NaN to 0 and the infinities to the extremes" do
       z =
         t(
