@@ -52,8 +52,10 @@ defmodule NxMlx.Backend do
 
   ## Divergences from Nx.BinaryBackend
 
-    * `sign(NaN)` is NaN (as in EXLA); `Nx.BinaryBackend` returns 1.0. The sign of a complex
-      number is `z / |z|` (0 at 0, as in EXLA); `Nx.BinaryBackend` returns 1 for every one.
+    * `sign(NaN)` is NaN (as in EXLA); `Nx.BinaryBackend` returns 1.0. `sign(-Inf)` is -1.0
+      (as in EXLA); `Nx.BinaryBackend` returns 1.0 (it compares the atom `:neg_infinity` with
+      0 in Erlang's term order). The sign of a complex number is `z / |z|` (0 at 0, as in
+      EXLA); `Nx.BinaryBackend` returns 1 for every one.
     * Complex functions of non-finite inputs follow C++'s `std::complex` (e.g. `exp` of
       `Inf+0i` is `Inf+0i`, `tanh` of it `1+0i`) where `Nx.BinaryBackend` often gives NaN
       parts; finite inputs agree to f32 rounding.
@@ -1594,11 +1596,14 @@ defmodule NxMlx.Backend do
 
   @impl true
   def sign(%T{type: {kind, _}} = out, t) when kind in [:f, :bf] do
-    # NaN stays NaN (as in XLA and IEEE); MLX's sign gives 0 or -1 for it.
+    # NaN stays NaN (as in XLA and IEEE); MLX's sign gives 0 or -1 for it. -0.0 stays -0.0,
+    # as in Nx (MLX's sign gives 0.0).
     device = op_device([t])
     op = op_fn(device, :sign, [t])
     x = ref_as(t, out.type, device)
-    wrap(out, op.(:select, [op.(:unary, [:isnan, x]), x, op.(:unary, [:sign, x])]), device)
+    zero = op.(:binary, [:equal, x, scalar_ref(0, out.type, device)])
+    keep = op.(:binary, [:logical_or, op.(:unary, [:isnan, x]), zero])
+    wrap(out, op.(:select, [keep, x, op.(:unary, [:sign, x])]), device)
   end
 
   def sign(out, %T{type: {kind, _}} = t) when kind in [:s, :u], do: unary_op(out, t, :sign, :sign)

@@ -240,6 +240,33 @@ defmodule NxMlx.OracleElementwiseTest do
       assert Nx.to_flat_list(Nx.sign(t)) == [:nan, 1.0, -1.0, 0.0, 1.0]
     end
 
+    test "sign of every float type, signed zeros, subnormals and specials included" do
+      # Nx.BinaryBackend answers 1.0 for NaN and -Inf (see "Divergences"); elsewhere the bits
+      # must agree (sign(-0.0) is -0.0).
+      fixed = [-0.0, 0.0, :nan, :infinity, :neg_infinity, 1.0e-7, -6.0e-8, 1.0e-40, -1.0e-39]
+
+      for type <- @float_types do
+        t =
+          Nx.concatenate([
+            Nx.flatten(random({4, 5}, type)),
+            Nx.tensor(fixed, type: type, backend: Nx.BinaryBackend)
+          ])
+
+        got = Nx.sign(mlx(t)) |> Nx.backend_copy(Nx.BinaryBackend)
+        want = Nx.sign(t)
+        assert got.type == want.type
+
+        [Nx.to_flat_list(t), Nx.to_flat_list(got), Nx.to_flat_list(want)]
+        |> Enum.zip_with(fn [x, g, w] ->
+          case x do
+            :nan -> assert g == :nan
+            :neg_infinity -> assert g == -1.0
+            _ -> assert g === w, "sign(#{inspect(x)}) in #{inspect(type)} is #{inspect(g)}"
+          end
+        end)
+      end
+    end
+
     test "bitwise_not on integers" do
       for type <- @int_types do
         t = random({4, 3}, type)

@@ -254,6 +254,14 @@ defmodule NxMlx.ReliabilityTest do
       assert Nx.to_list(sums) == [[2.0, 4.0, 6.0], [12.0, 14.0, 16.0], [22.0, 24.0, 26.0]]
     end
 
+    test "sign of -0.0 is -0.0, as in Nx" do
+      for type <- [:f16, :bf16, :f32, :f64] do
+        got = Nx.sign(t([-0.0, 0.0, -2.0], type: type))
+        want = Nx.sign(Nx.tensor([-0.0, 0.0, -2.0], type: type, backend: Nx.BinaryBackend))
+        assert Nx.to_binary(got) == Nx.to_binary(want), inspect(type)
+      end
+    end
+
     test "u64 against a signed type: min, max, clip, quotient, remainder and right_shift" do
       # Nx works on the numbers (s64 result, wrapping); converting the u64 side to s64 first
       # made 2^64 - 1 into -1.

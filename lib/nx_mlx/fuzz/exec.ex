@@ -57,6 +57,9 @@ defmodule NxMlx.Fuzz.Exec do
 
   @divergences [
     sign_nan: "sign(NaN) is NaN, as in EXLA; Nx.BinaryBackend returns 1.0",
+    sign_neg_infinity:
+      "sign(-Inf) is -1.0, as in EXLA; Nx.BinaryBackend returns 1.0 (it compares the atom " <>
+        ":neg_infinity with 0 in Erlang's term order)",
     sign_complex: "the sign of a complex number is z/|z|, as in EXLA; Nx.BinaryBackend returns 1",
     complex_nonfinite:
       "complex functions of non-finite inputs follow C++'s std::complex; Nx.BinaryBackend often gives NaN parts",
@@ -419,6 +422,14 @@ defmodule NxMlx.Fuzz.Exec do
 
   defp explain(:sign_nan, %{spec: %{op: :sign}, args: [a]} = ctx) do
     if float_input?(a), do: flat_mask(Nx.is_nan(input(ctx, 0)), result_shape(ctx))
+  end
+
+  # NaN positions are masked too (sign_nan), so that a tensor holding both is explained.
+  defp explain(:sign_neg_infinity, %{spec: %{op: :sign}, args: [a]} = ctx) do
+    if float_input?(a) do
+      x = input(ctx, 0)
+      flat_mask(Nx.logical_or(Nx.is_nan(x), Nx.equal(x, :neg_infinity)), result_shape(ctx))
+    end
   end
 
   defp explain(:sign_complex, %{spec: %{op: :sign}, args: [{_, {:c, _}, _, _}]}), do: :all
