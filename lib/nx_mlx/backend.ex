@@ -56,6 +56,12 @@ defmodule NxMlx.Backend do
       (as in EXLA); `Nx.BinaryBackend` returns 1.0 (it compares the atom `:neg_infinity` with
       0 in Erlang's term order). The sign of a complex number is `z / |z|` (0 at 0, as in
       EXLA); `Nx.BinaryBackend` returns 1 for every one.
+    * `pad` whose output type is wider than its input's (`Nx.pad(f16_tensor, :nan, ...)` is
+      f32, a u8 tensor padded with 300 is u16) returns that output type, which Nx's front
+      end declares, with the input's values converted to it (as EXLA); `Nx.BinaryBackend`
+      builds its result in the input's type and copies the pad value's bytes into it as if
+      they had that type (padding an f16 tensor with :nan writes 0.0 and NaN for each padded
+      position, and the data no longer fits the shape).
     * Complex functions of non-finite inputs follow C++'s `std::complex` (e.g. `exp` of
       `Inf+0i` is `Inf+0i`, `tanh` of it `1+0i`) where `Nx.BinaryBackend` often gives NaN
       parts; finite inputs agree to f32 rounding.
@@ -722,6 +728,9 @@ defmodule NxMlx.Backend do
     check_pad!(out, t, config)
 
     if Enum.any?(config, fn {_, _, interior} -> interior != 0 end) do
+      # Nx.BinaryBackend's pad builds its result in the input's type: give it the input in
+      # the output type (an f16 tensor padded with :nan gives f32).
+      t = if t.type == type, do: t, else: as_type(%{t | type: type}, t)
       NxMlx.Fallback.run(:pad, [out, t, pad_value, config], op_device([t]))
     else
       device = op_device([t, pad_value])

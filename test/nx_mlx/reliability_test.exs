@@ -280,6 +280,15 @@ defmodule NxMlx.ReliabilityTest do
       assert Nx.to_list(Nx.right_shift(t([-8, 8, 1], type: :s8), u)) == [-1, 0, 0]
     end
 
+    test "interior padding to a wider type gives that type" do
+      # Nx.pad(f16, :nan) is f32; Nx.BinaryBackend's pad (the fallback) builds its result in
+      # the input's type.
+      got = Nx.pad(t([1.0, 2.0], type: :f16), :nan, [{1, 1, 1}])
+      assert got.type == {:f, 32}
+      assert Nx.to_list(got) == [:nan, 1.0, :nan, 2.0, :nan]
+      assert Nx.to_list(Nx.pad(t([1, 2], type: :u8), 300, [{0, 0, 1}])) == [1, 300, 2]
+    end
+
     test "c64 to integers maps NaN to 0 and the infinities to the extremes" do
       z =
         t(

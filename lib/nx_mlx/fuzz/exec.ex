@@ -60,6 +60,10 @@ defmodule NxMlx.Fuzz.Exec do
     sign_neg_infinity:
       "sign(-Inf) is -1.0, as in EXLA; Nx.BinaryBackend returns 1.0 (it compares the atom " <>
         ":neg_infinity with 0 in Erlang's term order)",
+    pad_output_type:
+      "pad whose output type is wider than its input (an f16 tensor padded with :nan, a u8 " <>
+        "one with 300) returns Nx's output type, as EXLA; Nx.BinaryBackend keeps the input's " <>
+        "type and misreads the pad value's bytes",
     sign_complex: "the sign of a complex number is z/|z|, as in EXLA; Nx.BinaryBackend returns 1",
     complex_nonfinite:
       "complex functions of non-finite inputs follow C++'s std::complex; Nx.BinaryBackend often gives NaN parts",
@@ -429,6 +433,23 @@ defmodule NxMlx.Fuzz.Exec do
     if float_input?(a) do
       x = input(ctx, 0)
       flat_mask(Nx.logical_or(Nx.is_nan(x), Nx.equal(x, :neg_infinity)), result_shape(ctx))
+    end
+  end
+
+  # Explained when NxMlx's result is Nx.BinaryBackend's pad of the input converted to the
+  # output type first (its pad is right when the two types agree).
+  defp explain(:pad_output_type, %{spec: %{op: :pad}, args: [a, value, config]} = ctx) do
+    with {:ok, [m]} <- ctx.mlx,
+         {:"$t", type, _, _} when type != m.type <- a,
+         {:ok, expected} <-
+           attempt(fn ->
+             x = Nx.as_type(input(ctx, 0), m.type)
+             Nx.pad(x, materialize(value, Nx.BinaryBackend), config)
+           end),
+         :ok <- compare_one(m, expected, ctx.spec, 1.0, nil) do
+      :all
+    else
+      _ -> nil
     end
   end
 
