@@ -416,14 +416,25 @@ defmodule NxMlx.Backend do
 
   ## Read-back and transfers
 
+  # MLX's dimensions are 32-bit.
+  @max_dim 2_147_483_647
+
   @impl true
   def to_binary(%T{data: %__MODULE__{ref: ref}, type: {_, bits}} = t, limit) do
     Runtime.before_eval()
-    binary = Runtime.call(:to_binary, [ref], fn -> describe(:to_binary, [t]) end)
-
     elements = Enum.reduce(t.vectorized_axes, Nx.size(t), fn {_, n}, acc -> n * acc end)
 
-    if byte_size(binary) * 8 != elements * bits do
+    # `inspect` asks for the first few elements: only those are copied out (reading a
+    # 2.5 GB tensor whole to print 50 of them took seconds and a 2.5 GB binary).
+    {ref, count} =
+      case limit >= 1 and limit < elements and leading_elements(t, limit) do
+        false -> {ref, elements}
+        leading -> {leading, limit}
+      end
+
+    binary = Runtime.call(:to_binary, [ref], fn -> describe(:to_binary, [t]) end)
+
+    if byte_size(binary) * 8 != count * bits do
       raise ArgumentError,
             "NxMlx.Backend.to_binary: the tensor's data (#{byte_size(binary)} bytes) does not " <>
               "fill its shape #{inspect(t.shape)} of #{inspect(t.type)} (was it built from a " <>
@@ -432,6 +443,39 @@ defmodule NxMlx.Backend do
 
     bytes = div(limit * bits, 8)
     if bytes < byte_size(binary), do: binary_part(binary, 0, bytes), else: binary
+  end
+
+  # A lazy view of the first `limit` elements of the tensor (in row-major order), or false
+  # when there is none to take. The leading block that holds them is sliced first (one row
+  # along each axis while the axes after it hold `limit` or more, then enough rows of the
+  # next), so that the flat view has fewer than 2 * limit elements (a 50,000 x 50,000
+  # tensor has no flat view). False also when the array does not have the tensor's shape (a
+  # template that does not match its inputs: the whole read-back then reports it).
+  defp leading_elements(%T{data: %__MODULE__{ref: ref, device: device}} = t, limit) do
+    dims = Keyword.values(t.vectorized_axes) ++ Tuple.to_list(t.shape)
+    # inner: the number of elements after one index of each axis.
+    inner = Enum.with_index(dims, fn _, i -> dims |> Enum.drop(i + 1) |> Enum.product() end)
+    j = Enum.find_index(inner, &(&1 < limit)) || length(dims) - 1
+    step = Enum.at(inner, j)
+    rows = div(limit + step - 1, step)
+
+    stops =
+      Enum.with_index(dims, fn
+        _, i when i < j -> 1
+        _, ^j -> rows
+        d, _ -> d
+      end)
+
+    if rows * step <= @max_dim do
+      op = op_fn(device, :to_binary, [t])
+      ones = List.duplicate(1, length(dims))
+      leading = op.(:slice, [ref, List.duplicate(0, length(dims)), stops, ones])
+      op.(:slice, [op.(:reshape, [leading, [rows * step]]), [0], [limit], [1]])
+    else
+      false
+    end
+  rescue
+    ArgumentError -> false
   end
 
   @impl true

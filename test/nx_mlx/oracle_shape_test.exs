@@ -173,6 +173,26 @@ defmodule NxMlx.OracleShapeTest do
     end
   end
 
+  test "to_binary with a limit reads the leading elements of any layout" do
+    for shape <- [{7}, {3, 4}, {2, 3, 4}, {1, 1, 5}, {5, 1, 1}, {2, 1, 3, 2}],
+        limit <- [0, 1, 2, 3, 5, 8, 13, 21, 48, 49] do
+      t = random(shape, {:s, 32})
+      last = elem(shape, tuple_size(shape) - 1)
+      broadcast = Nx.broadcast(random({last}, {:s, 32}), shape)
+
+      for x <- [t, Nx.transpose(t), broadcast] do
+        got = x |> mlx() |> Nx.to_binary(limit: limit)
+        assert got == Nx.to_binary(x, limit: limit), "#{inspect(shape)} limit #{limit}"
+      end
+    end
+
+    v = Nx.vectorize(random({2, 3, 4}, {:u, 8}), :x)
+
+    for limit <- 0..25 do
+      assert Nx.to_binary(mlx(v), limit: limit) == Nx.to_binary(v, limit: limit)
+    end
+  end
+
   test "reverse on any set of axes" do
     t = random({3, 4, 2}, {:s, 32})
 

@@ -289,6 +289,17 @@ defmodule NxMlx.ReliabilityTest do
       assert Nx.to_list(Nx.pad(t([1, 2], type: :u8), 300, [{0, 0, 1}])) == [1, 300, 2]
     end
 
+    test "inspect copies out only the elements it prints" do
+      big = Nx.broadcast(t(3, type: :u8), {8_000, 8_000})
+      NxMlx.reset_peak_memory()
+      assert inspect(big) =~ "[3, 3, 3"
+      # Reading it whole first materialised the 64 MB broadcast (and a 64 MB binary).
+      assert NxMlx.memory().peak < 1_000_000
+
+      assert Nx.to_binary(Nx.broadcast(t(7, type: :u8), {50_000, 50_000}), limit: 3) ==
+               <<7, 7, 7>>
+    end
+
     test "c64 to integers maps NaN to 0 and the infinities to the extremes" do
       z =
         t(
