@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <limits>
 #include <optional>
 #include <cstring>
 #include <thread>
@@ -548,14 +549,46 @@ std::unique_ptr<array> reduce(
       }
       normalized.push_back(n);
     }
+    if (normalized.empty()) {
+      return boxed(mx::sum(a, ax, keep_dims, st));
+    }
+    std::sort(normalized.begin(), normalized.end());
+    // The reduced axes moved last and flattened into one, so that the sum is rounded once;
+    // axis by axis when their product does not fit MLX's 32-bit shapes.
+    std::vector<int> perm;
+    mx::Shape kept_shape;
+    int64_t count = 1;
+    for (int d = 0; d < static_cast<int>(a.ndim()); ++d) {
+      if (!std::binary_search(normalized.begin(), normalized.end(), d)) {
+        perm.push_back(d);
+        kept_shape.push_back(a.shape(d));
+      }
+    }
+    for (int d : normalized) {
+      perm.push_back(d);
+      count *= a.shape(d);
+    }
+    mx::Shape kept_dims_shape = a.shape();
+    for (int d : normalized) {
+      kept_dims_shape[d] = 1;
+    }
     array r = a;
-    for (int axis : normalized) {
-      r = kernels::accurate_sum(r, axis, st);
+    if (count <= std::numeric_limits<int32_t>::max()) {
+      bool identity = true;
+      for (size_t i = 0; i < perm.size(); ++i) {
+        identity = identity && perm[i] == static_cast<int>(i);
+      }
+      array moved = identity ? a : mx::transpose(a, perm, st);
+      mx::Shape flat = kept_shape;
+      flat.push_back(static_cast<int32_t>(count));
+      r = kernels::accurate_sum(mx::reshape(moved, flat, st), static_cast<int>(flat.size()) - 1,
+                                st);
+    } else {
+      for (int axis : normalized) {
+        r = kernels::accurate_sum(r, axis, st);
+      }
     }
-    if (!keep_dims && !normalized.empty()) {
-      r = mx::squeeze(r, normalized, st);
-    }
-    return boxed(r);
+    return boxed(mx::reshape(r, keep_dims ? kept_dims_shape : kept_shape, st));
   }
   switch (op) {
     case ReduceOp::Sum: return boxed(mx::sum(a, ax, keep_dims, st));
