@@ -70,9 +70,9 @@ defmodule NxMlx.Backend do
       unspecified value instead of raising. The type's minimum divided by -1 wraps (quotient
       the minimum, remainder 0), as in Nx.
     * Float and c64 sums on the CPU device accumulate in double and are rounded once (over
-      several axes too), so their last bit may differ from `Nx.BinaryBackend`'s, which
-      rounds after each axis; the error does not grow with the number of elements (10^8 f32
-      values within 5.4e-9 of the exact sum).
+      several axes too), as `Nx.BinaryBackend` does; the last bit may still differ from
+      it where the two add in different orders. The error does not grow with the number of
+      elements (10^8 f32 values within 5.4e-9 of the exact sum).
     * Index arrays given to the NIF directly are clamped into their axis: no value reads or
       writes outside an array.
     * Float results may differ in the last bits (BLAS matmul, MLX's kernels); see the tests.
