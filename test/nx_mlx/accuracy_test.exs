@@ -45,6 +45,11 @@ defmodule NxMlx.AccuracyTest do
     gpu: %{default: 4.0}
   }
 
+  # MLX's GPU sigmoid computes 1 / (1 + exp(|x|)): below x = -87.3 exp overflows f32 and the
+  # result is 0 where the exact one is below f32's smallest normal number (1.2e-38). Those
+  # results are left out there (see "Accuracy" in the NxMlx.Backend moduledoc).
+  @gpu_underflow %{sigmoid: 1.1754943508222875e-38}
+
   @types device_types([{:f, 32}, {:f, 16}, {:bf, 16}, {:f, 64}])
 
   for type <- @types, {name, {domain, range}} <- @functions do
@@ -127,6 +132,7 @@ defmodule NxMlx.AccuracyTest do
 
     {worst, at} =
       Enum.zip(xs, got)
+      |> Enum.reject(fn {x, _} -> underflow?(name, x) end)
       |> Enum.reduce({0.0, nil}, fn {x, y}, {worst, _} = acc ->
         e = error(y, reference(name, x), type)
         if e > worst, do: {e, {x, y}}, else: acc
@@ -145,6 +151,17 @@ defmodule NxMlx.AccuracyTest do
         "#{name} on #{inspect(type)}: #{worst} ulp (bound #{bound}) at x = #{inspect(x)}: " <>
           "got #{inspect(y)}, reference #{inspect(reference(name, x))}"
       )
+    end
+  end
+
+  defp underflow?(name, x) do
+    case {@device, @gpu_underflow[name]} do
+      {:gpu, limit} when is_number(limit) ->
+        r = reference(name, x)
+        is_float(r) and abs(r) < limit
+
+      _ ->
+        false
     end
   end
 

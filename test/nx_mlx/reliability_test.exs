@@ -362,4 +362,26 @@ defmodule NxMlx.ReliabilityTest do
     acc = if (e &&& 1) == 1, do: acc * base &&& mask, else: acc
     mod_pow(base * base &&& mask, e >>> 1, acc, mask)
   end
+
+  describe "on the GPU" do
+    @describetag :gpu
+    @g {NxMlx.Backend, device: :gpu}
+
+    test "padding a scalar by nothing returns the scalar (MLX's GPU pad gave the pad value)" do
+      for type <- [:u8, :s64, :f32, :bf16] do
+        x = Nx.tensor(21, type: type, backend: @g)
+        assert Nx.to_number(Nx.pad(x, 36, [])) == 21
+      end
+    end
+
+    test "64-bit integer scatters run (MLX's GPU scatter has no int64 kernel)" do
+      for type <- [:s64, :u64] do
+        t = Nx.tensor([19, 5, 7], type: type, backend: @g)
+        i = Nx.tensor([[0], [2]], backend: @g)
+        u = Nx.tensor([4, 1], type: type, backend: @g)
+        assert Nx.to_list(Nx.indexed_put(t, i, u)) == [4, 5, 1]
+        assert Nx.to_list(Nx.indexed_add(t, i, u)) == [23, 5, 8]
+      end
+    end
+  end
 end

@@ -462,6 +462,11 @@ std::unique_ptr<array> unary(UnaryOp op, const array& a, StreamRef s) {
   if (auto fn = accurate_fn(op); fn && kernels::has_accurate_unary(st, a.dtype())) {
     return boxed(kernels::accurate_unary(*fn, a, st));
   }
+  // MLX's GPU sigmoid computes 1 / (1 + exp(|x|)) in the array's type: in f16 exp overflows
+  // from |x| = 11.1 on, so sigmoid(-11.1) is 0 instead of 1.5e-5. Half types go through f32.
+  if (op == UnaryOp::Sigmoid && (a.dtype() == mx::float16 || a.dtype() == mx::bfloat16)) {
+    return boxed(mx::astype(mx::sigmoid(mx::astype(a, mx::float32, st), st), a.dtype(), st));
+  }
   switch (op) {
     case UnaryOp::Abs: return boxed(mx::abs(a, st));
     case UnaryOp::Ceil: return boxed(mx::ceil(a, st));
@@ -659,6 +664,13 @@ std::unique_ptr<array> pad(
     rust::Slice<const int32_t> high,
     const array& value,
     StreamRef s) {
+  // Nothing to pad (a scalar, or all widths 0): the array itself. MLX's GPU pad of a
+  // scalar returns the pad value.
+  bool none = std::all_of(low.begin(), low.end(), [](int32_t w) { return w == 0; }) &&
+              std::all_of(high.begin(), high.end(), [](int32_t w) { return w == 0; });
+  if (none && low.size() == a.ndim() && high.size() == a.ndim()) {
+    return boxed(a);
+  }
   std::vector<int> axes(a.ndim());
   for (int i = 0; i < static_cast<int>(a.ndim()); ++i) {
     axes[i] = i;
