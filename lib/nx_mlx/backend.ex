@@ -73,6 +73,9 @@ defmodule NxMlx.Backend do
       several axes too), as `Nx.BinaryBackend` does; the last bit may still differ from
       it where the two add in different orders. The error does not grow with the number of
       elements (10^8 f32 values within 5.4e-9 of the exact sum).
+    * Float functions of integer tensors convert the integers to the output float type
+      first, as EXLA does; `Nx.BinaryBackend` computes on the exact integer, so `sin`, `cos`
+      and `tan` of integers past 2^24 (not exact in f32) differ.
     * Index arrays given to the NIF directly are clamped into their axis: no value reads or
       writes outside an array.
     * Float results may differ in the last bits (BLAS matmul, MLX's kernels); see the tests.
