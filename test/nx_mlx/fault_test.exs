@@ -37,11 +37,27 @@ defmodule NxMlx.FaultTest do
   end
 
   # A few hundred ms of CPU work (more on a busy machine): a chain of 512^2 f32 matmuls.
+  # A chain of 512x512 matmuls long enough to take about half a second on this machine (at
+  # least 30): BLAS speed differs 10x between machines, and a caller killed after 50 ms must
+  # still be waiting.
   defp long_evaluation(queue) do
+    reps = long_evaluation_reps()
+
     CommandQueue.with_queue(queue, fn ->
       a = Nx.iota({512, 512}, type: :f32, backend: @mlx) |> Nx.divide(512 * 512)
-      Enum.reduce(1..30, a, fn _, acc -> Nx.dot(acc, a) end)
+      Enum.reduce(1..reps, a, fn _, acc -> Nx.dot(acc, a) end)
     end)
+  end
+
+  defp long_evaluation_reps do
+    a = Nx.iota({512, 512}, type: :f32, backend: @mlx)
+    Nx.to_binary(Nx.dot(a, a))
+
+    {us, _} =
+      :timer.tc(fn -> Nx.to_binary(Enum.reduce(1..5, a, fn _, acc -> Nx.dot(acc, a) end)) end)
+
+    per_dot = max(div(us, 5), 1)
+    min(max(div(500_000, per_dot), 30), 5_000)
   end
 
   defp check_queue_works(queue) do
