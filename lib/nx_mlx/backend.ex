@@ -73,9 +73,15 @@ defmodule NxMlx.Backend do
       several axes too), as `Nx.BinaryBackend` does; the last bit may still differ from
       it where the two add in different orders. The error does not grow with the number of
       elements (10^8 f32 values within 5.4e-9 of the exact sum).
+    * `atan2(y, -Inf)` is -pi for negative `y` (IEEE 754, as EXLA); `Nx.BinaryBackend`
+      returns pi. `all` of a complex tensor holding 0+0i is 0; `Nx.BinaryBackend` counts
+      every complex number as true.
     * Float functions of integer tensors convert the integers to the output float type
       first, as EXLA does; `Nx.BinaryBackend` computes on the exact integer, so `sin`, `cos`
-      and `tan` of integers past 2^24 (not exact in f32) differ.
+      and `tan` of integers past 2^24 (not exact in f32) differ, and an f16 result of an
+      integer past 65504 (inf in f16) can be NaN where Nx's is inf.
+    * Finite floats outside an integer type's range convert to a platform-dependent value
+      (Nx's `as_type` documents it so); `Nx.BinaryBackend` wraps the exact integer.
     * Index arrays given to the NIF directly are clamped into their axis: no value reads or
       writes outside an array.
     * Float results may differ in the last bits (BLAS matmul, MLX's kernels); see the tests.

@@ -66,7 +66,8 @@ defmodule NxMlx.Fuzz.Exec do
         "type and misreads the pad value's bytes",
     sign_complex: "the sign of a complex number is z/|z|, as in EXLA; Nx.BinaryBackend returns 1",
     complex_nonfinite:
-      "complex functions of non-finite inputs follow C++'s std::complex; Nx.BinaryBackend often gives NaN parts",
+      "complex functions of non-finite inputs, and complex results that overflow, follow " <>
+        "C++'s std::complex; Nx.BinaryBackend often gives NaN parts",
     int_div_zero:
       "integer quotient/remainder by zero give an unspecified value instead of raising",
     negative_shift: "shifting by a negative amount gives an unspecified value instead of raising",
@@ -82,10 +83,19 @@ defmodule NxMlx.Fuzz.Exec do
       "Nx.BinaryBackend itself fails (Erlang's :math outside its domain, e.g. asin(34.0), " <>
         "sqrt(-1.0), exp(1000.0), floor(Inf), 0/0; a MatchError inside it); element-wise " <>
         "ops are compared at the positions it can compute, other ops are not checked",
+    atan2_neg_infinity:
+      "atan2(y, -Inf) is -pi for negative y, as IEEE 754 and EXLA; Nx.BinaryBackend returns pi",
+    complex_all_zero:
+      "all of a complex tensor holding 0+0i is 0; Nx.BinaryBackend's all counts every " <>
+        "complex number as true",
+    float_to_int_overflow:
+      "finite floats outside an integer type's range convert to a platform-dependent value " <>
+        "(Nx's as_type documents it so); Nx.BinaryBackend wraps the exact integer",
     int_input_rounded:
       "float functions of integer tensors convert the integers to the output float type " <>
         "first, as EXLA; Nx.BinaryBackend computes on the exact integer, so sin, cos and tan " <>
-        "of integers past 2^24 (not exact in f32) differ",
+        "of integers past 2^24 (not exact in f32) differ, and an f16 result of an integer " <>
+        "past 65504 (inf in f16) can be NaN where Nx's is inf",
     reference_inf_limit:
       "Nx.BinaryBackend answers NaN for some functions of +-Inf (tanh, sigmoid, erf, ...); " <>
         "NxMlx answers the IEEE 754 limit (tanh(Inf) = 1)"
@@ -174,7 +184,8 @@ defmodule NxMlx.Fuzz.Exec do
   # lacks (kept on Nx.BinaryBackend) raises ArgumentError when it meets an MLX tensor.
   defp documented_refusal?(%ArgumentError{message: msg}, spec, results) do
     String.contains?(msg, "NxMlx.Backend") and
-      (spec.family == :types or Enum.any?(results, &match?(%Nx.Tensor{type: {:c, 128}}, &1)))
+      (spec.family == :types or Enum.any?(results, &match?(%Nx.Tensor{type: {:c, 128}}, &1)) or
+         String.contains?(msg, "does not support type {:c, 128}"))
   end
 
   defp documented_refusal?(_, _, _), do: false
@@ -425,6 +436,19 @@ defmodule NxMlx.Fuzz.Exec do
   defp result_shape(%{bin: {:ok, [%Nx.Tensor{shape: s} | _]}}), do: s
   defp result_shape(%{mlx: {:ok, [%Nx.Tensor{shape: s} | _]}}), do: s
 
+  defp complex_result_mask(ctx) do
+    with {:ok, [%Nx.Tensor{type: {:c, _}} = m]} <- ctx.mlx,
+         {:ok, [%Nx.Tensor{type: {:c, _}} = b]} <- ctx.bin,
+         true <- m.shape == b.shape do
+      bad = fn t -> Nx.logical_not(Nx.logical_and(finite(Nx.real(t)), finite(Nx.imag(t)))) end
+      m = Nx.backend_copy(m, Nx.BinaryBackend)
+      b = Nx.backend_copy(b, Nx.BinaryBackend)
+      flat_mask(Nx.logical_or(bad.(m), bad.(b)), m.shape)
+    else
+      _ -> nil
+    end
+  end
+
   defp flat_mask(t, shape) do
     t |> Nx.broadcast(shape) |> Nx.to_flat_list() |> Enum.map(&(&1 == 1))
   end
@@ -468,8 +492,20 @@ defmodule NxMlx.Fuzz.Exec do
     re = Nx.real(x)
     im = Nx.imag(x)
     bad = Nx.logical_not(Nx.logical_and(finite(re), finite(im)))
-    if ctx.bin != nil and match?({:ok, _}, ctx.bin), do: flat_mask(bad, result_shape(ctx))
+
+    if ctx.bin != nil and match?({:ok, _}, ctx.bin) do
+      inputs = flat_mask(bad, result_shape(ctx))
+
+      case complex_result_mask(ctx) do
+        nil -> inputs
+        results -> Enum.zip_with(inputs, results, &(&1 or &2))
+      end
+    end
   end
+
+  # Any op with a complex result: positions where either answer has a non-finite part
+  # (std::complex's infinities and overflow against Nx's Complex); finite ones are compared.
+  defp explain(:complex_nonfinite, ctx), do: complex_result_mask(ctx)
 
   defp explain(:int_div_zero, %{spec: %{op: op}, args: [_, b]} = ctx)
        when op in [:quotient, :remainder] do
@@ -527,6 +563,57 @@ defmodule NxMlx.Fuzz.Exec do
       Enum.zip_with(xs, ms, fn x, v ->
         x in [:infinity, :neg_infinity] and inf_limit(op, x) == v
       end)
+    else
+      _ -> nil
+    end
+  end
+
+  defp explain(:atan2_neg_infinity, %{spec: %{op: :atan2}, args: [_, _]} = ctx) do
+    with {:ok, [m]} <- ctx.mlx, {:ok, [b]} <- ctx.bin do
+      y = ctx |> input(0) |> Nx.broadcast(m.shape) |> Nx.to_flat_list()
+      x = ctx |> input(1) |> Nx.broadcast(m.shape) |> Nx.to_flat_list()
+      ms = Nx.to_flat_list(m)
+      bs = Nx.to_flat_list(b)
+
+      [y, x, ms, bs]
+      |> Enum.zip_with(fn [yv, xv, mv, bv] ->
+        xv == :neg_infinity and is_number(yv) and (yv < 0 or mv < 0) and is_number(mv) and
+          is_number(bv) and mv == -bv
+      end)
+    else
+      _ -> nil
+    end
+  end
+
+  defp explain(:complex_all_zero, %{spec: %{op: :all}, args: [{_, {:c, _}, _, _} | _]} = ctx) do
+    zero = Nx.equal(input(ctx, 0), 0)
+    if Nx.to_number(Nx.any(zero)) == 1, do: :all
+  end
+
+  defp explain(:float_to_int_overflow, %{spec: %{op: :as_type}, args: [a, {k, bits}]} = ctx)
+       when k in [:s, :u] do
+    if float_input?(a) do
+      {lo, hi} =
+        if k == :u, do: {0, 2 ** bits - 1}, else: {-(2 ** (bits - 1)), 2 ** (bits - 1) - 1}
+
+      x = Nx.as_type(input(ctx, 0), :f64)
+      out = Nx.logical_or(Nx.less(x, lo), Nx.greater(x, hi))
+      flat_mask(Nx.logical_and(out, finite(x)), result_shape(ctx))
+    end
+  end
+
+  defp explain(:int_input_rounded, %{spec: %{family: :binary}, args: [_, _] = args} = ctx) do
+    with {:ok, [%Nx.Tensor{type: {:f, 16}} = m]} <- ctx.mlx, {:ok, _} <- ctx.bin do
+      args
+      |> Enum.with_index()
+      |> Enum.filter(fn {a, _} -> match?({_, {k, _}, _, _} when k in [:s, :u], a) end)
+      |> Enum.map(fn {_, i} ->
+        Nx.greater(Nx.abs(Nx.as_type(input(ctx, i), :f64)), 65_504) |> Nx.broadcast(m.shape)
+      end)
+      |> case do
+        [] -> nil
+        masks -> masks |> Enum.reduce(&Nx.logical_or/2) |> flat_mask(m.shape)
+      end
     else
       _ -> nil
     end
