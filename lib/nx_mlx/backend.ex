@@ -62,9 +62,9 @@ defmodule NxMlx.Backend do
       builds its result in the input's type and copies the pad value's bytes into it as if
       they had that type (padding an f16 tensor with :nan writes 0.0 and NaN for each padded
       position, and the data no longer fits the shape).
-    * Complex functions of non-finite inputs follow C++'s `std::complex` (e.g. `exp` of
-      `Inf+0i` is `Inf+0i`, `tanh` of it `1+0i`) where `Nx.BinaryBackend` often gives NaN
-      parts; finite inputs agree to f32 rounding.
+    * Complex functions of non-finite inputs, and complex results that overflow, follow
+      C++'s `std::complex` (e.g. `exp` of `Inf+0i` is `Inf+0i`, `tanh` of it `1+0i`) where
+      `Nx.BinaryBackend` often gives NaN parts; finite inputs agree to f32 rounding.
     * Integer `quotient`/`remainder` by zero give an unspecified value instead of raising,
       and shifting by a negative amount or an integer `pow` with a negative exponent gives an
       unspecified value instead of raising. The type's minimum divided by -1 wraps (quotient
