@@ -212,19 +212,17 @@ rust::String blas_library_path() {
 // OpenBLAS's own description of its build (`openblas_get_config`, e.g. "OpenBLAS 0.3.29
 // DYNAMIC_ARCH NO_AFFINITY Cooperlake MAX_THREADS=64") and the kernel set it chose for this
 // CPU (`openblas_get_corename`); empty for other BLAS libraries.
-rust::String blas_config() {
+// The string a `char* f()` of the loaded BLAS returns, or "" when it has no such function.
+static rust::String blas_string(const char* name) {
   using Fn = char* (*)();
-  auto fn = reinterpret_cast<Fn>(blas_symbol("openblas_get_config"));
+  auto fn = reinterpret_cast<Fn>(blas_symbol(name));
   const char* s = fn ? fn() : nullptr;
   return rust::String(s ? s : "");
 }
 
-rust::String blas_core() {
-  using Fn = char* (*)();
-  auto fn = reinterpret_cast<Fn>(blas_symbol("openblas_get_corename"));
-  const char* s = fn ? fn() : nullptr;
-  return rust::String(s ? s : "");
-}
+rust::String blas_config() { return blas_string("openblas_get_config"); }
+
+rust::String blas_core() { return blas_string("openblas_get_corename"); }
 
 std::unique_ptr<array> from_bytes(
     rust::Slice<const uint8_t> data, rust::Slice<const int32_t> shape, Dtype dtype) {
