@@ -65,51 +65,59 @@ defmodule NxMlx.Native do
   def set_cache_limit(_worker, _bytes), do: nif_error()
   def clear_cache(_worker), do: nif_error()
 
-  # Ops
-  def full(_worker, _shape, _value, _dtype), do: nif_error()
-  def unary(_worker, _op, _a), do: nif_error()
-  def binary(_worker, _op, _a, _b), do: nif_error()
-  def reduce(_worker, _op, _a, _axes, _keep_dims), do: nif_error()
-  def astype(_worker, _a, _dtype), do: nif_error()
-  def reshape(_worker, _a, _shape), do: nif_error()
-  def transpose(_worker, _a, _axes), do: nif_error()
-  def broadcast_to(_worker, _a, _shape), do: nif_error()
-  def matmul(_worker, _a, _b), do: nif_error()
-  def inv(_worker, _a), do: nif_error()
-  def select(_worker, _cond, _a, _b), do: nif_error()
-  def arange(_worker, _start, _stop, _step, _dtype), do: nif_error()
-  def concatenate(_worker, _arrays, _axis), do: nif_error()
-  def slice(_worker, _a, _start, _stop, _strides), do: nif_error()
-  def slice_update(_worker, _src, _update, _start, _stop), do: nif_error()
-  def pad(_worker, _a, _low, _high, _value), do: nif_error()
-  def take(_worker, _a, _indices, _axis), do: nif_error()
-  def take_along_axis(_worker, _a, _indices, _axis), do: nif_error()
-  def put_along_axis(_worker, _a, _indices, _values, _axis), do: nif_error()
-  def topk(_worker, _a, _k, _axis), do: nif_error()
-  def arg_reduce(_worker, _max, _a, _axis, _keep_dims), do: nif_error()
-  def sort(_worker, _indices, _a, _axis), do: nif_error()
-  def gather(_worker, _a, _indices, _axes, _slice_sizes), do: nif_error()
-  def scatter(_worker, _add, _a, _indices, _updates, _axes), do: nif_error()
-  def as_strided(_worker, _a, _shape, _strides, _offset), do: nif_error()
-  def view(_worker, _a, _dtype), do: nif_error()
-  def scan(_worker, _op, _a, _axis, _reverse), do: nif_error()
-  def fft(_worker, _inverse, _a, _n, _axis), do: nif_error()
-  def fftn(_worker, _kind, _a, _lengths, _axes), do: nif_error()
-  def linalg(_worker, _op, _a, _b, _upper), do: nif_error()
-  def decompose(_worker, _op, _a), do: nif_error()
+  # Ops: one NIF over the op table (native/nx_mlx_nif/src/op.rs). `op(worker, name, args)`
+  # builds `name` from `args`, whose array operands are array references.
+  def op(_worker, _name, _args), do: nif_error()
 
-  def conv(
-        _worker,
-        _input,
-        _weight,
-        _strides,
-        _lo,
-        _hi,
-        _kernel_dilation,
-        _input_dilation,
-        _groups
-      ),
-      do: nif_error()
+  # Programs (see native/nx_mlx_nif/src/program.rs and NxMlx.Compiler)
+  def program_new(_worker, _code, _n_inputs, _n_regs, _outputs), do: nif_error()
+  def program_run(_program, _inputs), do: nif_error()
+  def program_info(_program), do: nif_error()
 
-  def tensordot(_worker, _a, _b, _axes_a, _axes_b), do: nif_error()
+  # The ops by name, each `name(worker, args...)`, as `op/3` calls.
+  @ops [
+    full: 4,
+    unary: 3,
+    binary: 4,
+    reduce: 5,
+    astype: 3,
+    reshape: 3,
+    transpose: 3,
+    broadcast_to: 3,
+    matmul: 3,
+    inv: 2,
+    select: 4,
+    arange: 5,
+    concatenate: 3,
+    slice: 5,
+    slice_dynamic: 5,
+    slice_update: 5,
+    slice_update_dynamic: 5,
+    pad: 5,
+    take: 4,
+    take_along_axis: 4,
+    put_along_axis: 5,
+    topk: 4,
+    arg_reduce: 5,
+    sort: 4,
+    gather: 5,
+    scatter: 6,
+    as_strided: 5,
+    view: 3,
+    scan: 5,
+    fft: 5,
+    fftn: 5,
+    linalg: 5,
+    decompose: 3,
+    conv: 9,
+    tensordot: 5
+  ]
+
+  @doc false
+  def ops, do: @ops
+
+  for {name, arity} <- @ops do
+    args = Macro.generate_arguments(arity - 1, __MODULE__)
+    def unquote(name)(worker, unquote_splicing(args)), do: op(worker, unquote(name), unquote(args))
+  end
 end

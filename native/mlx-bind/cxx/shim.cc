@@ -656,6 +656,26 @@ std::unique_ptr<array> slice_update(
   return boxed(mx::slice_update(src, update, to_shape(start), to_shape(stop), to_mx(s)));
 }
 
+std::unique_ptr<array> slice_dynamic(
+    const array& a,
+    const array& start,
+    rust::Slice<const int32_t> axes,
+    rust::Slice<const int32_t> sizes,
+    StreamRef s) {
+  return boxed(mx::slice(
+      a, start, std::vector<int>(axes.begin(), axes.end()), to_shape(sizes), to_mx(s)));
+}
+
+std::unique_ptr<array> slice_update_dynamic(
+    const array& src,
+    const array& update,
+    const array& start,
+    rust::Slice<const int32_t> axes,
+    StreamRef s) {
+  return boxed(mx::slice_update(
+      src, update, start, std::vector<int>(axes.begin(), axes.end()), to_mx(s)));
+}
+
 std::unique_ptr<array> pad(
     const array& a,
     rust::Slice<const int32_t> low,

@@ -96,6 +96,18 @@ std::unique_ptr<array> slice_update(
     rust::Slice<const int32_t> start,
     rust::Slice<const int32_t> stop,
     StreamRef s);
+std::unique_ptr<array> slice_dynamic(
+    const array& a,
+    const array& start,
+    rust::Slice<const int32_t> axes,
+    rust::Slice<const int32_t> sizes,
+    StreamRef s);
+std::unique_ptr<array> slice_update_dynamic(
+    const array& src,
+    const array& update,
+    const array& start,
+    rust::Slice<const int32_t> axes,
+    StreamRef s);
 std::unique_ptr<array> pad(
     const array& a,
     rust::Slice<const int32_t> low,

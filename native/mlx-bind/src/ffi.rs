@@ -238,6 +238,20 @@ pub(crate) mod bridge {
             stop: &[i32],
             s: StreamRef,
         ) -> Result<UniquePtr<Array>>;
+        fn slice_dynamic(
+            a: &Array,
+            start: &Array,
+            axes: &[i32],
+            sizes: &[i32],
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+        fn slice_update_dynamic(
+            src: &Array,
+            update: &Array,
+            start: &Array,
+            axes: &[i32],
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
         fn pad(
             a: &Array,
             low: &[i32],

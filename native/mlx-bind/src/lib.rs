@@ -432,6 +432,63 @@ pub fn slice_update(
     ))
 }
 
+/// The block of `sizes` of `a` (on `axes`) starting at the integer array `start` (one entry
+/// per axis), read on the device: the graph needs no host value. MLX clamps nothing; the
+/// caller keeps `start` in range.
+pub fn slice_dynamic(
+    a: &Array,
+    start: &Array,
+    axes: &[i64],
+    sizes: &[i64],
+    s: &Stream,
+) -> Result<Array> {
+    let (axes, sizes) = (check_axes(axes)?, check_shape(sizes)?);
+    if axes.len() != sizes.len() || start.shape() != [axes.len() as i64] {
+        return Err(Error {
+            message: format!(
+                "slice_dynamic: {} axes, {} sizes and a start of shape {:?} do not match",
+                axes.len(),
+                sizes.len(),
+                start.shape()
+            ),
+        });
+    }
+    wrap(bridge::slice_dynamic(
+        a.inner(),
+        start.inner(),
+        &axes,
+        &sizes,
+        s.0,
+    ))
+}
+
+/// `src` with the block at the integer array `start` (on `axes`) replaced by `update`.
+pub fn slice_update_dynamic(
+    src: &Array,
+    update: &Array,
+    start: &Array,
+    axes: &[i64],
+    s: &Stream,
+) -> Result<Array> {
+    let axes = check_axes(axes)?;
+    if start.shape() != [axes.len() as i64] {
+        return Err(Error {
+            message: format!(
+                "slice_update_dynamic: {} axes and a start of shape {:?} do not match",
+                axes.len(),
+                start.shape()
+            ),
+        });
+    }
+    wrap(bridge::slice_update_dynamic(
+        src.inner(),
+        update.inner(),
+        start.inner(),
+        &axes,
+        s.0,
+    ))
+}
+
 /// `a` padded on every axis with `low`/`high` copies of the scalar `value` (non-negative).
 pub fn pad(a: &Array, low: &[i64], high: &[i64], value: &Array, s: &Stream) -> Result<Array> {
     let (low, high) = (check_shape(low)?, check_shape(high)?);

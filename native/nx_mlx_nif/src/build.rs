@@ -37,7 +37,7 @@ mod atoms {
 /// an input's earlier failure, or `{:error, {:foreign, inputs}}` for the inputs that must be
 /// evaluated on their own worker first (lazy on another worker, or created before a failure
 /// on this one: see `Worker::evaluate`).
-fn check_inputs<'a>(
+pub fn check_inputs<'a>(
     env: Env<'a>,
     worker: &std::sync::Arc<crate::worker::Worker>,
     inputs: &[&ResourceArc<ArrayRes>],
@@ -69,7 +69,7 @@ pub fn build<'a, F>(
     f: F,
 ) -> Term<'a>
 where
-    F: FnOnce(&mlx_bind::Stream) -> mlx_bind::Result<Array>,
+    F: FnOnce(&mlx_bind::Stream) -> NifResult<Array>,
 {
     let w = &worker.0;
     let depth = match check_inputs(env, w, inputs) {
@@ -77,7 +77,6 @@ where
         Err(reply) => return reply,
     };
     let result = f(w.stream())
-        .map_err(NifError::from)
         .and_then(|a| check_size(&a).map(|_| a))
         .map(|a| {
             let depth = depth + 1;
@@ -104,7 +103,7 @@ pub fn build_on_worker<'a, F>(
     f: F,
 ) -> Term<'a>
 where
-    F: FnOnce(&mlx_bind::Stream) -> mlx_bind::Result<Array> + Send + 'static,
+    F: FnOnce(&mlx_bind::Stream) -> NifResult<Array> + Send + 'static,
 {
     let w = worker.0.clone();
     if let Err(reply) = check_inputs(env, &w, inputs) {
@@ -129,7 +128,7 @@ pub fn build_outputs_on_worker<'a, F>(
     f: F,
 ) -> Term<'a>
 where
-    F: FnOnce(&mlx_bind::Stream) -> mlx_bind::Result<Vec<Array>> + Send + 'static,
+    F: FnOnce(&mlx_bind::Stream) -> NifResult<Vec<Array>> + Send + 'static,
 {
     let w = worker.0.clone();
     if let Err(reply) = check_inputs(env, &w, inputs) {

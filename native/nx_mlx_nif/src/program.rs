@@ -1,0 +1,508 @@
+//! Programs: a whole `defn` graph, lowered by Elixir into a flat list of instructions over
+//! numbered registers, decoded and validated once (`program_new`) and replayed per call
+//! (`program_run`) on the worker in one job: the MLX graph is built without a BEAM round trip
+//! per op, loops and branches run natively, and the outputs come back evaluated.
+//!
+//! Instructions (terms):
+//!
+//! - `{:op, outs, name, args, label}`: an op of the table in `op.rs`; its array operands in
+//!   `args` are register numbers; it writes `outs` (one register per output);
+//! - `{:const, out, array}`: a captured array (evaluated; see `program_new`);
+//! - `{:while, init, state, cond, pred, body, next}`: copies `init` into `state`, then runs
+//!   `cond` and stops when register `pred` is 0, else runs `body` and copies `next` into
+//!   `state`; the results are left in `state`;
+//! - `{:cond, clauses, last, last_results, outs}`: each clause is `{pred_code, pred, code,
+//!   results}`; the first clause whose `pred` is non-zero runs its `code` (else `last`), and
+//!   its results are copied into `outs`. Only the taken branch runs.
+//!
+//! Registers `0..n_inputs` hold the inputs. A register is dropped after its last read in the
+//! block that wrote it, so MLX may free (or reuse in place) what is no longer needed.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use mlx_bind::{Array, Stream};
+use rustler::{Encoder, Env, ResourceArc, Term};
+
+use crate::build::{check_inputs, check_size};
+use crate::error::{NifError, NifResult};
+use crate::op::{decode, Op};
+use crate::resources::{ArrayRes, WorkerRes};
+use crate::submit::submit;
+use crate::worker::{eval_spin_budget, SpinToken, Worker};
+
+mod atoms {
+    rustler::atoms! { op, r#const = "const", r#while = "while", cond }
+}
+
+enum Instr {
+    Op {
+        op: Op,
+        ins: Vec<usize>,
+        outs: Vec<usize>,
+        label: String,
+    },
+    Const {
+        array: Array,
+        out: usize,
+    },
+    While {
+        init: Vec<usize>,
+        state: Vec<usize>,
+        cond: Block,
+        pred: usize,
+        body: Block,
+        next: Vec<usize>,
+    },
+    Cond {
+        clauses: Vec<(Block, usize, Block, Vec<usize>)>,
+        last: Block,
+        last_results: Vec<usize>,
+        outs: Vec<usize>,
+    },
+}
+
+#[derive(Default)]
+struct Block {
+    code: Vec<Instr>,
+    /// Registers to drop after each instruction.
+    free: Vec<Vec<usize>>,
+}
+
+pub struct ProgramRes {
+    worker: Arc<Worker>,
+    n_inputs: usize,
+    n_regs: usize,
+    outputs: Vec<usize>,
+    main: Block,
+    ops: usize,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for ProgramRes {}
+
+struct Decoder {
+    n_regs: usize,
+    ops: usize,
+}
+
+impl Decoder {
+    fn reg(&self, term: Term) -> NifResult<usize> {
+        let r: usize = term.decode().map_err(|_| {
+            NifError::Argument(format!("program: expected a register, got {term:?}"))
+        })?;
+        if r < self.n_regs {
+            Ok(r)
+        } else {
+            Err(NifError::Argument(format!(
+                "program: register {r} is out of range ({} registers)",
+                self.n_regs
+            )))
+        }
+    }
+
+    fn regs(&self, term: Term) -> NifResult<Vec<usize>> {
+        let list: Vec<Term> = term.decode().map_err(|_| {
+            NifError::Argument(format!("program: expected registers, got {term:?}"))
+        })?;
+        list.into_iter().map(|t| self.reg(t)).collect()
+    }
+
+    fn block(&mut self, term: Term, live_out: &[usize]) -> NifResult<Block> {
+        let list: Vec<Term> = term.decode().map_err(|_| {
+            NifError::Argument(format!(
+                "program: expected a list of instructions, got {term:?}"
+            ))
+        })?;
+        let code = list
+            .into_iter()
+            .map(|t| self.instr(t))
+            .collect::<NifResult<Vec<_>>>()?;
+        Ok(with_frees(code, live_out, &[]))
+    }
+
+    fn instr(&mut self, term: Term) -> NifResult<Instr> {
+        let bad = || NifError::Argument(format!("program: invalid instruction {term:?}"));
+        let parts = rustler::types::tuple::get_tuple(term).map_err(|_| bad())?;
+        let tag = parts.first().ok_or_else(bad)?;
+        if *tag == atoms::op().encode(term.get_env()) && parts.len() == 5 {
+            let outs = self.regs(parts[1])?;
+            let name = parts[2].atom_to_string().map_err(|_| bad())?;
+            let args: Vec<Term> = parts[3].decode().map_err(|_| bad())?;
+            let label: String = parts[4].decode().map_err(|_| bad())?;
+            let decoded = decode(&name, &args)?;
+            let ins = decoded
+                .operands
+                .iter()
+                .map(|t| self.reg(*t))
+                .collect::<NifResult<Vec<_>>>()?;
+            if outs.len() != decoded.op.outputs() {
+                return Err(NifError::Argument(format!(
+                    "program: {name} writes {} registers, not {}",
+                    decoded.op.outputs(),
+                    outs.len()
+                )));
+            }
+            self.ops += 1;
+            Ok(Instr::Op {
+                op: decoded.op,
+                ins,
+                outs,
+                label,
+            })
+        } else if *tag == atoms::r#const().encode(term.get_env()) && parts.len() == 3 {
+            let out = self.reg(parts[1])?;
+            let a: ResourceArc<ArrayRes> = parts[2].decode().map_err(|_| bad())?;
+            a.check()?;
+            if !a.is_evaluated() {
+                return Err(NifError::Argument(
+                    "program: a captured array must be evaluated first".into(),
+                ));
+            }
+            Ok(Instr::Const {
+                array: a.array().clone(),
+                out,
+            })
+        } else if *tag == atoms::r#while().encode(term.get_env()) && parts.len() == 7 {
+            let init = self.regs(parts[1])?;
+            let state = self.regs(parts[2])?;
+            let pred = self.reg(parts[4])?;
+            let next = self.regs(parts[6])?;
+            if init.len() != state.len() || next.len() != state.len() {
+                return Err(bad());
+            }
+            let cond = self.block(parts[3], &[pred])?;
+            let body = self.block(parts[5], &next)?;
+            Ok(Instr::While {
+                init,
+                state,
+                cond,
+                pred,
+                body,
+                next,
+            })
+        } else if *tag == atoms::cond().encode(term.get_env()) && parts.len() == 5 {
+            let clause_terms: Vec<Term> = parts[1].decode().map_err(|_| bad())?;
+            let outs = self.regs(parts[4])?;
+            let mut clauses = Vec::with_capacity(clause_terms.len());
+            for c in clause_terms {
+                let c = rustler::types::tuple::get_tuple(c).map_err(|_| bad())?;
+                if c.len() != 4 {
+                    return Err(bad());
+                }
+                let pred = self.reg(c[1])?;
+                let results = self.regs(c[3])?;
+                if results.len() != outs.len() {
+                    return Err(bad());
+                }
+                let pred_code = self.block(c[0], &[pred])?;
+                let code = self.block(c[2], &results)?;
+                clauses.push((pred_code, pred, code, results));
+            }
+            let last_results = self.regs(parts[3])?;
+            if last_results.len() != outs.len() {
+                return Err(bad());
+            }
+            let last = self.block(parts[2], &last_results)?;
+            Ok(Instr::Cond {
+                clauses,
+                last,
+                last_results,
+                outs,
+            })
+        } else {
+            Err(bad())
+        }
+    }
+}
+
+/// Registers an instruction reads (for nested blocks: those it reads from outside them).
+fn reads(instr: &Instr, out: &mut Vec<usize>) {
+    match instr {
+        Instr::Op { ins, .. } => out.extend(ins),
+        Instr::Const { .. } => {}
+        Instr::While {
+            init, cond, body, ..
+        } => {
+            out.extend(init);
+            block_reads(cond, out);
+            block_reads(body, out);
+        }
+        Instr::Cond {
+            clauses,
+            last,
+            last_results,
+            ..
+        } => {
+            for (p, pred, c, results) in clauses {
+                block_reads(p, out);
+                block_reads(c, out);
+                out.push(*pred);
+                out.extend(results);
+            }
+            block_reads(last, out);
+            out.extend(last_results);
+        }
+    }
+}
+
+/// Registers an instruction writes in its own block.
+fn writes(instr: &Instr, out: &mut Vec<usize>) {
+    match instr {
+        Instr::Op { outs, .. } => out.extend(outs),
+        Instr::Const { out: o, .. } => out.push(*o),
+        Instr::While { state, .. } => out.extend(state),
+        Instr::Cond { outs, .. } => out.extend(outs),
+    }
+}
+
+fn block_reads(block: &Block, out: &mut Vec<usize>) {
+    for i in &block.code {
+        reads(i, out);
+    }
+}
+
+/// Each register written in this block is dropped after its last read here, unless the
+/// block hands it on (`live_out`). Registers of enclosing blocks are never dropped here.
+fn with_frees(code: Vec<Instr>, live_out: &[usize], also_own: &[usize]) -> Block {
+    let keep: HashSet<usize> = live_out.iter().copied().collect();
+    let mut own: HashSet<usize> = also_own.iter().copied().collect();
+    let mut last_read = std::collections::HashMap::new();
+    let mut buf = Vec::new();
+    for (i, instr) in code.iter().enumerate() {
+        buf.clear();
+        reads(instr, &mut buf);
+        for &r in &buf {
+            last_read.insert(r, i);
+        }
+        buf.clear();
+        writes(instr, &mut buf);
+        own.extend(buf.iter().copied());
+    }
+    let mut free = vec![Vec::new(); code.len()];
+    for (&r, &i) in &last_read {
+        if own.contains(&r) && !keep.contains(&r) {
+            free[i].push(r);
+        }
+    }
+    Block { code, free }
+}
+
+/// `program_new(worker, code, n_inputs, n_regs, outputs)`: decodes and validates a program
+/// for `worker`.
+#[rustler::nif]
+fn program_new<'a>(
+    env: Env<'a>,
+    worker: ResourceArc<WorkerRes>,
+    code: Term<'a>,
+    n_inputs: usize,
+    n_regs: usize,
+    outputs: Term<'a>,
+) -> Term<'a> {
+    let result = (|| {
+        if n_inputs > n_regs || n_regs > (1 << 24) {
+            return Err(NifError::Argument(format!(
+                "program: {n_inputs} inputs and {n_regs} registers"
+            )));
+        }
+        let mut d = Decoder { n_regs, ops: 0 };
+        let outputs = d.regs(outputs)?;
+        let list: Vec<Term> = code
+            .decode()
+            .map_err(|_| NifError::Argument("program: expected a list of instructions".into()))?;
+        let code = list
+            .into_iter()
+            .map(|t| d.instr(t))
+            .collect::<NifResult<Vec<_>>>()?;
+        // Inputs belong to the main block: they are dropped after their last read too.
+        let inputs: Vec<usize> = (0..n_inputs).collect();
+        let main = with_frees(code, &outputs, &inputs);
+        Ok(ResourceArc::new(ProgramRes {
+            worker: worker.0.clone(),
+            n_inputs,
+            n_regs,
+            outputs,
+            main,
+            ops: d.ops,
+        }))
+    })();
+    crate::submit::reply(env, result.map(|p| p.encode(env)))
+}
+
+/// `program_info(program)`: `{n_inputs, n_regs, ops}`.
+#[rustler::nif]
+fn program_info(program: ResourceArc<ProgramRes>) -> (usize, usize, usize) {
+    (program.n_inputs, program.n_regs, program.ops)
+}
+
+/// `program_run(program, inputs)`: replays the program on its worker with `inputs`, replying
+/// `{:async, ref}` then `{ref, {:ok, [array, ...]}}` with the evaluated outputs.
+#[rustler::nif]
+fn program_run<'a>(
+    env: Env<'a>,
+    program: ResourceArc<ProgramRes>,
+    inputs: Vec<ResourceArc<ArrayRes>>,
+) -> Term<'a> {
+    if inputs.len() != program.n_inputs {
+        return NifError::Argument(format!(
+            "program: {} inputs given, {} expected",
+            inputs.len(),
+            program.n_inputs
+        ))
+        .encode(env);
+    }
+    let w = program.worker.clone();
+    let refs: Vec<&ResourceArc<ArrayRes>> = inputs.iter().collect();
+    if let Err(reply) = check_inputs(env, &w, &refs) {
+        return reply;
+    }
+    let born = w.epoch();
+    submit(env, &w, move |env, ctx| {
+        let mut regs: Vec<Option<Array>> = vec![None; program.n_regs];
+        for (i, a) in inputs.iter().enumerate() {
+            regs[i] = Some(a.array().clone());
+        }
+        drop(inputs);
+        run_block(&program.main, &mut regs, &ctx.stream)?;
+        let outputs: Vec<Array> = program
+            .outputs
+            .iter()
+            .map(|&r| get(&regs, r).cloned())
+            .collect::<NifResult<_>>()?;
+        drop(regs);
+        outputs.iter().try_for_each(check_size)?;
+        let refs: Vec<&Array> = outputs.iter().collect();
+        let token = SpinToken::acquire();
+        let result = program
+            .worker
+            .evaluate(&refs, born, eval_spin_budget(&token));
+        drop(token);
+        result.map_err(NifError::Runtime)?;
+        let arrays: Vec<ResourceArc<ArrayRes>> = outputs
+            .into_iter()
+            .map(|a| {
+                let r = ArrayRes::ready(a, program.worker.clone());
+                r.mark_evaluated(ctx.worker_id);
+                r
+            })
+            .collect();
+        Ok(arrays.encode(env))
+    })
+}
+
+fn get(regs: &[Option<Array>], r: usize) -> NifResult<&Array> {
+    regs[r].as_ref().ok_or_else(|| {
+        NifError::Argument(format!("program: register {r} is read before it is set"))
+    })
+}
+
+fn run_block(block: &Block, regs: &mut [Option<Array>], s: &Stream) -> NifResult<()> {
+    for (instr, free) in block.code.iter().zip(&block.free) {
+        match instr {
+            Instr::Op {
+                op,
+                ins,
+                outs,
+                label,
+            } => {
+                let results = {
+                    let x = ins
+                        .iter()
+                        .map(|&r| get(regs, r))
+                        .collect::<NifResult<Vec<&Array>>>()?;
+                    op.apply(&x, s).map_err(|e| label_error(e, label))?
+                };
+                for (&o, a) in outs.iter().zip(results) {
+                    regs[o] = Some(a);
+                }
+            }
+            Instr::Const { array, out } => regs[*out] = Some(array.clone()),
+            Instr::While {
+                init,
+                state,
+                cond,
+                pred,
+                body,
+                next,
+            } => {
+                let start: Vec<Array> = init
+                    .iter()
+                    .map(|&r| get(regs, r).cloned())
+                    .collect::<NifResult<_>>()?;
+                for (&r, a) in state.iter().zip(start) {
+                    regs[r] = Some(a);
+                }
+                loop {
+                    run_block(cond, regs, s)?;
+                    let go = {
+                        let mut eval: Vec<&Array> = vec![get(regs, *pred)?];
+                        for &r in state {
+                            eval.push(get(regs, r)?);
+                        }
+                        truth(&eval, s)?
+                    };
+                    regs[*pred] = None;
+                    if !go {
+                        break;
+                    }
+                    run_block(body, regs, s)?;
+                    let values: Vec<Array> = next
+                        .iter()
+                        .map(|&r| get(regs, r).cloned())
+                        .collect::<NifResult<_>>()?;
+                    for &r in next {
+                        regs[r] = None;
+                    }
+                    for (&r, a) in state.iter().zip(values) {
+                        regs[r] = Some(a);
+                    }
+                }
+            }
+            Instr::Cond {
+                clauses,
+                last,
+                last_results,
+                outs,
+            } => {
+                let mut chosen = None;
+                for (pred_code, pred, code, results) in clauses {
+                    run_block(pred_code, regs, s)?;
+                    let go = truth(&[get(regs, *pred)?], s)?;
+                    regs[*pred] = None;
+                    if go {
+                        chosen = Some((code, results));
+                        break;
+                    }
+                }
+                let (code, results) = chosen.unwrap_or((last, last_results));
+                run_block(code, regs, s)?;
+                let values: Vec<Array> = results
+                    .iter()
+                    .map(|&r| get(regs, r).cloned())
+                    .collect::<NifResult<_>>()?;
+                for (&r, a) in outs.iter().zip(values) {
+                    regs[r] = Some(a);
+                }
+            }
+        }
+        for &r in free {
+            regs[r] = None;
+        }
+    }
+    Ok(())
+}
+
+/// Evaluates `arrays` together and tells whether the first (a scalar) is non-zero.
+fn truth(arrays: &[&Array], s: &Stream) -> NifResult<bool> {
+    mlx_bind::async_eval_all(arrays)?;
+    let bytes = arrays[0].to_bytes(s)?;
+    Ok(bytes.iter().any(|&b| b != 0))
+}
+
+fn label_error(e: NifError, label: &str) -> NifError {
+    match e {
+        NifError::Argument(m) => NifError::Argument(format!("{label}: {m}")),
+        NifError::Runtime(m) => NifError::Runtime(format!("{label}: {m}")),
+        other => other,
+    }
+}
