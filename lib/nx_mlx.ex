@@ -17,6 +17,14 @@ defmodule NxMlx do
       {:ok, :running} = NxMlx.poll(command)          # never blocks
       :ok = NxMlx.wait(command)                      # blocks this process in `receive`
 
+  ## The defn compiler
+
+      Nx.Defn.default_options(compiler: NxMlx)
+      Nx.Defn.jit(&MyModule.fun/2, compiler: NxMlx, device: :gpu).(a, b)
+
+  Whole `defn` graphs run as one native call per invocation; see `NxMlx.Compiler` for the
+  options and what is lowered.
+
   ## Memory
 
   `memory/0`, `reset_peak_memory/0`, `clear_cache/0`, `set_memory_limit/1` and
@@ -24,6 +32,23 @@ defmodule NxMlx do
   """
 
   alias NxMlx.{Command, Native, Runtime}
+
+  @behaviour Nx.Defn.Compiler
+
+  @impl Nx.Defn.Compiler
+  defdelegate __jit__(key, vars, fun, args_list, opts), to: NxMlx.Compiler
+
+  @impl Nx.Defn.Compiler
+  defdelegate __compile__(key, vars, fun, opts), to: NxMlx.Compiler
+
+  @impl Nx.Defn.Compiler
+  defdelegate __partitions_options__(opts), to: NxMlx.Compiler
+
+  @impl Nx.Defn.Compiler
+  defdelegate __to_backend__(opts), to: NxMlx.Compiler
+
+  @impl Nx.Defn.Compiler
+  defdelegate __shard_jit__(key, mesh, vars, fun, args_list, opts), to: NxMlx.Compiler
 
   # Fits the NIF's usize on every platform it builds for; larger byte counts are clamped.
   @max_bytes Bitwise.bsl(1, 63)

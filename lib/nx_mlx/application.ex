@@ -8,7 +8,11 @@ defmodule NxMlx.Application do
   def start(_type, _args) do
     warn_about_reference_blas()
     set_cache_limit()
-    Supervisor.start_link([NxMlx.Telemetry], strategy: :one_for_one, name: NxMlx.Supervisor)
+
+    Supervisor.start_link([NxMlx.Telemetry, NxMlx.Compiler.Cache],
+      strategy: :one_for_one,
+      name: NxMlx.Supervisor
+    )
   end
 
   # MLX caches freed buffers for reuse up to a limit, 32 MiB by default in the CPU-only build:

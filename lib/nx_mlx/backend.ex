@@ -720,15 +720,23 @@ defmodule NxMlx.Backend do
 
     check_template!(:slice, out, expected)
     device = op_device([t])
-    # Nx clamps each start so that the slice fits.
-    start =
-      [Tuple.to_list(shape), start_indices, lengths]
-      |> Enum.zip_with(fn [dim, start, len] ->
-        start |> to_index() |> max(0) |> min(dim - len)
-      end)
+    op = op_fn(device, :slice, [t])
+    src = ref!(t, device)
 
-    stop = Enum.zip_with(start, lengths, &(&1 + &2))
-    r = call(device, :slice, [ref!(t, device), start, stop, strides], :slice, [t])
+    r =
+      if Enum.all?(start_indices, &is_integer/1) do
+        start = static_start(shape, start_indices, lengths)
+        op.(:slice, [src, start, Enum.zip_with(start, lengths, &(&1 + &2)), strides])
+      else
+        # Tensor starts stay on the device: MLX slices at an array of starts.
+        starts = dynamic_start(op, device, shape, start_indices, lengths)
+        block = op.(:slice_dynamic, [src, starts, axes_of(shape), lengths])
+
+        if Enum.all?(strides, &(&1 == 1)),
+          do: block,
+          else: op.(:slice, [block, Enum.map(lengths, fn _ -> 0 end), lengths, strides])
+      end
+
     wrap(out, r, device)
   end
 
@@ -767,21 +775,57 @@ defmodule NxMlx.Backend do
 
     device = op_device([t, slice])
     lengths = Tuple.to_list(slice.shape)
+    op = op_fn(device, :put_slice, [t, slice])
+    {src, update} = {ref_as(t, type, device), ref_as(slice, type, device)}
 
-    start =
-      [Tuple.to_list(shape), start_indices, lengths]
-      |> Enum.zip_with(fn [dim, start, len] ->
-        start |> to_index() |> max(0) |> min(dim - len)
-      end)
+    r =
+      if Enum.all?(start_indices, &is_integer/1) do
+        start = static_start(shape, start_indices, lengths)
+        op.(:slice_update, [src, update, start, Enum.zip_with(start, lengths, &(&1 + &2))])
+      else
+        starts = dynamic_start(op, device, shape, start_indices, lengths)
+        op.(:slice_update_dynamic, [src, update, starts, axes_of(shape)])
+      end
 
-    stop = Enum.zip_with(start, lengths, &(&1 + &2))
-    args = [ref_as(t, type, device), ref_as(slice, type, device), start, stop]
-    wrap(out, call(device, :slice_update, args, :put_slice, [t, slice]), device)
+    wrap(out, r, device)
   end
 
-  # A start index given as a number or a scalar tensor (read back: MLX slices take integers).
-  defp to_index(i) when is_integer(i), do: i
-  defp to_index(%T{} = t), do: Nx.to_number(t)
+  # Nx clamps each start so that the slice fits.
+  defp static_start(shape, start_indices, lengths) do
+    [Tuple.to_list(shape), start_indices, lengths]
+    |> Enum.zip_with(fn [dim, start, len] -> start |> max(0) |> min(dim - len) end)
+  end
+
+  defp axes_of(shape), do: Enum.to_list(0..(tuple_size(shape) - 1)//1)
+
+  # The clamped starts as an s32 array of one entry per axis, computed on the device from
+  # integers and scalar tensors (MLX's slice at an array of starts clamps nothing).
+  defp dynamic_start(op, device, shape, start_indices, lengths) do
+    [Tuple.to_list(shape), start_indices, lengths]
+    |> Enum.zip_with(fn
+      [dim, i, len] when is_integer(i) ->
+        i = i |> max(0) |> min(dim - len)
+        scalar_ref(i, {:s, 32}, device)
+
+      [dim, %T{type: {kind, _} = type, shape: {}} = i, len] when kind in [:s, :u] ->
+        # Clamp in a type that holds both the index and the bound, then narrow.
+        {wide, r} =
+          if type == {:u, 64},
+            do: {type, ref!(i, device)},
+            else: {{:s, 64}, ref_as(i, {:s, 64}, device)}
+
+        r = op.(:binary, [:maximum, r, scalar_ref(0, wide, device)])
+        r = op.(:binary, [:minimum, r, scalar_ref(dim - len, wide, device)])
+        op.(:astype, [r, :s32])
+
+      [_dim, i, _len] ->
+        raise ArgumentError,
+              "NxMlx.Backend.slice: a start index must be an integer or an integer scalar " <>
+                "tensor, got: #{inspect(i)}"
+    end)
+    |> Enum.map(&op.(:reshape, [&1, [1]]))
+    |> then(&op.(:concatenate, [&1, 0]))
+  end
 
   @impl true
   def pad(%T{type: type} = out, %T{} = t, %T{} = pad_value, config) do

@@ -10,6 +10,7 @@ defmodule NxMlx.Fallback do
   alias Nx.Tensor, as: T
 
   def run(op, [out | args], device) do
+    if Process.get(:nx_mlx_recorder), do: NxMlx.Compiler.Recorder.fallback!(op, args)
     check_allowed!(op)
 
     :telemetry.span([:nx_mlx, :fallback], %{op: op}, fn ->

@@ -70,8 +70,8 @@ defmodule NxMlx.Native do
   def op(_worker, _name, _args), do: nif_error()
 
   # Programs (see native/nx_mlx_nif/src/program.rs and NxMlx.Compiler)
-  def program_new(_worker, _code, _n_inputs, _n_regs, _outputs), do: nif_error()
-  def program_run(_program, _inputs), do: nif_error()
+  def program_new(_code, _n_inputs, _n_regs, _outputs), do: nif_error()
+  def program_run(_worker, _program, _inputs), do: nif_error()
   def program_info(_program), do: nif_error()
 
   # The ops by name, each `name(worker, args...)`, as `op/3` calls.
@@ -118,6 +118,8 @@ defmodule NxMlx.Native do
 
   for {name, arity} <- @ops do
     args = Macro.generate_arguments(arity - 1, __MODULE__)
-    def unquote(name)(worker, unquote_splicing(args)), do: op(worker, unquote(name), unquote(args))
+
+    def unquote(name)(worker, unquote_splicing(args)),
+      do: op(worker, unquote(name), unquote(args))
   end
 end

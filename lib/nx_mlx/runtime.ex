@@ -79,6 +79,17 @@ defmodule NxMlx.Runtime do
   and types, used only on failure.
   """
   def call(fun, args, describe) do
+    if Process.get(:nx_mlx_recorder) do
+      case NxMlx.Compiler.Recorder.call(fun, args, describe) do
+        {:recorded, value} -> value
+        :eager -> eager(fun, args, describe)
+      end
+    else
+      eager(fun, args, describe)
+    end
+  end
+
+  defp eager(fun, args, describe) do
     case native(fun, args, describe) do
       {:ok, value} ->
         value
@@ -89,13 +100,13 @@ defmodule NxMlx.Runtime do
       {:error, {:foreign, arrays}} ->
         # Inputs built on another worker's stream and not evaluated yet: MLX evaluates a
         # stream only on its own thread, so evaluate them there first, then build again.
-        Enum.each(arrays, &call(:eval, [&1], describe))
-        call(fun, args, describe)
+        Enum.each(arrays, &eager(:eval, [&1], describe))
+        eager(fun, args, describe)
 
       {:error, {:busy, _}} ->
         # The worker's queue is full: back off briefly so it can drain, then retry.
         Process.sleep(1)
-        call(fun, args, describe)
+        eager(fun, args, describe)
 
       {:error, reason} ->
         raise_error(reason, describe)

@@ -19,8 +19,6 @@
 //! block that wrote it, so MLX may free (or reuse in place) what is no longer needed.
 
 use std::collections::HashSet;
-use std::sync::Arc;
-
 use mlx_bind::{Array, Stream};
 use rustler::{Encoder, Env, ResourceArc, Term};
 
@@ -29,7 +27,7 @@ use crate::error::{NifError, NifResult};
 use crate::op::{decode, Op};
 use crate::resources::{ArrayRes, WorkerRes};
 use crate::submit::submit;
-use crate::worker::{eval_spin_budget, SpinToken, Worker};
+use crate::worker::{eval_spin_budget, SpinToken};
 
 mod atoms {
     rustler::atoms! { op, r#const = "const", r#while = "while", cond }
@@ -70,7 +68,6 @@ struct Block {
 }
 
 pub struct ProgramRes {
-    worker: Arc<Worker>,
     n_inputs: usize,
     n_regs: usize,
     outputs: Vec<usize>,
@@ -288,12 +285,11 @@ fn with_frees(code: Vec<Instr>, live_out: &[usize], also_own: &[usize]) -> Block
     Block { code, free }
 }
 
-/// `program_new(worker, code, n_inputs, n_regs, outputs)`: decodes and validates a program
-/// for `worker`.
+/// `program_new(code, n_inputs, n_regs, outputs)`: decodes and validates a program (it may
+/// run on any worker).
 #[rustler::nif]
 fn program_new<'a>(
     env: Env<'a>,
-    worker: ResourceArc<WorkerRes>,
     code: Term<'a>,
     n_inputs: usize,
     n_regs: usize,
@@ -318,7 +314,6 @@ fn program_new<'a>(
         let inputs: Vec<usize> = (0..n_inputs).collect();
         let main = with_frees(code, &outputs, &inputs);
         Ok(ResourceArc::new(ProgramRes {
-            worker: worker.0.clone(),
             n_inputs,
             n_regs,
             outputs,
@@ -335,11 +330,12 @@ fn program_info(program: ResourceArc<ProgramRes>) -> (usize, usize, usize) {
     (program.n_inputs, program.n_regs, program.ops)
 }
 
-/// `program_run(program, inputs)`: replays the program on its worker with `inputs`, replying
-/// `{:async, ref}` then `{ref, {:ok, [array, ...]}}` with the evaluated outputs.
+/// `program_run(worker, program, inputs)`: replays the program on `worker` with `inputs`,
+/// replying `{:async, ref}` then `{ref, {:ok, [array, ...]}}` with the evaluated outputs.
 #[rustler::nif]
 fn program_run<'a>(
     env: Env<'a>,
+    worker: ResourceArc<WorkerRes>,
     program: ResourceArc<ProgramRes>,
     inputs: Vec<ResourceArc<ArrayRes>>,
 ) -> Term<'a> {
@@ -351,12 +347,13 @@ fn program_run<'a>(
         ))
         .encode(env);
     }
-    let w = program.worker.clone();
+    let w = worker.0.clone();
     let refs: Vec<&ResourceArc<ArrayRes>> = inputs.iter().collect();
     if let Err(reply) = check_inputs(env, &w, &refs) {
         return reply;
     }
     let born = w.epoch();
+    let w_job = w.clone();
     submit(env, &w, move |env, ctx| {
         let mut regs: Vec<Option<Array>> = vec![None; program.n_regs];
         for (i, a) in inputs.iter().enumerate() {
@@ -373,15 +370,13 @@ fn program_run<'a>(
         outputs.iter().try_for_each(check_size)?;
         let refs: Vec<&Array> = outputs.iter().collect();
         let token = SpinToken::acquire();
-        let result = program
-            .worker
-            .evaluate(&refs, born, eval_spin_budget(&token));
+        let result = w_job.evaluate(&refs, born, eval_spin_budget(&token));
         drop(token);
         result.map_err(NifError::Runtime)?;
         let arrays: Vec<ResourceArc<ArrayRes>> = outputs
             .into_iter()
             .map(|a| {
-                let r = ArrayRes::ready(a, program.worker.clone());
+                let r = ArrayRes::ready(a, w_job.clone());
                 r.mark_evaluated(ctx.worker_id);
                 r
             })

@@ -1,0 +1,534 @@
+defmodule NxMlx.Compiler do
+  @moduledoc """
+  The `defn` compiler: `compiler: NxMlx` (the callbacks live on `NxMlx`, which delegates here).
+
+      Nx.Defn.default_options(compiler: NxMlx)
+      fun = Nx.Defn.jit(&MyModel.predict/2, compiler: NxMlx, device: :gpu)
+
+  A function is traced once per input template (types, shapes, names, vectorized axes) and
+  options. Its expression is lowered into a flat program over numbered registers: every
+  backend op through the same code as `NxMlx.Backend` (each op's Nx semantics, fix-ups and
+  native-or-not decisions are written once, and recorded here instead of run), `while` loops
+  and `cond` branches as native control flow, blocks (`Nx.block/4`) as their native kernels
+  where the backend has them and their lowered default expression otherwise, constants
+  folded. The NIF validates the program once; each call replays it on the command queue's
+  worker in one native call and returns the evaluated outputs.
+
+  ## Options
+
+    * `:device` - `:cpu` or `:gpu` (default: `NxMlx.default_device/0`). Inputs on another
+      device or backend are copied there.
+    * `:command_queue` - an `NxMlx.CommandQueue` to run on (default: the queue bound with
+      `NxMlx.CommandQueue.with_queue/2`, else the device's default queue).
+    * `:hooks` - a map of named hooks overriding those in the expression, as for
+      `Nx.Defn.Evaluator`.
+    * `:on_unsupported` - what to do with a function that cannot be lowered whole (a
+      callback that falls back to `Nx.BinaryBackend`, a value needed on the host, a hook
+      inside a loop, `Nx.runtime_call/4`): `:evaluate` (default) runs the whole function
+      through `Nx.Defn.Evaluator` on NxMlx tensors, after a
+      `[:nx_mlx, :compiler, :fallback]` telemetry event with `%{op: op, reason: text}`;
+      `:raise` raises an `ArgumentError` naming the op (for tests and CI).
+    * `:max_concurrency` - the number of `Nx.Serving` partitions (default 1).
+
+  Options Nx and its libraries pass and this compiler does not use are accepted and ignored:
+  `:batch_keys`, `:cache` and anything Axon forwards.
+
+  ## Telemetry
+
+    * `[:nx_mlx, :compiler, :compile]` - `%{duration: native_time}`, metadata `%{hit: bool,
+      ops: count}`: one per `jit` call that needed a lookup (`hit: true`) or a compilation.
+    * `[:nx_mlx, :compiler, :fallback]` - see `:on_unsupported`.
+  """
+
+  alias Nx.Defn.{Composite, Expr}
+  alias Nx.Tensor, as: T
+  alias NxMlx.Compiler.{Cache, Recorder}
+  alias NxMlx.Compiler.Recorder.NotLowerable
+  alias NxMlx.{CommandQueue, Runtime}
+
+  @known_opts [:device, :command_queue, :hooks, :on_unsupported, :max_concurrency]
+
+  ## Nx.Defn.Compiler callbacks (through NxMlx)
+
+  @doc false
+  def __jit__(key, vars, fun, args_list, opts) do
+    start = System.monotonic_time()
+    cache_key = {key, templates(vars), cache_opts(opts)}
+
+    {compiled, hit} =
+      case Cache.get(cache_key) do
+        {:ok, compiled} ->
+          {compiled, true}
+
+        :error ->
+          compiled = compile(vars, fun, opts)
+          Cache.put(cache_key, key, compiled)
+          {compiled, false}
+      end
+
+    :telemetry.execute(
+      [:nx_mlx, :compiler, :compile],
+      %{duration: System.monotonic_time() - start},
+      %{hit: hit, ops: compiled.ops}
+    )
+
+    run(compiled, args_list, opts)
+  end
+
+  @doc false
+  def __compile__(_key, vars, fun, opts) do
+    compiled = compile(vars, fun, opts)
+    fn args_list -> run(compiled, args_list, opts) end
+  end
+
+  @doc false
+  def __partitions_options__(opts) do
+    List.duplicate(opts, Keyword.get(opts, :max_concurrency, 1))
+  end
+
+  @doc false
+  def __to_backend__(opts) do
+    {NxMlx.Backend, device: device(opts)}
+  end
+
+  @doc false
+  def __shard_jit__(_key, _mesh, _vars, _fun, _args_list, _opts) do
+    raise ArgumentError, "NxMlx: sharding (Nx.Defn.shard_jit) is not supported"
+  end
+
+  defp device(opts) do
+    case Keyword.get(opts, :command_queue) do
+      %CommandQueue{device: device} ->
+        device
+
+      nil ->
+        case Keyword.get(opts, :device) do
+          nil -> CommandQueue.route_device(NxMlx.default_device())
+          d when d in [:cpu, :gpu] -> d
+          other -> raise ArgumentError, "NxMlx: unknown device #{inspect(other)}"
+        end
+
+      other ->
+        raise ArgumentError,
+              "NxMlx: :command_queue must be an NxMlx.CommandQueue, got #{inspect(other)}"
+    end
+  end
+
+  defp worker(opts, device) do
+    case Keyword.get(opts, :command_queue) do
+      %CommandQueue{ref: ref} -> ref
+      nil -> CommandQueue.worker(device)
+    end
+  end
+
+  # What the compiled program depends on besides the function and the templates.
+  defp cache_opts(opts) do
+    {device(opts), Keyword.get(opts, :on_unsupported, :evaluate)}
+  end
+
+  defp templates(vars) do
+    Composite.flatten_list(vars)
+    |> Enum.map(fn %T{} = t -> {t.type, t.shape, t.names, t.vectorized_axes} end)
+  end
+
+  ## Compilation
+
+  defp compile(vars, fun, opts) do
+    device = device(opts)
+    policy = Keyword.get(opts, :on_unsupported, :evaluate)
+
+    if policy not in [:evaluate, :raise] do
+      raise ArgumentError,
+            "NxMlx: :on_unsupported must be :evaluate or :raise, got #{inspect(policy)}"
+    end
+
+    {expr, output} =
+      vars
+      |> fun.()
+      |> Composite.traverse([], &{Nx.devectorize(&1), [Nx.to_template(&1) | &2]})
+
+    output = Enum.reverse(output)
+    params = Composite.flatten_list(vars)
+
+    try do
+      lower(expr, params, {Composite.traverse(expr, &Nx.to_template/1), output}, device)
+    rescue
+      e in NotLowerable ->
+        if policy == :raise do
+          raise ArgumentError,
+                "NxMlx compiler: the function cannot be lowered whole: #{e.message} " <>
+                  "(on_unsupported: :raise)"
+        end
+
+        :telemetry.execute([:nx_mlx, :compiler, :fallback], %{}, %{op: e.op, reason: e.message})
+        evaluator(vars, fun, opts, device)
+    end
+  end
+
+  defp evaluator(vars, fun, opts, device) do
+    opts = Keyword.drop(opts, @known_opts -- [:hooks, :max_concurrency])
+    compiled = Nx.Defn.Evaluator.__compile__(nil, vars, fun, opts)
+
+    run = fn params ->
+      Nx.with_default_backend({NxMlx.Backend, device: device}, fn ->
+        params = Enum.map(params, fn p -> on_device(p, device) end)
+        [result] = compiled.([params])
+        result
+      end)
+    end
+
+    %{kind: :evaluator, run: run, ops: 0}
+  end
+
+  defp on_device(fun, device) do
+    tensor = fun.()
+
+    case tensor do
+      %T{data: %NxMlx.Backend{}} -> fn -> tensor end
+      %T{} -> fn -> Nx.backend_transfer(tensor, {NxMlx.Backend, device: device}) end
+    end
+  end
+
+  # Lowers the whole expression into a program. Registers 0..n-1 are the parameters.
+  defp lower(expr, params, output, device) do
+    n_inputs = length(params)
+    Recorder.start(n_inputs)
+
+    try do
+      param_values =
+        params
+        |> Enum.with_index()
+        |> Enum.map(fn {%T{} = p, i} -> reg_tensor(Nx.devectorize(p), i, device) end)
+        |> List.to_tuple()
+
+      scope = %{memo: %{}, params: param_values, device: device, hooks: [], top: true}
+      {result, scope} = Composite.traverse(expr, scope, &lower_node/2)
+      result_regs = Enum.map(Composite.flatten_list([result]), &reg!/1)
+      hooks = Enum.reverse(scope.hooks)
+
+      hook_regs =
+        Enum.flat_map(hooks, fn {_spec, value} ->
+          Enum.map(Composite.flatten_list([value]), &reg!/1)
+        end)
+
+      {const_code, code, n_regs} = Recorder.stop()
+
+      Enum.each(const_code, fn {:const, _r, ref} ->
+        Runtime.call(:eval, [ref], fn -> "NxMlx compiler: constant" end)
+      end)
+
+      outputs = result_regs ++ hook_regs
+
+      program =
+        Runtime.call(:program_new, [const_code ++ code, n_inputs, n_regs, outputs], fn ->
+          "NxMlx compiler"
+        end)
+
+      {_, _, ops} = NxMlx.Native.program_info(program)
+
+      %{
+        kind: :program,
+        program: program,
+        device: device,
+        output: output,
+        n_results: length(result_regs),
+        hooks: Enum.map(hooks, fn {spec, value} -> {spec, Nx.to_template(value)} end),
+        ops: ops
+      }
+    after
+      Recorder.abort()
+    end
+  end
+
+  defp reg_tensor(%T{} = template, r, device),
+    do: %{template | data: %NxMlx.Backend{ref: {:reg, r}, device: device}}
+
+  defp reg!(%T{data: %NxMlx.Backend{ref: ref}}), do: Recorder.reg_of(ref)
+
+  defp reg!(%T{} = t) do
+    raise NotLowerable, op: :output, message: "a result on #{inspect(t.data.__struct__)}"
+  end
+
+  ## Lowering of expression nodes
+
+  defp lower_node(%T{data: %Expr{id: id, op: op, args: args}} = t, scope) do
+    case scope.memo do
+      %{^id => value} ->
+        {value, scope}
+
+      %{} ->
+        {value, scope} = lower_op(op, args, t, scope)
+        {value, %{scope | memo: Map.put(scope.memo, id, value)}}
+    end
+  end
+
+  defp lower_op(:parameter, [i], _t, scope), do: {elem(scope.params, i), scope}
+
+  defp lower_op(:tensor, [tensor], _t, scope) do
+    tensor = Nx.devectorize(tensor)
+
+    value =
+      case tensor do
+        %T{data: %NxMlx.Backend{}} -> tensor
+        %T{} -> Nx.backend_copy(tensor, {NxMlx.Backend, device: scope.device})
+      end
+
+    {value, scope}
+  end
+
+  defp lower_op(:constant, [number], t, scope) do
+    {Recorder.forced(fn -> NxMlx.Backend.constant(t, number, device: scope.device) end), scope}
+  end
+
+  defp lower_op(:metadata, [expr, _meta], _t, scope),
+    do: Composite.traverse(expr, scope, &lower_node/2)
+
+  defp lower_op(:elem, [tuple, i], _t, scope) do
+    {tuple, scope} = Composite.traverse(tuple, scope, &lower_node/2)
+    {elem(tuple, i), scope}
+  end
+
+  defp lower_op(:fun, [_args, _expr, mfa], _t, _scope) do
+    raise NotLowerable,
+      op: :fun,
+      message: "a function argument (#{inspect(mfa)}) is called on the host"
+  end
+
+  defp lower_op(:while, [initial, arg, condition, body], _t, scope) do
+    {initial, scope} = Composite.traverse(initial, scope, &lower_node/2)
+    init_regs = Enum.map(Composite.flatten_list([initial]), &reg!/1)
+
+    arg_templates =
+      Enum.map(Composite.flatten_list([arg]), fn t -> Nx.devectorize(t) |> Nx.to_template() end)
+
+    state_regs = Enum.map(arg_templates, fn _ -> Recorder.new_reg() end)
+
+    state_values =
+      Enum.zip_with(arg_templates, state_regs, &reg_tensor(&1, &2, scope.device))
+      |> List.to_tuple()
+
+    inner = %{scope | memo: %{}, params: state_values, top: false, hooks: []}
+
+    Recorder.push_block()
+    {pred, _} = lower_node(condition, inner)
+    pred_reg = reg!(truth(pred))
+    cond_code = Recorder.pop_block()
+
+    Recorder.push_block()
+    {next, _} = Composite.traverse(body, inner, &lower_node/2)
+    next_regs = Enum.map(Composite.flatten_list([next]), &reg!/1)
+    body_code = Recorder.pop_block()
+
+    Recorder.emit({:while, init_regs, state_regs, cond_code, pred_reg, body_code, next_regs})
+
+    {result, []} =
+      Composite.traverse(arg, Tuple.to_list(state_values), fn _, [v | rest] -> {v, rest} end)
+
+    {result, scope}
+  end
+
+  defp lower_op(:cond, [clauses, last], _t, scope) do
+    inner = %{scope | top: false}
+
+    lowered =
+      Enum.map(clauses, fn {pred, body} ->
+        Recorder.push_block()
+        {pred, _} = lower_node(pred, inner)
+        pred_reg = reg!(truth(pred))
+        pred_code = Recorder.pop_block()
+        {code, results, _} = lower_branch(body, inner)
+        {pred_code, pred_reg, code, results}
+      end)
+
+    {last_code, last_results, template} = lower_branch(last, inner)
+    outs = Enum.map(last_results, fn _ -> Recorder.new_reg() end)
+    Recorder.emit({:cond, lowered, last_code, last_results, outs})
+
+    {result, []} =
+      Composite.traverse(template, outs, fn %T{} = t, [r | rest] ->
+        {reg_tensor(Nx.to_template(t), r, scope.device), rest}
+      end)
+
+    {result, scope}
+  end
+
+  defp lower_op(:block, [struct, in_args, expr, callback], t, scope) do
+    {in_values, scope} =
+      Enum.map_reduce(in_args, scope, fn
+        %T{} = arg, scope -> lower_node(arg, scope)
+        other, scope -> {other, scope}
+      end)
+
+    out =
+      case t do
+        %{type: {:tuple, _}} -> expr
+        _ -> t
+      end
+
+    {sentinel, ref} = default_sentinel(callback)
+
+    try do
+      {NxMlx.Backend.block(struct, out, in_values, sentinel), scope}
+    catch
+      :throw, {:nx_mlx_default_block, ^ref} ->
+        {params, _opts} = Enum.split_while(in_values, &(not is_list(&1)))
+        inner = %{scope | memo: %{}, params: List.to_tuple(params)}
+        {value, inner} = Composite.traverse(expr, inner, &lower_node/2)
+        {value, %{scope | hooks: inner.hooks}}
+    end
+  end
+
+  defp lower_op(:hook, [tensor_expr, spec, template, _ref], _t, scope) do
+    if not scope.top do
+      raise NotLowerable, op: :hook, message: "a hook inside a while loop or a cond branch"
+    end
+
+    {value, scope} = Composite.traverse(tensor_expr, scope, &lower_node/2)
+
+    scope =
+      case spec do
+        {:token_hook, hooked_expr, inner_spec} ->
+          {hooked, scope} = Composite.traverse(hooked_expr, scope, &lower_node/2)
+          %{scope | hooks: [{inner_spec, hooked} | scope.hooks]}
+
+        spec ->
+          %{scope | hooks: [{spec, value} | scope.hooks]}
+      end
+
+    result =
+      case template do
+        %T{} -> value
+        _ -> value |> List.wrap() |> Composite.flatten_list() |> List.to_tuple()
+      end
+
+    {result, scope}
+  end
+
+  defp lower_op(:runtime_call, _args, _t, _scope) do
+    raise NotLowerable, op: :runtime_call, message: "Nx.runtime_call/4 runs on the host"
+  end
+
+  defp lower_op(op, _args, t, scope) do
+    {args, scope} = Nx.Defn.Tree.apply_args(t, scope, &lower_node/2)
+    {apply_backend(op, args, t, scope.device), scope}
+  end
+
+  @creation_ops [:eye, :iota, :from_binary]
+  @list_ops [:concatenate, :stack]
+
+  defp apply_backend(op, args, t, device) do
+    cond do
+      op in @creation_ops ->
+        Recorder.forced(fn -> apply(NxMlx.Backend, op, [t | args] ++ [[device: device]]) end)
+
+      op in @list_ops ->
+        apply(NxMlx.Backend, op, [t | args])
+
+      match?({:tuple, _}, t.type) ->
+        apply(NxMlx.Backend, op, args)
+
+      true ->
+        apply(NxMlx.Backend, op, [t | args])
+    end
+  end
+
+  # A branch (of a cond) in a block of its own: `{code, result_registers, template}`.
+  defp lower_branch(body, scope) do
+    Recorder.push_block()
+    {value, _} = Composite.traverse(body, scope, &lower_node/2)
+    results = Enum.map(Composite.flatten_list([value]), &reg!/1)
+    {Recorder.pop_block(), results, value}
+  end
+
+  # Predicates are tested as u8 scalars on the native side.
+  defp truth(%T{type: {:u, 8}, shape: {}} = pred), do: pred
+
+  defp truth(%T{} = pred) do
+    Nx.not_equal(pred, 0) |> Nx.reshape({})
+  end
+
+  # A function that stands for a block's default implementation: when NxMlx.Backend.block
+  # has no native kernel for the block, it calls it, and the compiler lowers the block's
+  # traced default expression instead. `{fun, ref}`; the function throws ref.
+  defp default_sentinel(callback) do
+    {:arity, arity} = Function.info(callback, :arity)
+    sentinel_of_arity(arity)
+  end
+
+  for arity <- 0..12 do
+    args = Enum.map(1..arity//1, fn i -> Macro.var(:"_arg#{i}", __MODULE__) end)
+
+    defp sentinel_of_arity(unquote(arity)) do
+      ref = make_ref()
+      {fn unquote_splicing(args) -> throw({:nx_mlx_default_block, ref}) end, ref}
+    end
+  end
+
+  defp sentinel_of_arity(arity) do
+    raise NotLowerable, op: :block, message: "a block function of arity #{arity}"
+  end
+
+  ## Running
+
+  defp run(%{kind: :evaluator, run: run}, args_list, _opts) do
+    Enum.map(args_list, run)
+  end
+
+  defp run(%{kind: :program} = compiled, args_list, opts) do
+    worker = worker(opts, compiled.device)
+    Enum.map(args_list, &run_one(compiled, &1, worker, opts))
+  end
+
+  defp run_one(compiled, params, worker, opts) do
+    %{program: program, device: device, output: {structure, output}, n_results: n} = compiled
+
+    inputs =
+      Enum.map(params, fn fun ->
+        case Nx.devectorize(fun.()) do
+          %T{data: %NxMlx.Backend{ref: ref}} -> ref
+          %T{} = t -> Nx.backend_transfer(t, {NxMlx.Backend, device: device}).data.ref
+        end
+      end)
+
+    Runtime.before_eval()
+
+    arrays =
+      Runtime.call(:program_run, [worker, program, inputs], fn -> "NxMlx compiled function" end)
+
+    {results, hook_arrays} = Enum.split(arrays, n)
+    run_hooks(compiled.hooks, hook_arrays, device, Keyword.get(opts, :hooks, %{}))
+
+    {result, {[], []}} =
+      Composite.traverse(structure, {output, results}, fn _, {[template | ts], [ref | rest]} ->
+        {_, bits} = template.type
+        Runtime.count_result(div(Nx.size(template) * bits, 8))
+        {%{template | data: %NxMlx.Backend{ref: ref, device: device}}, {ts, rest}}
+      end)
+
+    result
+  end
+
+  defp run_hooks(hooks, arrays, device, overrides) do
+    Enum.reduce(hooks, arrays, fn {spec, template}, arrays ->
+      leaves = Composite.flatten_list([template])
+      {mine, rest} = Enum.split(arrays, length(leaves))
+
+      {value, []} =
+        Composite.traverse(template, mine, fn %T{} = t, [ref | more] ->
+          {%{t | data: %NxMlx.Backend{ref: ref, device: device}}, more}
+        end)
+
+      case resolve_hook(spec, overrides) do
+        nil -> :ok
+        fun -> fun.(value)
+      end
+
+      rest
+    end)
+
+    :ok
+  end
+
+  defp resolve_hook({:fn, fun}, _hooks), do: fun
+  defp resolve_hook({:named, name, callback}, hooks), do: hooks[name] || callback
+end

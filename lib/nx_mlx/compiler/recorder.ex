@@ -1,0 +1,167 @@
+defmodule NxMlx.Compiler.Recorder do
+  @moduledoc false
+  # The second builder of the op table. `NxMlx.Backend` writes each op's Nx semantics once,
+  # as calls of NIF ops on MLX arrays (`NxMlx.Runtime.call/3`). Eagerly those calls build
+  # arrays; while the compiler lowers an expression, this recorder is active in the calling
+  # process and a call whose operands include a register (`{:reg, n}`, a value the program
+  # computes) is appended to the program instead, returning fresh registers. Calls on arrays
+  # only (constants, folded at lowering time) still run eagerly, and their arrays become the
+  # program's captured constants. Anything that would need a value on the host (a read-back,
+  # a fallback to Nx.BinaryBackend) raises `NotLowerable`, naming the op.
+
+  defmodule NotLowerable do
+    @moduledoc false
+    defexception [:op, :message]
+  end
+
+  @key :nx_mlx_recorder
+  @ops Map.new(NxMlx.Native.ops(), fn {name, _} -> {name, true} end)
+
+  def active?, do: Process.get(@key) != nil
+
+  @doc "Starts recording a program whose first `n_inputs` registers are its inputs."
+  def start(n_inputs) do
+    Process.put(@key, %{next: n_inputs, blocks: [[]], consts: %{}, const_code: [], force: false})
+    :ok
+  end
+
+  @doc "Stops recording: `{constant_code, code, n_regs}`, code in order."
+  def stop do
+    %{blocks: [code], const_code: consts, next: n} = Process.delete(@key)
+    {Enum.reverse(consts), Enum.reverse(code), n}
+  end
+
+  def abort, do: Process.delete(@key)
+
+  def new_reg do
+    %{next: n} = state = Process.get(@key)
+    Process.put(@key, %{state | next: n + 1})
+    n
+  end
+
+  def push_block do
+    state = Process.get(@key)
+    Process.put(@key, %{state | blocks: [[] | state.blocks]})
+    :ok
+  end
+
+  def pop_block do
+    %{blocks: [code | rest]} = state = Process.get(@key)
+    Process.put(@key, %{state | blocks: rest})
+    Enum.reverse(code)
+  end
+
+  def emit(instr) do
+    %{blocks: [code | rest]} = state = Process.get(@key)
+    Process.put(@key, %{state | blocks: [[instr | code] | rest]})
+    :ok
+  end
+
+  @doc "Runs `fun` with every op recorded, even on constants (creation ops: see the compiler)."
+  def forced(fun) do
+    state = Process.get(@key)
+    Process.put(@key, %{state | force: true})
+
+    try do
+      fun.()
+    after
+      Process.put(@key, %{Process.get(@key) | force: false})
+    end
+  end
+
+  @doc """
+  The register holding `ref`: `ref` itself when it is one, else the register of the
+  captured constant array (one per array).
+  """
+  def reg_of({:reg, r}), do: r
+
+  def reg_of(ref) when is_reference(ref) do
+    %{consts: consts} = state = Process.get(@key)
+
+    case consts do
+      %{^ref => r} ->
+        r
+
+      %{} ->
+        r = state.next
+
+        Process.put(@key, %{
+          state
+          | next: r + 1,
+            consts: Map.put(consts, ref, r),
+            const_code: [{:const, r, ref} | state.const_code]
+        })
+
+        r
+    end
+  end
+
+  @doc """
+  Called by `NxMlx.Runtime.call/3` while recording: `{:recorded, value}` when the call was
+  appended to the program, `:eager` when it should run now.
+  """
+  def call(fun, args, describe) when is_map_key(@ops, fun) do
+    [_worker | args] = args
+
+    if Process.get(@key).force or has_reg?(args) do
+      {:recorded, record(fun, args, describe)}
+    else
+      :eager
+    end
+  end
+
+  def call(fun, args, describe) do
+    if has_reg?(args) do
+      raise NotLowerable,
+        op: fun,
+        message: "#{describe.()}: it needs a value on the host (#{fun})"
+    end
+
+    :eager
+  end
+
+  @doc """
+  Called by NxMlx.Fallback while recording: a fallback on values of the program cannot be
+  lowered (on constants only it runs now, folded).
+  """
+  def fallback!(op, args) do
+    if Enum.any?(List.flatten(Enum.map(args, &tensors/1)), &match?({:reg, _}, &1)) do
+      raise NotLowerable,
+        op: op,
+        message: "NxMlx.Backend.#{op} runs on Nx.BinaryBackend (no MLX implementation here)"
+    end
+
+    :ok
+  end
+
+  defp tensors(%Nx.Tensor{data: %NxMlx.Backend{ref: ref}}), do: [ref]
+  defp tensors(list) when is_list(list), do: Enum.map(list, &tensors/1)
+  defp tensors(tuple) when is_tuple(tuple), do: tuple |> Tuple.to_list() |> Enum.map(&tensors/1)
+  defp tensors(_), do: []
+
+  defp record(fun, args, describe) do
+    args = Enum.map(args, &operand/1)
+    n = outputs(fun, args)
+    outs = Enum.map(1..n, fn _ -> new_reg() end)
+    emit({:op, outs, fun, args, describe.()})
+
+    case outs do
+      [r] -> {:reg, r}
+      many -> Enum.map(many, &{:reg, &1})
+    end
+  end
+
+  defp operand({:reg, r}), do: r
+  defp operand(ref) when is_reference(ref), do: reg_of(ref)
+  defp operand(list) when is_list(list), do: Enum.map(list, &operand/1)
+  defp operand(other), do: other
+
+  defp outputs(:decompose, [kind | _]) when kind in [:qr, :eigh], do: 2
+  defp outputs(:decompose, [kind | _]) when kind in [:svd, :lu], do: 3
+  defp outputs(_fun, _args), do: 1
+
+  defp has_reg?([{:reg, _} | _]), do: true
+  defp has_reg?([list | rest]) when is_list(list), do: has_reg?(list) or has_reg?(rest)
+  defp has_reg?([_ | rest]), do: has_reg?(rest)
+  defp has_reg?([]), do: false
+end

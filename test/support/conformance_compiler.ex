@@ -1,0 +1,57 @@
+defmodule NxMlx.ConformanceCompiler do
+  @moduledoc false
+  # `compiler: NxMlx`, for running Nx's own defn test files (test/nx_mlx/nx_conformance_test.exs):
+  # every call is compiled and run by NxMlx; the results are then copied to Nx.BinaryBackend,
+  # because those files compare results with `==` against Nx.BinaryBackend tensors. Each
+  # function NxMlx could not lower whole is counted (see `fallbacks/0`).
+
+  @behaviour Nx.Defn.Compiler
+
+  @impl true
+  def __jit__(key, vars, fun, args_list, opts) do
+    key |> NxMlx.__jit__(vars, fun, args_list, opts) |> Enum.map(&to_binary_backend/1)
+  end
+
+  @impl true
+  def __compile__(key, vars, fun, opts) do
+    compiled = NxMlx.__compile__(key, vars, fun, opts)
+    fn args_list -> args_list |> compiled.() |> Enum.map(&to_binary_backend/1) end
+  end
+
+  @impl true
+  def __partitions_options__(opts), do: NxMlx.__partitions_options__(opts)
+
+  @impl true
+  def __to_backend__(_opts), do: {Nx.BinaryBackend, []}
+
+  defp to_binary_backend(result) do
+    Nx.Defn.Composite.traverse(result, fn
+      %Nx.Tensor{data: %NxMlx.Backend{}} = t -> Nx.backend_transfer(t, Nx.BinaryBackend)
+      other -> other
+    end)
+  end
+
+  @doc "Starts counting fallbacks to the Evaluator by op."
+  def count_fallbacks do
+    :ets.new(__MODULE__, [:named_table, :public, :set])
+
+    :telemetry.attach(
+      __MODULE__,
+      [:nx_mlx, :compiler, :fallback],
+      &__MODULE__.handle_fallback/4,
+      nil
+    )
+  end
+
+  @doc false
+  def handle_fallback(_event, _measurements, %{op: op}, _config) do
+    :ets.update_counter(__MODULE__, op, 1, {op, 0})
+  end
+
+  @doc "`[{op, count}]` of the functions that ran through the Evaluator."
+  def fallbacks do
+    :ets.tab2list(__MODULE__) |> Enum.sort_by(&(-elem(&1, 1)))
+  rescue
+    ArgumentError -> []
+  end
+end
