@@ -204,8 +204,7 @@ suite_of = fn
   "matmul_" <> _ -> "matmul"
   "transformer_" <> _ -> "transformer"
   "mlp4_" <> _ -> "mlp"
-  "dispatch" -> "dispatch"
-  "readback" -> "dispatch"
+  name when name in ["dispatch", "readback", "jit_call", "replay_op", "while_iter"] -> "dispatch"
   name -> if String.match?(name, ~r/^(add|exp|sum|softmax)_/), do: "elementwise", else: nil
 end
 
@@ -315,6 +314,37 @@ key_lines =
 
     ["#{prefix}#{r.case}#{suffix}: #{Harness.fmt(r.median)}"] ++ rate ++ ratio
   end)
+
+# The compiler's lanes: `<case>_defn_vs_<reference>` (reference time over the jitted time:
+# 1.0 is parity, higher is faster), and two of its fixed costs as time ratios where lower is
+# better: `jit_call_vs_eager` (a jitted add with read-back over the eager one) and
+# `while_iter_vs_raw_mlx` (per loop iteration, ours over the loop on the binding crate).
+defn_rows = for r <- all_rows, r.impl == "defn", into: %{}, do: {r.case, r}
+by_impl = fn impl, c -> Enum.find(all_rows, &(&1.impl == impl and &1.case == c)) end
+
+defn_lines =
+  Enum.flat_map(defn_rows, fn {c, d} ->
+    for impl <- ["raw_mlx", "pytorch"], ref = by_impl.(impl, c), ref != nil do
+      "#{c}_defn_vs_#{impl}: #{:erlang.float_to_binary(ref.median / d.median, decimals: 3)}"
+    end
+  end) ++
+    Enum.flat_map(
+      [
+        {"jit_call", "nx_mlx", "readback", "jit_call_vs_eager"},
+        {"while_iter", "raw_mlx", "while_iter", "while_iter_vs_raw_mlx"}
+      ],
+      fn {ours_case, ref_impl, ref_case, key} ->
+        case {by_impl.("nx_mlx", ours_case), by_impl.(ref_impl, ref_case)} do
+          {%{median: o}, %{median: r}} when r > 0 ->
+            ["#{key}: #{:erlang.float_to_binary(o / r, decimals: 3)}"]
+
+          _ ->
+            []
+        end
+      end
+    )
+
+key_lines = key_lines ++ defn_lines
 
 suites_rows = for s <- suites, do: {s, Enum.filter(all_rows, &(&1.suite == s))}
 Harness.write_markdown(Path.join(results, "tables.md"), machine, suites_rows)

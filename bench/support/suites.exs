@@ -1,3 +1,21 @@
+defmodule Bench.Defn do
+  @moduledoc false
+  # The while loop of the dispatch suite (mlx_raw_bench runs the same loop on the binding).
+  import Nx.Defn
+
+  @iterations 1000
+  def iterations, do: @iterations
+
+  defn loop(x) do
+    {_, x} =
+      while {i = 0, x}, i < @iterations do
+        {i + 1, x * 1.0001 + 1}
+      end
+
+    x
+  end
+end
+
 defmodule Bench.Suites do
   @moduledoc false
   # The computations of bench/run.exs on NxMlx.Backend (eager: each Nx call builds its MLX
@@ -67,15 +85,68 @@ defmodule Bench.Suites do
   def dispatch(_settings, backend, quick?) do
     readbacks = if quick?, do: 200, else: @readbacks
 
-    for {impl, b} <- [{"nx_mlx", backend}, {"binary", Nx.BinaryBackend}] do
-      {dispatch, readback} = dispatch_times(b, readbacks)
+    eager =
+      for {impl, b} <- [{"nx_mlx", backend}, {"binary", Nx.BinaryBackend}] do
+        {dispatch, readback} = dispatch_times(b, readbacks)
 
-      [
-        Map.merge(%{suite: "dispatch", case: "dispatch", impl: impl, unit: "us"}, dispatch),
-        Map.merge(%{suite: "dispatch", case: "readback", impl: impl, unit: "us"}, readback)
-      ]
-    end
-    |> List.flatten()
+        [
+          Map.merge(%{suite: "dispatch", case: "dispatch", impl: impl, unit: "us"}, dispatch),
+          Map.merge(%{suite: "dispatch", case: "readback", impl: impl, unit: "us"}, readback)
+        ]
+      end
+
+    List.flatten(eager) ++ jit_times(backend, readbacks)
+  end
+
+  # The compiler's fixed costs on the same 16-element add: a jitted call with its read-back
+  # (inputs on the device), the replay cost per op (a jitted chain of @replay_chain adds
+  # against one add, per extra add) and a while loop's cost per iteration.
+  @replay_chain 200
+
+  defp jit_times({NxMlx.Backend, opts} = backend, readbacks) do
+    device = opts[:device]
+    a = Nx.iota({16}, type: :f32, backend: backend)
+    b = Nx.tensor(1.0, type: :f32, backend: backend) |> Nx.broadcast({16})
+    add = Nx.Defn.jit(&Nx.add/2, compiler: NxMlx, device: device)
+    long = Nx.Defn.jit(&chain(&1, &2, @replay_chain), compiler: NxMlx, device: device)
+    check_chain!(long.(a, b), a, @replay_chain)
+    Harness.settle()
+    times = fn n, f -> for _ <- 1..n, do: elem(:timer.tc(fn -> Nx.to_binary(f.()) end), 0) / 1 end
+    times.(200, fn -> add.(a, b) end)
+    call = times.(readbacks, fn -> add.(a, b) end)
+    chain_t = times.(div(readbacks, 4), fn -> long.(a, b) end)
+    one_t = times.(div(readbacks, 4), fn -> add.(a, b) end)
+
+    per_op =
+      (Harness.summary(chain_t).median - Harness.summary(one_t).median) / (@replay_chain - 1)
+
+    loop = Nx.Defn.jit(&Bench.Defn.loop/1, compiler: NxMlx, device: device)
+    x = Nx.broadcast(Nx.tensor(1.0, type: :f32, backend: backend), {16})
+    loop.(x) |> Nx.to_binary()
+
+    iters =
+      for _ <- 1..5,
+          do: elem(:timer.tc(fn -> Nx.to_binary(loop.(x)) end), 0) / Bench.Defn.iterations()
+
+    [
+      Map.merge(
+        %{suite: "dispatch", case: "jit_call", impl: "nx_mlx", unit: "us"},
+        Harness.summary(call)
+      ),
+      %{
+        suite: "dispatch",
+        case: "replay_op",
+        impl: "nx_mlx",
+        unit: "us",
+        median: per_op,
+        p10: per_op,
+        p90: per_op
+      },
+      Map.merge(
+        %{suite: "dispatch", case: "while_iter", impl: "nx_mlx", unit: "us"},
+        Harness.summary(iters)
+      )
+    ]
   end
 
   defp dispatch_times(backend, readbacks) do
@@ -207,12 +278,17 @@ defmodule Bench.Suites do
         :gpu -> [{{:f, 32}, 1, 128}, {{:bf, 16}, 1, 128}, {{:f, 32}, 8, 512}, {{:bf, 16}, 8, 512}]
       end
 
+    jitted = Nx.Defn.jit(&block/2, compiler: NxMlx, device: device, on_unsupported: :raise)
+
     for {type, batch, seq} <- cases do
       p = block_params(type, backend)
       x = uniform({batch, seq, @hidden}, type, 30, 1.0, backend)
+      name = "transformer_#{batch}x#{seq}x#{@hidden}_#{type_name(type)}"
       t = Harness.measure(settings, fn -> sync(block(x, p)) end)
-      row("transformer", "transformer_#{batch}x#{seq}x#{@hidden}_#{type_name(type)}", "nx_mlx", t)
+      d = Harness.measure(settings, fn -> sync(jitted.(x, p)) end)
+      [row("transformer", name, "nx_mlx", t), row("transformer", name, "defn", d)]
     end
+    |> List.flatten()
   end
 
   defp block_params(type, backend) do
@@ -284,8 +360,9 @@ defmodule Bench.Suites do
           else: []
 
     ours =
-      for {name, type, batch, widths} <- cases do
-        mlp_case(settings, backend, "nx_mlx", name, type, batch, widths)
+      for {name, type, batch, widths} <- cases,
+          impl <- ["nx_mlx", "defn"] do
+        mlp_case(settings, backend, impl, name, type, batch, widths)
       end
 
     binary =
@@ -309,19 +386,40 @@ defmodule Bench.Suites do
       end)
 
     x = uniform({batch, hd(widths)}, type, 60, 1.0, backend)
-    last = length(layers) - 1
 
-    run = fn ->
-      layers
-      |> Enum.with_index()
-      |> Enum.reduce(x, fn {{w, b}, i}, h ->
-        h = Nx.add(Nx.dot(h, w), b)
-        if i < last, do: Nx.max(h, 0), else: h
-      end)
-      |> sync()
-    end
+    run =
+      case impl do
+        "defn" ->
+          {NxMlx.Backend, opts} = backend
+
+          f =
+            Nx.Defn.jit(&mlp_forward/2,
+              compiler: NxMlx,
+              device: opts[:device],
+              on_unsupported: :raise
+            )
+
+          layers = List.to_tuple(layers)
+          fn -> sync(f.(x, layers)) end
+
+        _ ->
+          fn -> sync(mlp_forward(x, layers)) end
+      end
 
     row("mlp", "#{name}_#{type_name(type)}", impl, Harness.measure(settings, run))
+  end
+
+  defp mlp_forward(x, layers) when is_tuple(layers), do: mlp_forward(x, Tuple.to_list(layers))
+
+  defp mlp_forward(x, layers) do
+    last = length(layers) - 1
+
+    layers
+    |> Enum.with_index()
+    |> Enum.reduce(x, fn {{w, b}, i}, h ->
+      h = Nx.add(Nx.dot(h, w), b)
+      if i < last, do: Nx.max(h, 0), else: h
+    end)
   end
 end
 

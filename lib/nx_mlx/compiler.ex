@@ -57,12 +57,22 @@ defmodule NxMlx.Compiler do
 
     {compiled, hit} =
       case Cache.get(cache_key) do
+        {:ok, :evaluator} ->
+          {evaluator(vars, fun, opts, device(opts)), true}
+
         {:ok, compiled} ->
           {compiled, true}
 
         :error ->
           compiled = compile(vars, fun, opts)
-          Cache.put(cache_key, key, compiled)
+          # An Evaluator closure holds the whole expression, a DAG that ETS would copy as a
+          # tree: only the decision is cached.
+          Cache.put(
+            cache_key,
+            key,
+            if(compiled.kind == :evaluator, do: :evaluator, else: compiled)
+          )
+
           {compiled, false}
       end
 
@@ -126,9 +136,11 @@ defmodule NxMlx.Compiler do
     {device(opts), Keyword.get(opts, :on_unsupported, :evaluate)}
   end
 
+  # The input templates, in their containers (a tuple of one tensor is not a tensor).
   defp templates(vars) do
-    Composite.flatten_list(vars)
-    |> Enum.map(fn %T{} = t -> {t.type, t.shape, t.names, t.vectorized_axes} end)
+    Enum.map(vars, fn var ->
+      Composite.traverse(var, fn %T{} = t -> {t.type, t.shape, t.names, t.vectorized_axes} end)
+    end)
   end
 
   ## Compilation

@@ -15,8 +15,28 @@ files = ~w(
   nx/serving_test.exs
 )
 
-# {file, test name} => reason
-excluded = %{}
+# {file, line of the test} => reason
+float_exact = "asserts exact float equality; NxMlx's result differs in the last bit"
+hook_eq = "compares an unnamed hook's value (an NxMlx tensor) with == to an Nx.BinaryBackend tensor"
+peers = "needs the peer nodes Nx's own test_helper.exs starts"
+
+excluded = %{
+  {"nx/defn_test.exs", 2327} =>
+    "Evaluator-specific: its creation ops run on Nx.default_backend(); NxMlx creates them on its device",
+  {"nx/defn/evaluator_test.exs", 70} => float_exact <> " (QR factor 1.0954455 vs 1.0954454)",
+  {"nx/defn/evaluator_test.exs", 291} =>
+    "its Container struct derives Nx.Container, which needs unconsolidated protocols",
+  {"nx/defn/evaluator_test.exs", 333} => hook_eq,
+  {"nx/defn/evaluator_test.exs", 356} => hook_eq,
+  {"nx/defn/evaluator_test.exs", 368} => hook_eq,
+  {"nx/defn/evaluator_test.exs", 455} => hook_eq,
+  {"nx/defn/grad_test.exs", 2009} => "complex128 inputs: MLX has no complex128",
+  {"nx/defn/grad_test.exs", 3949} => float_exact <> " (26.220474 vs 26.220476)",
+  {"nx/serving_test.exs", 1276} => peers,
+  {"nx/serving_test.exs", 1318} => peers,
+  {"nx/serving_test.exs", 1346} => peers,
+  {"nx/serving_test.exs", 1404} => peers
+}
 
 if nx_test && Enum.all?(files, &File.exists?(Path.join(nx_test, &1))) do
   for support <- ~w(helpers.ex container.ex backends.ex nx_case.ex) do
@@ -42,22 +62,35 @@ if nx_test && Enum.all?(files, &File.exists?(Path.join(nx_test, &1))) do
       |> String.replace("Nx.Defn.Evaluator", "NxMlx.ConformanceCompiler")
       |> String.replace(~r/alias Nx\.Defn\.\{([^}]*)\bEvaluator\b([^}]*)\}/, "alias Nx.Defn.{\\1\\2}\n  alias NxMlx.ConformanceCompiler, as: Evaluator")
       |> String.replace(~r/alias Nx\.Defn\.\{([^}]*), \}/, "alias Nx.Defn.{\\1}")
+      # On the `use` line itself, so that line numbers (which some tests assert) stay.
       |> String.replace(
         ~r/^(  use ExUnit\.Case.*)$/m,
-        "\\1\n  @moduletag :nx_conformance\n  setup do\n    Nx.Defn.default_options(compiler: NxMlx.ConformanceCompiler)\n    :ok\n  end\n",
+        "\\1; @moduletag :nx_conformance; setup do: Nx.Defn.default_options(compiler: NxMlx.ConformanceCompiler) && :ok",
         global: false
       )
+      # Nx.Serving merges the default options (and so the compiler set above) into those its
+      # servings receive, which serving_test.exs asserts.
+      |> String.replace(
+        ~r/(\{:init, .*batch_keys: \[:default\])/,
+        "\\1, compiler: NxMlx.ConformanceCompiler"
+      )
+      # MLX has no complex128: the gradient tests that loop over [{:f, 64}, {:c, 128}] keep f64.
+      |> String.replace("@types [{:f, 64}, {:c, 128}]", "@types [{:f, 64}]")
       |> then(fn source ->
-        Enum.reduce(excluded, source, fn
-          {{^file, name}, reason}, source ->
-            String.replace(source, "  test #{inspect(name)}", "  @tag skip: #{inspect(reason)}\n  test #{inspect(name)}")
+        # Excluded tests get a skip tag on their own line (no line moves).
+        lines = String.split(source, "\n")
 
-          _, source ->
-            source
+        excluded
+        |> Enum.filter(&match?({{^file, _}, _}, &1))
+        |> Enum.reduce(lines, fn {{_, line}, reason}, lines ->
+          List.update_at(lines, line - 1, &"@tag skip: #{inspect(reason)}; #{&1}")
         end)
+        |> Enum.join("\n")
       end)
 
-    Code.compile_string(source, path)
+    # Compiled under the path relative to the checkout, as Nx's own runs see it (some tests
+    # assert messages that carry it).
+    Code.compile_string(source, Path.join("test", file))
   end
 else
   IO.puts("nx conformance: NOT run (the Nx checkout has no test/ folder: #{inspect(nx_test)})")

@@ -7,14 +7,16 @@ defmodule NxMlx.ConformanceCompiler do
 
   @behaviour Nx.Defn.Compiler
 
+  # Named hooks given in the options (as Nx.Serving's streaming passes them) receive their
+  # values on Nx.BinaryBackend too.
   @impl true
   def __jit__(key, vars, fun, args_list, opts) do
-    key |> NxMlx.__jit__(vars, fun, args_list, opts) |> Enum.map(&to_binary_backend/1)
+    key |> NxMlx.__jit__(vars, fun, args_list, wrap_hooks(opts)) |> Enum.map(&to_binary_backend/1)
   end
 
   @impl true
   def __compile__(key, vars, fun, opts) do
-    compiled = NxMlx.__compile__(key, vars, fun, opts)
+    compiled = NxMlx.__compile__(key, vars, fun, wrap_hooks(opts))
     fn args_list -> args_list |> compiled.() |> Enum.map(&to_binary_backend/1) end
   end
 
@@ -23,6 +25,17 @@ defmodule NxMlx.ConformanceCompiler do
 
   @impl true
   def __to_backend__(_opts), do: {Nx.BinaryBackend, []}
+
+  defp wrap_hooks(opts) do
+    case Keyword.get(opts, :hooks) do
+      hooks when is_map(hooks) and map_size(hooks) > 0 ->
+        wrapped = Map.new(hooks, fn {name, f} -> {name, fn v -> f.(to_binary_backend(v)) end} end)
+        Keyword.put(opts, :hooks, wrapped)
+
+      _ ->
+        opts
+    end
+  end
 
   defp to_binary_backend(result) do
     Nx.Defn.Composite.traverse(result, fn

@@ -117,7 +117,43 @@ fn dispatch(s: &Stream) -> Result<()> {
     };
     println!("dispatch_us: {:.3}", median(build));
     println!("readback_us: {:.3}", median(readback));
+    println!("while_iter_us: {:.3}", while_loop(s)?);
     Ok(())
+}
+
+/// The loop `while i < 1000: (i, x) = (i + 1, x * 1.0001 + 1)` on a 16-element f32 `x`, as a
+/// compiler must run it: each iteration builds the body, then evaluates the condition with
+/// the state and reads it back. Microseconds per iteration, median of 5 loops.
+fn while_loop(s: &Stream) -> Result<f64> {
+    let n = 1000;
+    let (one, factor, limit) = (
+        scalar(1.0, Dtype::F32, s)?,
+        scalar(1.0001, Dtype::F32, s)?,
+        scalar(n as f64, Dtype::I32, s)?,
+    );
+    let step = scalar(1.0, Dtype::I32, s)?;
+    let mut times = Vec::new();
+    for _ in 0..6 {
+        let mut x = full(&[16], 1.0, Dtype::F32, s)?;
+        let mut i = full(&[], 0.0, Dtype::I32, s)?;
+        x.eval()?;
+        let t0 = Instant::now();
+        loop {
+            let pred = binary(BinaryOp::Less, &i, &limit, s)?;
+            mlx_bind::async_eval_all(&[&pred, &i, &x])?;
+            if pred.to_bytes(s)?.iter().all(|&b| b == 0) {
+                break;
+            }
+            let y = binary(BinaryOp::Multiply, &x, &factor, s)?;
+            x = binary(BinaryOp::Add, &y, &one, s)?;
+            i = binary(BinaryOp::Add, &i, &step, s)?;
+        }
+        x.eval()?;
+        times.push(t0.elapsed().as_secs_f64() * 1e6 / n as f64);
+    }
+    times.remove(0);
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[times.len() / 2])
 }
 
 fn matmul_suite(set: &Settings, device: DeviceKind, s: &Stream) -> Result<()> {

@@ -436,7 +436,6 @@ fn run_block(block: &Block, regs: &mut [Option<Array>], s: &Stream) -> NifResult
                         }
                         truth(&eval, s)?
                     };
-                    regs[*pred] = None;
                     if !go {
                         break;
                     }
@@ -463,7 +462,6 @@ fn run_block(block: &Block, regs: &mut [Option<Array>], s: &Stream) -> NifResult
                 for (pred_code, pred, code, results) in clauses {
                     run_block(pred_code, regs, s)?;
                     let go = truth(&[get(regs, *pred)?], s)?;
-                    regs[*pred] = None;
                     if go {
                         chosen = Some((code, results));
                         break;

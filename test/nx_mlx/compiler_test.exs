@@ -1,0 +1,556 @@
+defmodule NxMlx.CompilerTest.Fns do
+  import Nx.Defn
+
+  defn count_to(x, n) do
+    {_, acc, _} =
+      while {i = 0, acc = x, n}, i < n do
+        {i + 1, acc * 2 + 1, n}
+      end
+
+    acc
+  end
+
+  defn nested_while(x) do
+    {_, out} =
+      while {i = 0, out = x}, i < 3 do
+        {_, inner} =
+          while {j = 0, inner = out}, j < 2 do
+            {j + 1, inner + 1}
+          end
+
+        {i + 1, inner * 2}
+      end
+
+    out
+  end
+
+  defn branches(x) do
+    cond do
+      Nx.sum(x) > 10 -> x * 10
+      Nx.sum(x) > 0 -> x - 1
+      true -> -x
+    end
+  end
+
+  defn cond_in_while(x) do
+    {_, out} =
+      while {i = 0, out = x}, i < 4 do
+        out = if Nx.remainder(i, 2) == 0, do: out + 1, else: out * 3
+        {i + 1, out}
+      end
+
+    out
+  end
+
+  defn tuple_cond(x, flag) do
+    if flag do
+      {x + 1, Nx.sum(x)}
+    else
+      {x - 1, Nx.product(x)}
+    end
+  end
+
+  defn hooked(x) do
+    y = hook(x * 2, :double)
+    y + 1
+  end
+
+  defn hook_in_loop(x) do
+    {_, out} =
+      while {i = 0, out = x}, i < 3 do
+        {i + 1, hook(out + 1, :step)}
+      end
+
+    out
+  end
+
+  defn(reduce_with_fun(x), do: Nx.reduce(x, 0, fn a, b -> a + b end))
+
+  defn runtime_double(x) do
+    Nx.runtime_call(x, x, [], &__MODULE__.double/2) + 1
+  end
+
+  def double(t, _opts), do: Nx.multiply(t, 2)
+
+  defn(value_and_grad_of(x), do: value_and_grad(x, fn x -> Nx.sum(Nx.sin(x) * Nx.exp(x)) end))
+
+  defn softmax(x) do
+    e = Nx.exp(x - Nx.reduce_max(x, axes: [-1], keep_axes: true))
+    e / Nx.sum(e, axes: [-1], keep_axes: true)
+  end
+
+  defn layer_norm(x, g, b) do
+    mean = Nx.mean(x, axes: [-1], keep_axes: true)
+    xc = x - mean
+    var = Nx.mean(xc * xc, axes: [-1], keep_axes: true)
+    xc * Nx.rsqrt(var + 1.0e-5) * g + b
+  end
+
+  defn encoder_block(x, p) do
+    {batch, seq, hidden} = Nx.shape(x)
+    heads = 4
+    dh = div(hidden, heads)
+
+    split = fn t ->
+      t |> Nx.reshape({batch, seq, heads, dh}) |> Nx.transpose(axes: [0, 2, 1, 3])
+    end
+
+    q = split.(Nx.dot(x, p.wq) + p.bq)
+    k = split.(Nx.dot(x, p.wk) + p.bk)
+    v = split.(Nx.dot(x, p.wv) + p.bv)
+    scores = Nx.dot(q, [3], [0, 1], k, [3], [0, 1]) / Nx.sqrt(dh)
+    attn = Nx.dot(softmax(scores), [3], [0, 1], v, [2], [0, 1])
+    attn = attn |> Nx.transpose(axes: [0, 2, 1, 3]) |> Nx.reshape({batch, seq, hidden})
+    h = layer_norm(x + Nx.dot(attn, p.wo), p.g1, p.b1)
+
+    ff =
+      Nx.dot(h, p.w1) |> Nx.multiply(0.5) |> Nx.multiply(1 + Nx.erf(Nx.dot(h, p.w1) / Nx.sqrt(2)))
+
+    layer_norm(h + Nx.dot(ff, p.w2), p.g2, p.b2)
+  end
+
+  # A greedy decode loop: each step attends over the filled part of a KV cache (masked), puts
+  # the new key/value in at the step's position and feeds the argmax back.
+  defn decode(tokens, cache_k, cache_v, p, opts \\ []) do
+    opts = keyword!(opts, steps: 4)
+    {_batch, len, _hidden} = Nx.shape(cache_k)
+
+    {tokens, _, _, _, _} =
+      while {tokens, cache_k, cache_v, p, i = 0}, i < opts[:steps] do
+        last = Nx.slice_along_axis(tokens, i, 1, axis: 1)
+        x = Nx.take(p.embed, Nx.squeeze(last, axes: [1])) |> Nx.new_axis(1)
+        cache_k = Nx.put_slice(cache_k, [0, i, 0], Nx.dot(x, p.wk))
+        cache_v = Nx.put_slice(cache_v, [0, i, 0], Nx.dot(x, p.wv))
+        q = Nx.dot(x, p.wq)
+        scores = Nx.dot(q, [2], [0], cache_k, [2], [0])
+        mask = Nx.iota({1, 1, len}, axis: 2) <= i
+        scores = Nx.select(mask, scores, Nx.Constants.neg_infinity())
+        h = Nx.dot(softmax(scores), [2], [0], cache_v, [1], [0])
+        logits = Nx.dot(h, p.out) |> Nx.squeeze(axes: [1])
+        next = Nx.argmax(logits, axis: -1) |> Nx.new_axis(1) |> Nx.as_type(Nx.type(tokens))
+        tokens = Nx.put_slice(tokens, [0, i + 1], next)
+        {tokens, cache_k, cache_v, p, i + 1}
+      end
+
+    tokens
+  end
+
+  defn fam_elementwise(a, b) do
+    {Nx.exp(a) + b, Nx.sigmoid(a) * Nx.tanh(a), Nx.atan2(a, b + 1), Nx.pow(a, 2), Nx.erf(a),
+     Nx.select(a > 0, a, b), Nx.clip(a, -0.5, 0.5), Nx.round(a * 10)}
+  end
+
+  defn fam_integer(a, b) do
+    {Nx.quotient(a, b), Nx.remainder(a, b), Nx.bitwise_and(a, b), Nx.left_shift(b, 3),
+     Nx.right_shift(a, 2), Nx.population_count(a), Nx.count_leading_zeros(b)}
+  end
+
+  defn fam_reductions(a) do
+    {Nx.sum(a, axes: [1]), Nx.reduce_max(a), Nx.mean(a, axes: [0], keep_axes: true),
+     Nx.argmax(a, axis: 1), Nx.argmin(a), Nx.cumulative_sum(a, axis: 1), Nx.sort(a, axis: 1),
+     Nx.argsort(a, axis: 0, direction: :desc), Nx.logsumexp(a, axes: [1]), Nx.all(a > -2),
+     Nx.product(a, axes: [0])}
+  end
+
+  defn fam_shape(a, i) do
+    {Nx.transpose(a), Nx.reshape(a, {2, 12}), Nx.slice(a, [1, i], [2, 3]),
+     Nx.slice(a, [i, 0], [2, 6], strides: [1, 2]),
+     Nx.put_slice(a, [i, i], Nx.tensor([[9.0, 8.0]])), Nx.pad(a, 0.0, [{1, 2, 0}, {0, 1, 1}]),
+     Nx.pad(a, 1.5, [{-1, 1, 2}, {1, -2, 0}]), Nx.reverse(a, axes: [1]),
+     Nx.concatenate([a, a], axis: 1), Nx.stack([a, a]), Nx.new_axis(a, 0),
+     Nx.slice_along_axis(a, i, 1, axis: 1)}
+  end
+
+  defn fam_indexing(a, idx, rows) do
+    {Nx.gather(a, idx), Nx.take(a, rows),
+     Nx.take_along_axis(a, Nx.tensor([[0], [1], [2], [0], [1]]), axis: 1),
+     Nx.indexed_add(a, idx, Nx.tensor([1.0, 2.0, 3.0])),
+     Nx.indexed_put(a, idx, Nx.tensor([1.0, 2.0, 3.0]))}
+  end
+
+  defn fam_dot(a, w, img, k) do
+    {Nx.dot(a, w), Nx.dot(a, [2], [0], a, [2], [0]), Nx.conv(img, k, padding: :same),
+     Nx.window_max(img, {1, 1, 2, 2}, strides: [1, 1, 2, 2]),
+     Nx.window_sum(img, {1, 1, 3, 3}, padding: :same)}
+  end
+
+  defn fam_creation(a) do
+    {a + Nx.iota({3}), Nx.eye(3) * a, a + Nx.tensor([1.0, 2.0, 3.0]),
+     Nx.broadcast(Nx.Constants.pi(), {2, 3}) + a}
+  end
+
+  defn fam_blocks(a) do
+    {Nx.top_k(a, k: 2), Nx.cumulative_max(a, axis: 1), Nx.logical_not(a > 0),
+     Nx.fft(Nx.as_type(a, {:c, 64})), Nx.LinAlg.norm(a), Nx.take(a, Nx.tensor([1, 3]))}
+  end
+
+  defn(fam_half(a), do: {Nx.exp(a), Nx.sum(a), Nx.sigmoid(a) * a})
+
+  defn(grad_softmax(x), do: grad(x, fn x -> Nx.sum(softmax(x) * Nx.iota({2, 3})) end))
+
+  defn mlp(x, p) do
+    x
+    |> Nx.dot(p.w1)
+    |> Nx.add(p.b1)
+    |> Nx.max(0)
+    |> Nx.dot(p.w2)
+    |> Nx.add(p.b2)
+    |> Nx.max(0)
+    |> Nx.dot(p.w3)
+    |> Nx.add(p.b3)
+    |> Nx.sigmoid()
+    |> Nx.dot(p.w4)
+    |> Nx.add(p.b4)
+  end
+end
+
+defmodule NxMlx.CompilerTest do
+  use ExUnit.Case, async: false
+
+  import NxMlx.TestHelpers
+  alias NxMlx.CompilerTest.Fns
+
+  @device NxMlx.TestHelpers.oracle_device()
+
+  defp mlx(t), do: Nx.backend_copy(t, {NxMlx.Backend, device: @device})
+  defp bin(t), do: Nx.backend_copy(t, Nx.BinaryBackend)
+
+  defp jit(fun, opts \\ []),
+    do: Nx.Defn.jit(fun, [compiler: NxMlx, device: @device, on_unsupported: :raise] ++ opts)
+
+  defp random(shape, type \\ {:f, 32}, seed \\ 1) do
+    Nx.with_default_backend(Nx.BinaryBackend, fn ->
+      {t, _} = Nx.Random.uniform(Nx.Random.key(seed), -1.0, 1.0, shape: shape, type: type)
+      t
+    end)
+  end
+
+  # The function jitted on NxMlx (lowered whole: on_unsupported: :raise) against the
+  # Evaluator on Nx.BinaryBackend.
+  defp assert_lowered(fun, args, opts \\ []) do
+    expected = apply(Nx.Defn.jit(fun, compiler: Nx.Defn.Evaluator), Enum.map(args, &bin_arg/1))
+    actual = apply(jit(fun), Enum.map(args, &mlx_arg/1))
+    assert_same(actual, expected, opts)
+    actual
+  end
+
+  defp bin_arg(%Nx.Tensor{} = t), do: bin(t)
+  defp bin_arg(other), do: Nx.Defn.Composite.traverse(other, &bin/1)
+  defp mlx_arg(%Nx.Tensor{} = t), do: mlx(t)
+  defp mlx_arg(other), do: Nx.Defn.Composite.traverse(other, &mlx/1)
+
+  defp assert_same(actual, expected, opts) do
+    a = Nx.Defn.Composite.flatten_list([actual])
+    e = Nx.Defn.Composite.flatten_list([expected])
+    assert length(a) == length(e)
+
+    for {a, e} <- Enum.zip(a, e) do
+      assert %NxMlx.Backend{} = a.data
+      assert a.shape == e.shape and a.type == e.type
+
+      assert Nx.to_number(
+               Nx.all_close(bin(a), e,
+                 atol: opts[:atol] || 1.0e-5,
+                 rtol: opts[:rtol] || 1.0e-5,
+                 equal_nan: true
+               )
+             ) == 1,
+             "expected #{inspect(e)}, got #{inspect(a)}"
+    end
+  end
+
+  describe "op families lower whole and agree with the Evaluator" do
+    test "element-wise, mixed types and broadcasting" do
+      a = random({3, 4})
+      b = Nx.iota({4}, type: {:s, 32})
+
+      assert_lowered(&Fns.fam_elementwise/2, [a, b])
+    end
+
+    test "integer and bitwise semantics" do
+      a = Nx.tensor([-7, 9, 13, -2_147_483_648], type: {:s, 32})
+      b = Nx.tensor([2, -4, 5, -1], type: {:s, 32})
+
+      assert_lowered(&Fns.fam_integer/2, [a, b])
+    end
+
+    test "reductions, arg-reductions, cumulative ops and sorting" do
+      a = random({4, 5})
+
+      assert_lowered(&Fns.fam_reductions/1, [a])
+    end
+
+    test "shape, slicing and padding (static and tensor starts)" do
+      a = random({4, 6})
+      i = Nx.tensor(3)
+
+      assert_lowered(&Fns.fam_shape/2, [a, i])
+    end
+
+    test "indexing: gather, take, indexed_add and indexed_put" do
+      a = random({5, 3})
+      idx = Nx.tensor([[0, 1], [4, 2], [2, 0]])
+      rows = Nx.tensor([4, 0, 2])
+
+      assert_lowered(&Fns.fam_indexing/3, [a, idx, rows])
+    end
+
+    test "dot, conv and window reductions" do
+      a = random({2, 3, 4})
+      w = random({4, 5}, {:f, 32}, 2)
+      img = random({1, 2, 6, 6}, {:f, 32}, 3)
+      k = random({3, 2, 3, 3}, {:f, 32}, 4)
+
+      assert_lowered(&Fns.fam_dot/4, [a, w, img, k], atol: 1.0e-4)
+    end
+
+    test "creation ops and constants" do
+      assert_lowered(&Fns.fam_creation/1, [random({3})])
+    end
+
+    test "blocks: native kernels and lowered default functions" do
+      a = random({4, 4})
+
+      assert_lowered(&Fns.fam_blocks/1, [a], atol: 1.0e-4)
+    end
+
+    test "f16 and bf16 math" do
+      for type <- [{:f, 16}, {:bf, 16}] do
+        a = random({8}, type)
+
+        assert_lowered(&Fns.fam_half/1, [a],
+          atol: 1.0e-2,
+          rtol: 1.0e-2
+        )
+      end
+    end
+
+    test "gradients" do
+      assert_lowered(&Fns.value_and_grad_of/1, [random({6})], atol: 1.0e-5)
+
+      assert_lowered(&Fns.grad_softmax/1, [
+        random({2, 3})
+      ])
+    end
+
+    test "vectorized inputs" do
+      x = Nx.iota({3, 4}, type: {:f, 32}) |> Nx.vectorize(:rows)
+      expected = Nx.Defn.jit(&Fns.softmax/1, compiler: Nx.Defn.Evaluator).(bin(x))
+      actual = jit(&Fns.softmax/1).(mlx(x))
+      assert actual.vectorized_axes == [rows: 3]
+      assert_same(Nx.devectorize(actual), Nx.devectorize(expected), [])
+    end
+  end
+
+  describe "control flow runs natively" do
+    test "while" do
+      assert_lowered(&Fns.count_to/2, [Nx.tensor([1.0, 2.0]), Nx.tensor(5)])
+      assert_lowered(&Fns.count_to/2, [Nx.tensor([1.0, 2.0]), Nx.tensor(0)])
+      assert_lowered(&Fns.nested_while/1, [Nx.tensor([1, 2, 3])])
+    end
+
+    test "cond takes each branch" do
+      for x <- [[5, 6], [1, 2], [-3, -4]] do
+        assert_lowered(&Fns.branches/1, [Nx.tensor(x)])
+      end
+
+      assert_lowered(&Fns.cond_in_while/1, [Nx.tensor([1.0, 2.0])])
+      assert_lowered(&Fns.tuple_cond/2, [Nx.tensor([1.0, 3.0]), Nx.tensor(1, type: {:u, 8})])
+      assert_lowered(&Fns.tuple_cond/2, [Nx.tensor([1.0, 3.0]), Nx.tensor(0, type: {:u, 8})])
+    end
+  end
+
+  describe "models lower fully (on_unsupported: :raise)" do
+    test "an encoder block" do
+      hidden = 32
+      w = fn shape, seed -> Nx.multiply(random(shape, {:f, 32}, seed), 0.2) end
+
+      p = %{
+        wq: w.({hidden, hidden}, 1),
+        bq: w.({hidden}, 2),
+        wk: w.({hidden, hidden}, 3),
+        bk: w.({hidden}, 4),
+        wv: w.({hidden, hidden}, 5),
+        bv: w.({hidden}, 6),
+        wo: w.({hidden, hidden}, 7),
+        g1: w.({hidden}, 8),
+        b1: w.({hidden}, 9),
+        w1: w.({hidden, 64}, 10),
+        w2: w.({64, hidden}, 11),
+        g2: w.({hidden}, 12),
+        b2: w.({hidden}, 13)
+      }
+
+      assert_lowered(&Fns.encoder_block/2, [random({2, 8, hidden}), p], atol: 1.0e-4)
+    end
+
+    test "a decoder with a KV cache in a while loop" do
+      hidden = 16
+      w = fn shape, seed -> random(shape, {:f, 32}, seed) end
+
+      p = %{
+        embed: w.({10, hidden}, 1),
+        wq: w.({hidden, hidden}, 2),
+        wk: w.({hidden, hidden}, 3),
+        wv: w.({hidden, hidden}, 4),
+        out: w.({hidden, 10}, 5)
+      }
+
+      tokens = Nx.tensor([[3, 0, 0, 0, 0]])
+      cache = Nx.broadcast(0.0, {1, 8, hidden})
+      out = assert_lowered(&Fns.decode/4, [tokens, cache, cache, p])
+      assert Nx.to_flat_list(out) |> hd() == 3
+    end
+
+    test "a 4-layer MLP" do
+      w = fn shape, seed -> Nx.multiply(random(shape, {:f, 32}, seed), 0.3) end
+
+      p = %{
+        w1: w.({16, 32}, 1),
+        b1: w.({32}, 2),
+        w2: w.({32, 32}, 3),
+        b2: w.({32}, 4),
+        w3: w.({32, 32}, 5),
+        b3: w.({32}, 6),
+        w4: w.({32, 4}, 7),
+        b4: w.({4}, 8)
+      }
+
+      assert_lowered(&Fns.mlp/2, [random({8, 16}), p], atol: 1.0e-4)
+    end
+  end
+
+  describe "hooks" do
+    test "a hook receives its value; a named hook can be overridden at jit time" do
+      me = self()
+      x = mlx(Nx.tensor([1, 2, 3]))
+
+      f =
+        Nx.Defn.jit(&Fns.hooked/1,
+          compiler: NxMlx,
+          on_unsupported: :raise,
+          hooks: %{double: &send(me, {:hook, &1})}
+        )
+
+      assert Nx.to_flat_list(f.(x)) == [3, 5, 7]
+      assert_receive {:hook, value}
+      assert Nx.to_flat_list(value) == [2, 4, 6]
+    end
+
+    test "a hook inside a loop runs through the Evaluator, once per iteration" do
+      me = self()
+      forward_telemetry([:nx_mlx, :compiler, :fallback])
+
+      f =
+        Nx.Defn.jit(&Fns.hook_in_loop/1, compiler: NxMlx, hooks: %{step: &send(me, {:step, &1})})
+
+      assert Nx.to_flat_list(f.(mlx(Nx.tensor([1])))) == [4]
+      assert_receive {:telemetry, _, _, %{op: :hook}}
+
+      for expected <- [2, 3, 4] do
+        assert_receive {:step, t}
+        assert Nx.to_flat_list(t) == [expected]
+      end
+    end
+  end
+
+  describe "what cannot be lowered" do
+    test "runs through the Evaluator with a telemetry event, or raises when asked" do
+      forward_telemetry([:nx_mlx, :compiler, :fallback])
+      x = mlx(Nx.tensor([1, 2, 3]))
+      f = Nx.Defn.jit(&Fns.reduce_with_fun/1, compiler: NxMlx)
+      assert Nx.to_number(f.(x)) == 6
+      assert_receive {:telemetry, [:nx_mlx, :compiler, :fallback], _, %{op: :fun}}
+
+      assert Nx.to_flat_list(Nx.Defn.jit(&Fns.runtime_double/1, compiler: NxMlx).(x)) == [3, 5, 7]
+      assert_receive {:telemetry, [:nx_mlx, :compiler, :fallback], _, %{op: :runtime_call}}
+
+      assert_raise ArgumentError, ~r/cannot be lowered whole.*function argument/, fn ->
+        jit(&Fns.reduce_with_fun/1).(x)
+      end
+    end
+  end
+
+  describe "the compile cache" do
+    test "a second call with the same templates is a hit; new shapes compile again" do
+      forward_telemetry([:nx_mlx, :compiler, :compile])
+      f = jit(&Fns.softmax/1)
+      f.(mlx(Nx.iota({2, 3}, type: {:f, 32})))
+      assert_receive {:telemetry, _, %{duration: _}, %{hit: false, ops: ops}} when ops > 0
+      f.(mlx(Nx.iota({2, 3}, type: {:f, 32})))
+      assert_receive {:telemetry, _, _, %{hit: true}}
+      f.(mlx(Nx.iota({3, 3}, type: {:f, 32})))
+      assert_receive {:telemetry, _, _, %{hit: false}}
+    end
+
+    test "Nx.Defn.compile/3 compiles once and runs without a lookup" do
+      forward_telemetry([:nx_mlx, :compiler, :compile])
+      f = Nx.Defn.compile(&Fns.softmax/1, [Nx.template({2, 2}, {:f, 32})], compiler: NxMlx)
+      out = f.(mlx(Nx.tensor([[1.0, 2.0], [3.0, 4.0]])))
+      assert_in_delta Nx.to_number(out[0][1]), 0.7310586, 1.0e-6
+      refute_receive {:telemetry, [:nx_mlx, :compiler, :compile], _, _}
+    end
+
+    test "inputs on other backends are copied onto the device" do
+      out = jit(&Fns.softmax/1).(Nx.tensor([[0.0, 0.0]], backend: Nx.BinaryBackend))
+      assert %NxMlx.Backend{} = out.data
+      assert Nx.to_flat_list(out) == [0.5, 0.5]
+    end
+  end
+
+  describe "compiler options" do
+    test "__to_backend__ and __partitions_options__" do
+      assert NxMlx.__to_backend__(device: :cpu) == {NxMlx.Backend, device: :cpu}
+      assert length(NxMlx.__partitions_options__(max_concurrency: 3)) == 3
+    end
+
+    test "options Nx.Serving, Axon and Bumblebee pass are accepted" do
+      f = jit(&Fns.softmax/1, batch_keys: [:default], cache: "x", some_axon_option: true)
+      assert Nx.shape(f.(mlx(Nx.iota({1, 2}, type: {:f, 32})))) == {1, 2}
+    end
+
+    test "bad options are refused" do
+      assert_raise ArgumentError, ~r/on_unsupported/, fn ->
+        Nx.Defn.jit(&Fns.softmax/1, compiler: NxMlx, on_unsupported: :maybe).(mlx(Nx.iota({2})))
+      end
+
+      assert_raise ArgumentError, ~r/unknown device/, fn ->
+        Nx.Defn.jit(&Fns.softmax/1, compiler: NxMlx, device: :tpu).(mlx(Nx.iota({2})))
+      end
+    end
+
+    test "a command queue runs the program" do
+      q = NxMlx.CommandQueue.new!(@device)
+      out = jit(&Fns.softmax/1, command_queue: q).(mlx(Nx.tensor([[0.0, 0.0]])))
+      assert Nx.to_flat_list(out) == [0.5, 0.5]
+    end
+  end
+
+  describe "programs given hostile input by direct NIF calls" do
+    test "are refused with errors, never a crash" do
+      w = NxMlx.Runtime.worker(@device)
+      a = mlx(Nx.tensor([1.0])).data.ref
+
+      for {code, n_in, n_regs, outs} <- [
+            {[{:op, [5], :binary, [:add, 0, 0], "x"}], 1, 2, [1]},
+            {[{:op, [1], :binary, [:add, 0, 7], "x"}], 1, 2, [1]},
+            {[{:op, [1], :nope, [], "x"}], 1, 2, [1]},
+            {[{:op, [1, 2], :unary, [:exp, 0], "x"}], 1, 3, [1]},
+            {[{:while, [0], [1], [], 0, [], []}], 1, 2, [1]},
+            {[:junk], 1, 2, [0]},
+            {:junk, 1, 2, [0]},
+            {[], 3, 2, [0]},
+            {[], 0, Bitwise.bsl(1, 40), [0]}
+          ] do
+        assert {:error, {:argument, _}} = NxMlx.Native.program_new(code, n_in, n_regs, outs)
+      end
+
+      {:ok, p} = NxMlx.Native.program_new([{:op, [2], :unary, [:exp, 1], "x"}], 1, 3, [2])
+      assert {:error, {:argument, _}} = NxMlx.Native.program_run(w, p, [])
+      assert {:async, ref} = NxMlx.Native.program_run(w, p, [a])
+      assert_receive {^ref, {:error, {:argument, message}}}
+      assert message =~ "read before it is set"
+      assert_raise ArgumentError, fn -> NxMlx.Native.program_run(w, :junk, [a]) end
+    end
+  end
+end
