@@ -155,7 +155,7 @@ defmodule NxMlx.Backend do
   (MLX has no integer matmul; smaller ones multiply and sum natively), float `remainder` (C's
   fmod), complex inputs of `pow`, `expm1`, `sigmoid`, `rsqrt`, `erf`, `erf_inv` and the
   inverse trigonometric and hyperbolic functions (no complex kernel in MLX, a different
-  answer at zero, or branch cuts other than Nx's), interior padding, negative
+  answer at zero, or branch cuts other than Nx's), negative
   window padding (window reductions and scatters), `conv` with batch groups, negative
   padding, f64, or input dilation on the GPU, and `indexed_add`/`indexed_put`/
   `window_scatter_max`/`min` of 64-bit integers on the GPU (MLX's GPU scatter has no such

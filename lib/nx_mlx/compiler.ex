@@ -33,6 +33,16 @@ defmodule NxMlx.Compiler do
   Options Nx and its libraries pass and this compiler does not use are accepted and ignored:
   `:batch_keys`, `:cache` and anything Axon forwards.
 
+  ## What runs through the Evaluator instead
+
+  Functions with any of these run whole through `Nx.Defn.Evaluator` (on NxMlx tensors, op
+  by op): `Nx.runtime_call/4`; hooks inside a `while` or `cond`; `reduce`/`window_reduce`
+  with a function of their own; and callbacks that fall back to Nx.BinaryBackend or need a
+  value on the host in `NxMlx.Backend` (see its moduledoc; e.g. integer `pow` with a
+  non-constant exponent, `triangular_solve`, float `remainder`). There is no fusion lane
+  (`mx::compile`) yet. A singular system in a compiled `solve`/`triangular_solve` fails when
+  the program runs (`NxMlx.NIFError`), where the eager call raises Nx's `ArgumentError`.
+
   ## Telemetry
 
     * `[:nx_mlx, :compiler, :compile]` - `%{duration: native_time}`, metadata `%{hit: bool,

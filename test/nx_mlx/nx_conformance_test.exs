@@ -17,7 +17,10 @@ files = ~w(
 
 # {file, line of the test} => reason
 float_exact = "asserts exact float equality; NxMlx's result differs in the last bit"
-hook_eq = "compares an unnamed hook's value (an NxMlx tensor) with == to an Nx.BinaryBackend tensor"
+
+hook_eq =
+  "compares an unnamed hook's value (an NxMlx tensor) with == to an Nx.BinaryBackend tensor"
+
 peers = "needs the peer nodes Nx's own test_helper.exs starts"
 
 excluded = %{
@@ -47,10 +50,10 @@ if nx_test && Enum.all?(files, &File.exists?(Path.join(nx_test, &1))) do
   NxMlx.ConformanceCompiler.count_fallbacks()
 
   ExUnit.after_suite(fn _ ->
-    case NxMlx.ConformanceCompiler.fallbacks() do
-      [] -> :ok
-      ops -> IO.puts("\nnx conformance: functions run through the Evaluator, by op: #{inspect(ops)}")
-    end
+    IO.puts(
+      "\nnx conformance: jitted functions run through the Evaluator (could not be lowered), " <>
+        "by op: #{inspect(NxMlx.ConformanceCompiler.fallbacks())}"
+    )
   end)
 
   for file <- files do
@@ -60,7 +63,10 @@ if nx_test && Enum.all?(files, &File.exists?(Path.join(nx_test, &1))) do
       path
       |> File.read!()
       |> String.replace("Nx.Defn.Evaluator", "NxMlx.ConformanceCompiler")
-      |> String.replace(~r/alias Nx\.Defn\.\{([^}]*)\bEvaluator\b([^}]*)\}/, "alias Nx.Defn.{\\1\\2}\n  alias NxMlx.ConformanceCompiler, as: Evaluator")
+      |> String.replace(
+        ~r/alias Nx\.Defn\.\{([^}]*)\bEvaluator\b([^}]*)\}/,
+        "alias Nx.Defn.{\\1\\2}\n  alias NxMlx.ConformanceCompiler, as: Evaluator"
+      )
       |> String.replace(~r/alias Nx\.Defn\.\{([^}]*), \}/, "alias Nx.Defn.{\\1}")
       # On the `use` line itself, so that line numbers (which some tests assert) stay.
       |> String.replace(

@@ -46,7 +46,18 @@ defmodule NxMlx.ConformanceCompiler do
 
   @doc "Starts counting fallbacks to the Evaluator by op."
   def count_fallbacks do
-    :ets.new(__MODULE__, [:named_table, :public, :set])
+    # The table outlives the process that loads the test files.
+    parent = self()
+
+    spawn(fn ->
+      :ets.new(__MODULE__, [:named_table, :public, :set])
+      send(parent, :table_ready)
+      Process.sleep(:infinity)
+    end)
+
+    receive do
+      :table_ready -> :ok
+    end
 
     :telemetry.attach(
       __MODULE__,

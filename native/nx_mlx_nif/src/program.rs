@@ -18,9 +18,9 @@
 //! Registers `0..n_inputs` hold the inputs. A register is dropped after its last read in the
 //! block that wrote it, so MLX may free (or reuse in place) what is no longer needed.
 
-use std::collections::HashSet;
 use mlx_bind::{Array, Stream};
 use rustler::{Encoder, Env, ResourceArc, Term};
+use std::collections::HashSet;
 
 use crate::build::{check_inputs, check_size};
 use crate::error::{NifError, NifResult};
