@@ -316,9 +316,9 @@ key_lines =
   end)
 
 # The compiler's lanes: `<case>_defn_vs_<reference>` (reference time over the jitted time:
-# 1.0 is parity, higher is faster), and two of its fixed costs as time ratios where lower is
-# better: `jit_call_vs_eager` (a jitted add with read-back over the eager one) and
-# `while_iter_vs_raw_mlx` (per loop iteration, ours over the loop on the binding crate).
+# 1.0 is parity, higher is faster), and `jit_call_vs_eager`, a time ratio where lower is
+# better (a jitted add with its read-back over the eager add with its read-back).
+# `while_iter_vs_raw_mlx` comes with the other rows (the binding's loop time over ours).
 defn_rows = for r <- all_rows, r.impl == "defn", into: %{}, do: {r.case, r}
 by_impl = fn impl, c -> Enum.find(all_rows, &(&1.impl == impl and &1.case == c)) end
 
