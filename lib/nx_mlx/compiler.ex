@@ -28,7 +28,8 @@ defmodule NxMlx.Compiler do
       through `Nx.Defn.Evaluator` on NxMlx tensors, after a
       `[:nx_mlx, :compiler, :fallback]` telemetry event with `%{op: op, reason: text}`;
       `:raise` raises an `ArgumentError` naming the op (for tests and CI).
-    * `:max_concurrency` - the number of `Nx.Serving` partitions (default 1).
+    * `:max_concurrency` - the number of `Nx.Serving` partitions (default 1); each partition
+      gets a command queue of its own (the same one every time for partition i of a device).
 
   Options Nx and its libraries pass and this compiler does not use are accepted and ignored:
   `:batch_keys`, `:cache` and anything Axon forwards.
@@ -101,9 +102,53 @@ defmodule NxMlx.Compiler do
     fn args_list -> run(compiled, args_list, opts) end
   end
 
+  # One command queue per partition (a worker thread and MLX stream each), so that
+  # Nx.Serving's partitions run their batches concurrently. Partition i of a device always
+  # gets the same queue: MLX never stops a stream's thread, so queues are made once per VM.
   @doc false
   def __partitions_options__(opts) do
-    List.duplicate(opts, Keyword.get(opts, :max_concurrency, 1))
+    n = Keyword.get(opts, :max_concurrency, 1)
+
+    if not (is_integer(n) and n >= 1) do
+      raise ArgumentError, "NxMlx: :max_concurrency must be a positive integer, got #{inspect(n)}"
+    end
+
+    case Keyword.get(opts, :command_queue) do
+      nil ->
+        device = device(opts)
+        for i <- 0..(n - 1), do: Keyword.put(opts, :command_queue, partition_queue(device, i))
+
+      _queue ->
+        List.duplicate(opts, n)
+    end
+  end
+
+  @doc false
+  # The partition queues made so far (they live as long as the VM).
+  def __partition_queues__ do
+    for {{__MODULE__, :partition_queue, _, _}, queue} <- :persistent_term.get(), do: queue
+  end
+
+  defp partition_queue(device, i) do
+    key = {__MODULE__, :partition_queue, device, i}
+
+    case :persistent_term.get(key, nil) do
+      nil ->
+        :global.trans({key, self()}, fn ->
+          case :persistent_term.get(key, nil) do
+            nil ->
+              queue = CommandQueue.new!(device)
+              :persistent_term.put(key, queue)
+              queue
+
+            queue ->
+              queue
+          end
+        end)
+
+      queue ->
+        queue
+    end
   end
 
   @doc false

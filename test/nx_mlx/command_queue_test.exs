@@ -247,8 +247,8 @@ defmodule NxMlx.CommandQueueTest do
       parent = self()
       forward_telemetry([:nx_mlx, :queue, :stop])
       # Queues of earlier tests are gone once their processes are collected: only the
-      # default queues (one per device) stay.
-      defaults = length(NxMlx.devices())
+      # default queues (one per device) and the compiler's partition queues stay.
+      defaults = length(NxMlx.devices()) + length(NxMlx.Compiler.__partition_queues__())
       assert eventually(fn -> Native.live_workers() == defaults end)
       live_before = defaults
 

@@ -501,7 +501,15 @@ defmodule NxMlx.CompilerTest do
   describe "compiler options" do
     test "__to_backend__ and __partitions_options__" do
       assert NxMlx.__to_backend__(device: :cpu) == {NxMlx.Backend, device: :cpu}
-      assert length(NxMlx.__partitions_options__(max_concurrency: 3)) == 3
+      parts = NxMlx.__partitions_options__(max_concurrency: 3, device: @device)
+      queues = Enum.map(parts, & &1[:command_queue])
+      assert length(Enum.uniq(queues)) == 3
+      assert Enum.all?(queues, &match?(%NxMlx.CommandQueue{device: @device}, &1))
+      # Partition i keeps its queue.
+      assert Enum.map(
+               NxMlx.__partitions_options__(max_concurrency: 3, device: @device),
+               & &1[:command_queue]
+             ) == queues
     end
 
     test "options Nx.Serving, Axon and Bumblebee pass are accepted" do
@@ -517,6 +525,22 @@ defmodule NxMlx.CompilerTest do
       assert_raise ArgumentError, ~r/unknown device/, fn ->
         Nx.Defn.jit(&Fns.softmax/1, compiler: NxMlx, device: :tpu).(mlx(Nx.iota({2})))
       end
+    end
+
+    test "Nx.Serving with partitions runs batches through the compiler" do
+      serving =
+        Nx.Serving.jit(&Fns.softmax/1, compiler: NxMlx, device: @device, max_concurrency: 2)
+        |> Nx.Serving.process_options(batch_size: 2)
+
+      name = :"nx_mlx_serving_#{System.unique_integer([:positive])}"
+
+      start_supervised!(
+        {Nx.Serving, serving: serving, name: name, batch_timeout: 10, partitions: true}
+      )
+
+      batch = Nx.Batch.stack([Nx.tensor([0.0, 0.0]), Nx.tensor([1.0, 1.0])])
+      out = Nx.Serving.batched_run(name, batch)
+      assert Nx.to_flat_list(out) == [0.5, 0.5, 0.5, 0.5]
     end
 
     test "a command queue runs the program" do
