@@ -23,8 +23,8 @@ defmodule NxMlx.Compiler do
     * `:hooks` - a map of named hooks overriding those in the expression, as for
       `Nx.Defn.Evaluator`.
     * `:on_unsupported` - what to do with a function that cannot be lowered whole (a
-      callback that falls back to `Nx.BinaryBackend`, a value needed on the host, a hook
-      inside a loop, `Nx.runtime_call/4`): `:evaluate` (default) runs the whole function
+      callback that falls back to `Nx.BinaryBackend`, a value needed on the host,
+      `Nx.runtime_call/4`): `:evaluate` (default) runs the whole function
       through `Nx.Defn.Evaluator` on NxMlx tensors, after a
       `[:nx_mlx, :compiler, :fallback]` telemetry event with `%{op: op, reason: text}`;
       `:raise` raises an `ArgumentError` naming the op (for tests and CI).
@@ -36,8 +36,12 @@ defmodule NxMlx.Compiler do
 
   ## What runs through the Evaluator instead
 
+  Hooks run natively anywhere (inside loops per iteration, inside branches when taken): the
+  worker sends the hooked value to the calling process when the program reaches it, and the
+  callback runs there while the program goes on (a callback may use NxMlx itself).
+
   Functions with any of these run whole through `Nx.Defn.Evaluator` (on NxMlx tensors, op
-  by op): `Nx.runtime_call/4`; hooks inside a `while` or `cond`; `reduce`/`window_reduce`
+  by op): `Nx.runtime_call/4`; `reduce`/`window_reduce`
   with a function of their own; and callbacks that fall back to Nx.BinaryBackend or need a
   value on the host in `NxMlx.Backend` (see its moduledoc; e.g. integer `pow` with a
   non-constant exponent, `triangular_solve`, float `remainder`). There is no fusion lane
@@ -51,7 +55,7 @@ defmodule NxMlx.Compiler do
     * `[:nx_mlx, :compiler, :fallback]` - see `:on_unsupported`.
   """
 
-  alias Nx.Defn.{Composite, Expr}
+  alias Nx.Defn.{Composite, Expr, Tree}
   alias Nx.Tensor, as: T
   alias NxMlx.Compiler.{Cache, Recorder}
   alias NxMlx.Compiler.Recorder.NotLowerable
@@ -268,23 +272,14 @@ defmodule NxMlx.Compiler do
         |> Enum.map(fn {%T{} = p, i} -> reg_tensor(Nx.devectorize(p), i, device) end)
         |> List.to_tuple()
 
-      scope = %{memo: %{}, params: param_values, device: device, hooks: [], top: true}
-      {result, scope} = Composite.traverse(expr, scope, &lower_node/2)
-      result_regs = Enum.map(Composite.flatten_list([result]), &reg!/1)
-      hooks = Enum.reverse(scope.hooks)
-
-      hook_regs =
-        Enum.flat_map(hooks, fn {_spec, value} ->
-          Enum.map(Composite.flatten_list([value]), &reg!/1)
-        end)
-
-      {const_code, code, n_regs} = Recorder.stop()
+      scope = %{memo: %{}, params: param_values, device: device, ids: Tree.scope_ids(expr)}
+      {result, _scope} = Composite.traverse(expr, scope, &lower_node/2)
+      outputs = Enum.map(Composite.flatten_list([result]), &reg!/1)
+      {const_code, code, n_regs, hooks} = Recorder.stop()
 
       Enum.each(const_code, fn {:const, _r, ref} ->
         Runtime.call(:eval, [ref], fn -> "NxMlx compiler: constant" end)
       end)
-
-      outputs = result_regs ++ hook_regs
 
       program =
         Runtime.call(:program_new, [const_code ++ code, n_inputs, n_regs, outputs], fn ->
@@ -298,8 +293,7 @@ defmodule NxMlx.Compiler do
         program: program,
         device: device,
         output: output,
-        n_results: length(result_regs),
-        hooks: Enum.map(hooks, fn {spec, value} -> {spec, Nx.to_template(value)} end),
+        hooks: List.to_tuple(hooks),
         ops: ops
       }
     after
@@ -374,7 +368,7 @@ defmodule NxMlx.Compiler do
       Enum.zip_with(arg_templates, state_regs, &reg_tensor(&1, &2, scope.device))
       |> List.to_tuple()
 
-    inner = %{scope | memo: %{}, params: state_values, top: false, hooks: []}
+    inner = %{scope | memo: %{}, params: state_values, ids: Tree.scope_ids({condition, body})}
 
     Recorder.push_block()
     {pred, _} = lower_node(condition, inner)
@@ -395,19 +389,27 @@ defmodule NxMlx.Compiler do
   end
 
   defp lower_op(:cond, [clauses, last], _t, scope) do
-    inner = %{scope | top: false}
+    # What the branches read from this scope (nodes also used outside the cond, or in
+    # several conds) is computed here first, once: a hook among them must not run per
+    # branch, nor an expensive node twice.
+    {_, found} =
+      Enum.reduce([last | Enum.flat_map(clauses, &Tuple.to_list/1)], {%{}, []}, fn expr, acc ->
+        Composite.reduce(expr, acc, &parent_node(&1, scope.ids, &2))
+      end)
+
+    {_, scope} = Enum.map_reduce(Enum.reverse(found), scope, &lower_node/2)
 
     lowered =
       Enum.map(clauses, fn {pred, body} ->
         Recorder.push_block()
-        {pred, _} = lower_node(pred, inner)
+        {pred, _} = lower_node(pred, %{scope | ids: Tree.scope_ids(pred, scope.ids)})
         pred_reg = reg!(truth(pred))
         pred_code = Recorder.pop_block()
-        {code, results, _} = lower_branch(body, inner)
+        {code, results, _} = lower_branch(body, scope)
         {pred_code, pred_reg, code, results}
       end)
 
-    {last_code, last_results, template} = lower_branch(last, inner)
+    {last_code, last_results, template} = lower_branch(last, scope)
     outs = Enum.map(last_results, fn _ -> Recorder.new_reg() end)
     Recorder.emit({:cond, lowered, last_code, last_results, outs})
 
@@ -439,28 +441,29 @@ defmodule NxMlx.Compiler do
     catch
       :throw, {:nx_mlx_default_block, ^ref} ->
         {params, _opts} = Enum.split_while(in_values, &(not is_list(&1)))
-        inner = %{scope | memo: %{}, params: List.to_tuple(params)}
-        {value, inner} = Composite.traverse(expr, inner, &lower_node/2)
-        {value, %{scope | hooks: inner.hooks}}
+        inner = %{scope | memo: %{}, params: List.to_tuple(params), ids: Tree.scope_ids(expr)}
+        {value, _inner} = Composite.traverse(expr, inner, &lower_node/2)
+        {value, scope}
     end
   end
 
+  # The worker sends the hooked value when the program reaches it (in loops, per iteration;
+  # in branches, only when taken); the caller runs the callback (see run_one/4).
   defp lower_op(:hook, [tensor_expr, spec, template, _ref], _t, scope) do
-    if not scope.top do
-      raise NotLowerable, op: :hook, message: "a hook inside a while loop or a cond branch"
-    end
-
     {value, scope} = Composite.traverse(tensor_expr, scope, &lower_node/2)
 
-    scope =
+    {spec, hooked, scope} =
       case spec do
         {:token_hook, hooked_expr, inner_spec} ->
           {hooked, scope} = Composite.traverse(hooked_expr, scope, &lower_node/2)
-          %{scope | hooks: [{inner_spec, hooked} | scope.hooks]}
+          {inner_spec, hooked, scope}
 
         spec ->
-          %{scope | hooks: [{spec, value} | scope.hooks]}
+          {spec, value, scope}
       end
+
+    regs = Enum.map(Composite.flatten_list([hooked]), &reg!/1)
+    Recorder.hook(regs, {spec, Composite.traverse(hooked, &Nx.to_template/1)})
 
     result =
       case template do
@@ -499,8 +502,29 @@ defmodule NxMlx.Compiler do
     end
   end
 
+  # The nodes of a cond's branch that belong to the enclosing scope (`ids`), in the order
+  # met, without going into them.
+  defp parent_node(%T{data: %Expr{id: id, op: op}} = t, ids, {seen, found} = acc) do
+    cond do
+      is_map_key(seen, id) or op == :constant ->
+        acc
+
+      is_map_key(ids, id) ->
+        {Map.put(seen, id, true), [t | found]}
+
+      true ->
+        {_, acc} =
+          Tree.apply_args(t, :scope, {Map.put(seen, id, true), found}, fn arg, acc ->
+            {arg, parent_node(arg, ids, acc)}
+          end)
+
+        acc
+    end
+  end
+
   # A branch (of a cond) in a block of its own: `{code, result_registers, template}`.
   defp lower_branch(body, scope) do
+    scope = %{scope | ids: Tree.scope_ids(body, scope.ids)}
     Recorder.push_block()
     {value, _} = Composite.traverse(body, scope, &lower_node/2)
     results = Enum.map(Composite.flatten_list([value]), &reg!/1)
@@ -547,7 +571,7 @@ defmodule NxMlx.Compiler do
   end
 
   defp run_one(compiled, params, worker, opts) do
-    %{program: program, device: device, output: {structure, output}, n_results: n} = compiled
+    %{program: program, device: device, output: {structure, output}} = compiled
 
     inputs =
       Enum.map(params, fn fun ->
@@ -558,15 +582,11 @@ defmodule NxMlx.Compiler do
       end)
 
     Runtime.before_eval()
-
-    arrays =
-      Runtime.call(:program_run, [worker, program, inputs], fn -> "NxMlx compiled function" end)
-
-    {results, hook_arrays} = Enum.split(arrays, n)
-    run_hooks(compiled.hooks, hook_arrays, device, Keyword.get(opts, :hooks, %{}))
+    hooks = {compiled.hooks, Keyword.get(opts, :hooks, %{}), device}
+    arrays = program_run(worker, program, inputs, hooks)
 
     {result, {[], []}} =
-      Composite.traverse(structure, {output, results}, fn _, {[template | ts], [ref | rest]} ->
+      Composite.traverse(structure, {output, arrays}, fn _, {[template | ts], [ref | rest]} ->
         {_, bits} = template.type
         Runtime.count_result(div(Nx.size(template) * bits, 8))
         {%{template | data: %NxMlx.Backend{ref: ref, device: device}}, {ts, rest}}
@@ -575,25 +595,49 @@ defmodule NxMlx.Compiler do
     result
   end
 
-  defp run_hooks(hooks, arrays, device, overrides) do
-    Enum.reduce(hooks, arrays, fn {spec, template}, arrays ->
-      leaves = Composite.flatten_list([template])
-      {mine, rest} = Enum.split(arrays, length(leaves))
+  defp program_run(worker, program, inputs, hooks) do
+    tag = System.unique_integer([:positive])
+    describe = fn -> "NxMlx compiled function" end
 
-      {value, []} =
-        Composite.traverse(template, mine, fn %T{} = t, [ref | more] ->
-          {%{t | data: %NxMlx.Backend{ref: ref, device: device}}, more}
-        end)
+    case NxMlx.Native.program_run(worker, program, inputs, tag) do
+      {:async, ref} ->
+        await_program(ref, tag, hooks, describe)
 
-      case resolve_hook(spec, overrides) do
-        nil -> :ok
-        fun -> fun.(value)
-      end
+      {:error, {:foreign, arrays}} ->
+        Enum.each(arrays, &Runtime.call(:eval, [&1], describe))
+        program_run(worker, program, inputs, hooks)
 
-      rest
-    end)
+      {:error, {:busy, _}} ->
+        Process.sleep(1)
+        program_run(worker, program, inputs, hooks)
 
-    :ok
+      {:error, _} = error ->
+        Runtime.await_reply(error, describe)
+    end
+  end
+
+  # Hook messages come before the program's reply; each callback runs here, in the caller's
+  # process, while the worker goes on.
+  defp await_program(ref, tag, {specs, overrides, device} = hooks, describe) do
+    receive do
+      {:nx_mlx_hook, ^tag, id, arrays} ->
+        {spec, template} = elem(specs, id)
+
+        {value, []} =
+          Composite.traverse(template, arrays, fn %T{} = t, [array | more] ->
+            {%{t | data: %NxMlx.Backend{ref: array, device: device}}, more}
+          end)
+
+        case resolve_hook(spec, overrides) do
+          nil -> :ok
+          fun -> fun.(value)
+        end
+
+        await_program(ref, tag, hooks, describe)
+
+      {^ref, reply} ->
+        Runtime.await_reply(reply, describe)
+    end
   end
 
   defp resolve_hook({:fn, fun}, _hooks), do: fun

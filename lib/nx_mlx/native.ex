@@ -71,7 +71,7 @@ defmodule NxMlx.Native do
 
   # Programs (see native/nx_mlx_nif/src/program.rs and NxMlx.Compiler)
   def program_new(_code, _n_inputs, _n_regs, _outputs), do: nif_error()
-  def program_run(_worker, _program, _inputs), do: nif_error()
+  def program_run(_worker, _program, _inputs, _tag), do: nif_error()
   def program_info(_program), do: nif_error()
 
   # The ops by name, each `name(worker, args...)`, as `op/3` calls.

@@ -129,6 +129,10 @@ defmodule NxMlx.Runtime do
       end
   end
 
+  @doc "The value of a worker's reply, or the exception it stands for."
+  def await_reply({:ok, value}, _describe), do: value
+  def await_reply({:error, reason}, describe), do: raise_error(reason, describe)
+
   @doc "Waits for the reply tagged `ref`."
   def await(ref, describe) do
     receive do

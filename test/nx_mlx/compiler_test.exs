@@ -64,6 +64,14 @@ defmodule NxMlx.CompilerTest.Fns do
     out
   end
 
+  defn hook_in_branch(x) do
+    if Nx.sum(x) > 0 do
+      hook(x * 10, :taken)
+    else
+      x - 1
+    end
+  end
+
   defn(reduce_with_fun(x), do: Nx.reduce(x, 0, fn a, b -> a + b end))
 
   defn runtime_double(x) do
@@ -437,20 +445,43 @@ defmodule NxMlx.CompilerTest do
       assert Nx.to_flat_list(value) == [2, 4, 6]
     end
 
-    test "a hook inside a loop runs through the Evaluator, once per iteration" do
+    test "a hook inside a loop runs natively, once per iteration, in order" do
       me = self()
-      forward_telemetry([:nx_mlx, :compiler, :fallback])
 
       f =
-        Nx.Defn.jit(&Fns.hook_in_loop/1, compiler: NxMlx, hooks: %{step: &send(me, {:step, &1})})
+        Nx.Defn.jit(&Fns.hook_in_loop/1,
+          compiler: NxMlx,
+          on_unsupported: :raise,
+          hooks: %{step: &send(me, {:step, &1})}
+        )
 
       assert Nx.to_flat_list(f.(mlx(Nx.tensor([1])))) == [4]
-      assert_receive {:telemetry, _, _, %{op: :hook}}
 
       for expected <- [2, 3, 4] do
-        assert_receive {:step, t}
+        assert_received {:step, t}
+        assert %NxMlx.Backend{} = t.data
         assert Nx.to_flat_list(t) == [expected]
       end
+
+      refute_received {:step, _}
+    end
+
+    test "a hook in a branch runs only when the branch is taken" do
+      me = self()
+      f = jit(&Fns.hook_in_branch/1, hooks: %{taken: &send(me, {:taken, &1})})
+      assert Nx.to_flat_list(f.(mlx(Nx.tensor([5])))) == [50]
+      assert_received {:taken, t}
+      assert Nx.to_flat_list(t) == [50]
+      assert Nx.to_flat_list(f.(mlx(Nx.tensor([-5])))) == [-6]
+      refute_received {:taken, _}
+    end
+
+    test "a hook callback may use NxMlx itself" do
+      me = self()
+      hook = fn t -> send(me, {:sum, Nx.to_number(Nx.sum(Nx.multiply(t, 2)))}) end
+      f = Nx.Defn.jit(&Fns.hook_in_loop/1, compiler: NxMlx, hooks: %{step: hook})
+      assert Nx.to_flat_list(f.(mlx(Nx.tensor([1])))) == [4]
+      for s <- [4, 6, 8], do: assert_received({:sum, ^s})
     end
   end
 
@@ -570,11 +601,12 @@ defmodule NxMlx.CompilerTest do
       end
 
       {:ok, p} = NxMlx.Native.program_new([{:op, [2], :unary, [:exp, 1], "x"}], 1, 3, [2])
-      assert {:error, {:argument, _}} = NxMlx.Native.program_run(w, p, [])
-      assert {:async, ref} = NxMlx.Native.program_run(w, p, [a])
+      assert {:error, {:argument, _}} = NxMlx.Native.program_run(w, p, [], 1)
+      assert {:async, ref} = NxMlx.Native.program_run(w, p, [a], 1)
       assert_receive {^ref, {:error, {:argument, message}}}
       assert message =~ "read before it is set"
-      assert_raise ArgumentError, fn -> NxMlx.Native.program_run(w, :junk, [a]) end
+      assert_raise ArgumentError, fn -> NxMlx.Native.program_run(w, :junk, [a], 1) end
+      assert {:error, {:argument, _}} = NxMlx.Native.program_new([{:hook, -1, [0]}], 1, 1, [0])
     end
   end
 end

@@ -21,14 +21,30 @@ defmodule NxMlx.Compiler.Recorder do
 
   @doc "Starts recording a program whose first `n_inputs` registers are its inputs."
   def start(n_inputs) do
-    Process.put(@key, %{next: n_inputs, blocks: [[]], consts: %{}, const_code: [], force: false})
+    Process.put(@key, %{
+      next: n_inputs,
+      blocks: [[]],
+      consts: %{},
+      const_code: [],
+      force: false,
+      hooks: []
+    })
+
     :ok
   end
 
-  @doc "Stops recording: `{constant_code, code, n_regs}`, code in order."
+  @doc "Stops recording: `{constant_code, code, n_regs, hooks}`, code and hooks in order."
   def stop do
-    %{blocks: [code], const_code: consts, next: n} = Process.delete(@key)
-    {Enum.reverse(consts), Enum.reverse(code), n}
+    %{blocks: [code], const_code: consts, next: n, hooks: hooks} = Process.delete(@key)
+    {Enum.reverse(consts), Enum.reverse(code), n, Enum.reverse(hooks)}
+  end
+
+  @doc "Records a hook instruction on `regs`; `hook` is what the caller needs to run it."
+  def hook(regs, hook) do
+    %{hooks: hooks} = state = Process.get(@key)
+    id = length(hooks)
+    Process.put(@key, %{state | hooks: [hook | hooks]})
+    emit({:hook, id, regs})
   end
 
   def abort, do: Process.delete(@key)

@@ -15,6 +15,10 @@
 //!   results}`; the first clause whose `pred` is non-zero runs its `code` (else `last`), and
 //!   its results are copied into `outs`. Only the taken branch runs.
 //!
+//! - `{:hook, id, regs}`: evaluates `regs` and sends `{:nx_mlx_hook, tag, id, [array, ...]}`
+//!   to the calling process (`tag` is `program_run`'s), then goes on: the callback runs in
+//!   the caller's process while the program continues (hooks inside loops run per iteration).
+//!
 //! Registers `0..n_inputs` hold the inputs. A register is dropped after its last read in the
 //! block that wrote it, so MLX may free (or reuse in place) what is no longer needed.
 
@@ -30,7 +34,7 @@ use crate::submit::submit;
 use crate::worker::{eval_spin_budget, SpinToken};
 
 mod atoms {
-    rustler::atoms! { op, r#const = "const", r#while = "while", cond }
+    rustler::atoms! { op, r#const = "const", r#while = "while", cond, hook, nx_mlx_hook }
 }
 
 enum Instr {
@@ -57,6 +61,10 @@ enum Instr {
         last: Block,
         last_results: Vec<usize>,
         outs: Vec<usize>,
+    },
+    Hook {
+        id: u64,
+        regs: Vec<usize>,
     },
 }
 
@@ -207,6 +215,10 @@ impl Decoder {
                 last_results,
                 outs,
             })
+        } else if *tag == atoms::hook().encode(term.get_env()) && parts.len() == 3 {
+            let id: u64 = parts[1].decode().map_err(|_| bad())?;
+            let regs = self.regs(parts[2])?;
+            Ok(Instr::Hook { id, regs })
         } else {
             Err(bad())
         }
@@ -240,6 +252,7 @@ fn reads(instr: &Instr, out: &mut Vec<usize>) {
             block_reads(last, out);
             out.extend(last_results);
         }
+        Instr::Hook { regs, .. } => out.extend(regs),
     }
 }
 
@@ -250,6 +263,7 @@ fn writes(instr: &Instr, out: &mut Vec<usize>) {
         Instr::Const { out: o, .. } => out.push(*o),
         Instr::While { state, .. } => out.extend(state),
         Instr::Cond { outs, .. } => out.extend(outs),
+        Instr::Hook { .. } => {}
     }
 }
 
@@ -330,14 +344,16 @@ fn program_info(program: ResourceArc<ProgramRes>) -> (usize, usize, usize) {
     (program.n_inputs, program.n_regs, program.ops)
 }
 
-/// `program_run(worker, program, inputs)`: replays the program on `worker` with `inputs`,
-/// replying `{:async, ref}` then `{ref, {:ok, [array, ...]}}` with the evaluated outputs.
+/// `program_run(worker, program, inputs, tag)`: replays the program on `worker` with `inputs`,
+/// replying `{:async, ref}` then `{ref, {:ok, [array, ...]}}` with the evaluated outputs
+/// (hook messages, tagged `tag`, come before the reply).
 #[rustler::nif]
 fn program_run<'a>(
     env: Env<'a>,
     worker: ResourceArc<WorkerRes>,
     program: ResourceArc<ProgramRes>,
     inputs: Vec<ResourceArc<ArrayRes>>,
+    tag: u64,
 ) -> Term<'a> {
     if inputs.len() != program.n_inputs {
         return NifError::Argument(format!(
@@ -354,13 +370,20 @@ fn program_run<'a>(
     }
     let born = w.epoch();
     let w_job = w.clone();
+    let pid = env.pid();
     submit(env, &w, move |env, ctx| {
+        let run = Run {
+            pid,
+            tag,
+            worker: &w_job,
+            worker_id: ctx.worker_id,
+        };
         let mut regs: Vec<Option<Array>> = vec![None; program.n_regs];
         for (i, a) in inputs.iter().enumerate() {
             regs[i] = Some(a.array().clone());
         }
         drop(inputs);
-        run_block(&program.main, &mut regs, &ctx.stream)?;
+        run_block(&program.main, &mut regs, &ctx.stream, &run)?;
         let outputs: Vec<Array> = program
             .outputs
             .iter()
@@ -391,7 +414,15 @@ fn get(regs: &[Option<Array>], r: usize) -> NifResult<&Array> {
     })
 }
 
-fn run_block(block: &Block, regs: &mut [Option<Array>], s: &Stream) -> NifResult<()> {
+/// Where hook messages go.
+struct Run<'w> {
+    pid: rustler::LocalPid,
+    tag: u64,
+    worker: &'w std::sync::Arc<crate::worker::Worker>,
+    worker_id: u64,
+}
+
+fn run_block(block: &Block, regs: &mut [Option<Array>], s: &Stream, run: &Run) -> NifResult<()> {
     for (instr, free) in block.code.iter().zip(&block.free) {
         match instr {
             Instr::Op {
@@ -428,7 +459,7 @@ fn run_block(block: &Block, regs: &mut [Option<Array>], s: &Stream) -> NifResult
                     regs[r] = Some(a);
                 }
                 loop {
-                    run_block(cond, regs, s)?;
+                    run_block(cond, regs, s, run)?;
                     let go = {
                         let mut eval: Vec<&Array> = vec![get(regs, *pred)?];
                         for &r in state {
@@ -439,7 +470,7 @@ fn run_block(block: &Block, regs: &mut [Option<Array>], s: &Stream) -> NifResult
                     if !go {
                         break;
                     }
-                    run_block(body, regs, s)?;
+                    run_block(body, regs, s, run)?;
                     let values: Vec<Array> = next
                         .iter()
                         .map(|&r| get(regs, r).cloned())
@@ -460,7 +491,7 @@ fn run_block(block: &Block, regs: &mut [Option<Array>], s: &Stream) -> NifResult
             } => {
                 let mut chosen = None;
                 for (pred_code, pred, code, results) in clauses {
-                    run_block(pred_code, regs, s)?;
+                    run_block(pred_code, regs, s, run)?;
                     let go = truth(&[get(regs, *pred)?], s)?;
                     if go {
                         chosen = Some((code, results));
@@ -468,7 +499,7 @@ fn run_block(block: &Block, regs: &mut [Option<Array>], s: &Stream) -> NifResult
                     }
                 }
                 let (code, results) = chosen.unwrap_or((last, last_results));
-                run_block(code, regs, s)?;
+                run_block(code, regs, s, run)?;
                 let values: Vec<Array> = results
                     .iter()
                     .map(|&r| get(regs, r).cloned())
@@ -476,6 +507,27 @@ fn run_block(block: &Block, regs: &mut [Option<Array>], s: &Stream) -> NifResult
                 for (&r, a) in outs.iter().zip(values) {
                     regs[r] = Some(a);
                 }
+            }
+            Instr::Hook { id, regs: hooked } => {
+                let values: Vec<Array> = hooked
+                    .iter()
+                    .map(|&r| get(regs, r).cloned())
+                    .collect::<NifResult<_>>()?;
+                let refs: Vec<&Array> = values.iter().collect();
+                mlx_bind::async_eval_all(&refs)?;
+                mlx_bind::wait_all(&refs)?;
+                let arrays: Vec<ResourceArc<ArrayRes>> = values
+                    .into_iter()
+                    .map(|a| {
+                        let r = ArrayRes::ready(a, run.worker.clone());
+                        r.mark_evaluated(run.worker_id);
+                        r
+                    })
+                    .collect();
+                let mut owned = rustler::env::OwnedEnv::new();
+                let _ = owned.send_and_clear(&run.pid, |env| {
+                    (atoms::nx_mlx_hook(), run.tag, *id, arrays).encode(env)
+                });
             }
         }
         for &r in free {
