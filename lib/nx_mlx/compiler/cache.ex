@@ -15,11 +15,9 @@ defmodule NxMlx.Compiler.Cache do
 
   def start_link(_), do: GenServer.start_link(__MODULE__, [], name: __MODULE__)
 
+  # Only the value is copied out (the key, with every input template, stays in the table).
   def get(key) do
-    case :ets.lookup(@table, key) do
-      [{^key, _stamp, compiled}] -> {:ok, compiled}
-      [] -> :error
-    end
+    {:ok, :ets.lookup_element(@table, key, 3)}
   rescue
     ArgumentError -> :error
   end
