@@ -275,31 +275,175 @@ defmodule NxMlx.Compiler do
       scope = %{memo: %{}, params: param_values, device: device, ids: Tree.scope_ids(expr)}
       {result, _scope} = Composite.traverse(expr, scope, &lower_node/2)
       outputs = Enum.map(Composite.flatten_list([result]), &reg!/1)
-      {const_code, code, n_regs, hooks} = Recorder.stop()
+      {const_code, code, _n_regs, hooks} = Recorder.stop()
 
       Enum.each(const_code, fn {:const, _r, ref} ->
         Runtime.call(:eval, [ref], fn -> "NxMlx compiler: constant" end)
       end)
 
-      program =
-        Runtime.call(:program_new, [const_code ++ code, n_inputs, n_regs, outputs], fn ->
-          "NxMlx compiler"
-        end)
-
-      {_, _, ops} = NxMlx.Native.program_info(program)
+      steps = segments(const_code, code, outputs)
 
       %{
         kind: :program,
-        program: program,
+        steps: steps,
+        inputs: Enum.to_list(0..(n_inputs - 1)//1),
+        outputs: outputs,
         device: device,
         output: output,
         hooks: List.to_tuple(hooks),
-        ops: ops
+        ops: Enum.sum(for {:native, p, _, _} <- steps, do: elem(NxMlx.Native.program_info(p), 2))
       }
     after
       Recorder.abort()
     end
   end
+
+  ## Programs: the recorded code, split at host calls, each part numbered on its own
+
+  # `[{:native, program, input_registers, output_registers} | {:host, id, in, out}]` in
+  # order. Registers are global while recording; each native part gets its inputs first.
+  defp segments(const_code, code, outputs) do
+    consts = Map.new(const_code, fn {:const, r, _} = c -> {r, c} end)
+
+    # A result that is a constant no instruction reads is made by a part of its own.
+    code =
+      case Enum.filter(outputs, &Map.has_key?(consts, &1)) -- Enum.to_list(block_reads(code)) do
+        [] -> code
+        loose -> code ++ [{:host_free_consts, loose}]
+      end
+
+    parts =
+      code
+      |> Enum.chunk_while(
+        [],
+        fn
+          {:host, _, _, _} = h, acc -> {:cont, Enum.reverse(acc), [h]}
+          instr, [{:host, _, _, _} = h] -> {:cont, [h], [instr]}
+          instr, acc -> {:cont, [instr | acc]}
+        end,
+        fn acc -> {:cont, Enum.reverse(acc), []} end
+      )
+      |> Enum.reject(&(&1 == []))
+
+    # What each later part (and the result) reads, to know what a part must hand on.
+    later_reads =
+      parts
+      |> Enum.reverse()
+      |> Enum.scan(MapSet.new(outputs), fn part, acc -> MapSet.union(acc, block_reads(part)) end)
+      |> Enum.reverse()
+      |> Enum.drop(1)
+      |> Kernel.++([MapSet.new(outputs)])
+
+    Enum.zip_with(parts, later_reads, fn
+      [{:host, id, ins, outs}], _ ->
+        {:host, id, ins, outs}
+
+      part, needed_later ->
+        written = block_writes(part)
+        used_consts = for r <- block_reads(part), Map.has_key?(consts, r), do: r
+
+        inputs =
+          MapSet.difference(block_reads(part), MapSet.union(written, MapSet.new(used_consts)))
+
+        inputs = Enum.sort(inputs)
+        outs = needed_later |> MapSet.intersection(written) |> Enum.sort()
+        # Results that are inputs or constants of this part pass through it.
+        passed =
+          needed_later |> MapSet.intersection(MapSet.new(inputs ++ used_consts)) |> Enum.sort()
+
+        outs = outs ++ passed
+        locals = Enum.sort(MapSet.union(written, MapSet.new(used_consts)))
+        numbers = Map.new(Enum.with_index(inputs ++ (locals -- inputs)))
+
+        body =
+          Enum.map(used_consts, &Map.fetch!(consts, &1)) ++
+            Enum.reject(part, &match?({:host_free_consts, _}, &1))
+
+        code = Enum.map(body, &encode(&1, numbers))
+
+        program =
+          Runtime.call(
+            :program_new,
+            [code, length(inputs), map_size(numbers), Enum.map(outs, &Map.fetch!(numbers, &1))],
+            fn -> "NxMlx compiler" end
+          )
+
+        {:native, program, inputs, outs}
+    end)
+  end
+
+  defp block_reads(code), do: Enum.reduce(code, MapSet.new(), &MapSet.union(reads(&1), &2))
+  defp block_writes(code), do: Enum.reduce(code, MapSet.new(), &MapSet.union(writes(&1), &2))
+
+  defp reads({:op, _outs, _fun, args, _label}), do: MapSet.new(arg_regs(args, []))
+  defp reads({:const, _, _}), do: MapSet.new()
+  defp reads({:hook, _, regs}), do: MapSet.new(regs)
+  defp reads({:host_free_consts, regs}), do: MapSet.new(regs)
+  defp reads({:host, _, ins, _}), do: MapSet.new(ins)
+
+  defp reads({:while, init, _state, cond, pred, body, next}),
+    do:
+      MapSet.new([pred | init ++ next])
+      |> MapSet.union(block_reads(cond))
+      |> MapSet.union(block_reads(body))
+
+  defp reads({:cond, clauses, last, last_results, _outs}) do
+    Enum.reduce(clauses, MapSet.union(block_reads(last), MapSet.new(last_results)), fn
+      {pred_code, pred, code, results}, acc ->
+        acc
+        |> MapSet.union(block_reads(pred_code))
+        |> MapSet.union(block_reads(code))
+        |> MapSet.union(MapSet.new([pred | results]))
+    end)
+  end
+
+  defp writes({:op, outs, _, _, _}), do: MapSet.new(outs)
+  defp writes({:const, r, _}), do: MapSet.new([r])
+  defp writes({:hook, _, _}), do: MapSet.new()
+  defp writes({:host_free_consts, _}), do: MapSet.new()
+  defp writes({:host, _, _, outs}), do: MapSet.new(outs)
+
+  defp writes({:while, _init, state, cond, _pred, body, _next}),
+    do: MapSet.new(state) |> MapSet.union(block_writes(cond)) |> MapSet.union(block_writes(body))
+
+  defp writes({:cond, clauses, last, _last_results, outs}) do
+    Enum.reduce(clauses, MapSet.union(block_writes(last), MapSet.new(outs)), fn
+      {pred_code, _, code, _}, acc ->
+        acc |> MapSet.union(block_writes(pred_code)) |> MapSet.union(block_writes(code))
+    end)
+  end
+
+  defp arg_regs({:r, r}, acc), do: [r | acc]
+  defp arg_regs(list, acc) when is_list(list), do: Enum.reduce(list, acc, &arg_regs/2)
+  defp arg_regs(_, acc), do: acc
+
+  # The instruction with its registers renumbered (and operands untagged) for the NIF.
+  defp encode({:op, outs, fun, args, label}, n),
+    do: {:op, num(outs, n), fun, Enum.map(args, &encode_arg(&1, n)), label}
+
+  defp encode({:const, r, ref}, n), do: {:const, Map.fetch!(n, r), ref}
+  defp encode({:hook, id, regs}, n), do: {:hook, id, num(regs, n)}
+
+  defp encode({:while, init, state, cond, pred, body, next}, n) do
+    {:while, num(init, n), num(state, n), Enum.map(cond, &encode(&1, n)), Map.fetch!(n, pred),
+     Enum.map(body, &encode(&1, n)), num(next, n)}
+  end
+
+  defp encode({:cond, clauses, last, last_results, outs}, n) do
+    clauses =
+      Enum.map(clauses, fn {pred_code, pred, code, results} ->
+        {Enum.map(pred_code, &encode(&1, n)), Map.fetch!(n, pred), Enum.map(code, &encode(&1, n)),
+         num(results, n)}
+      end)
+
+    {:cond, clauses, Enum.map(last, &encode(&1, n)), num(last_results, n), num(outs, n)}
+  end
+
+  defp encode_arg({:r, r}, n), do: Map.fetch!(n, r)
+  defp encode_arg(list, n) when is_list(list), do: Enum.map(list, &encode_arg(&1, n))
+  defp encode_arg(other, _n), do: other
+
+  defp num(regs, n), do: Enum.map(regs, &Map.fetch!(n, &1))
 
   defp reg_tensor(%T{} = template, r, device),
     do: %{template | data: %NxMlx.Backend{ref: {:reg, r}, device: device}}
@@ -474,8 +618,33 @@ defmodule NxMlx.Compiler do
     {result, scope}
   end
 
-  defp lower_op(:runtime_call, _args, _t, _scope) do
-    raise NotLowerable, op: :runtime_call, message: "Nx.runtime_call/4 runs on the host"
+  # The program stops there: the part before it runs, the callback runs in the caller's
+  # process on its results, and the part after it runs on the callback's result.
+  defp lower_op(:runtime_call, [expr, fun, out_template, opts], _t, scope) do
+    if Recorder.nested?() do
+      raise NotLowerable,
+        op: :runtime_call,
+        message: "Nx.runtime_call/4 inside a while loop or a cond branch runs on the host"
+    end
+
+    {value, scope} = Composite.traverse(expr, scope, &lower_node/2)
+    in_regs = Enum.map(Composite.flatten_list([value]), &reg!/1)
+    leaves = Composite.flatten_list([out_template])
+    in_template = Composite.traverse(value, &Nx.to_template/1)
+
+    outs =
+      Recorder.host(
+        in_regs,
+        length(leaves),
+        {:runtime_call, fun, opts, in_template, out_template}
+      )
+
+    results = Enum.zip_with(leaves, outs, &reg_tensor(Nx.to_template(&1), &2, scope.device))
+
+    case out_template do
+      %T{} -> {hd(results), scope}
+      _ -> {List.to_tuple(results), scope}
+    end
   end
 
   defp lower_op(op, _args, t, scope) do
@@ -571,7 +740,7 @@ defmodule NxMlx.Compiler do
   end
 
   defp run_one(compiled, params, worker, opts) do
-    %{program: program, device: device, output: {structure, output}} = compiled
+    %{device: device, output: {structure, output}} = compiled
 
     inputs =
       Enum.map(params, fn fun ->
@@ -583,7 +752,22 @@ defmodule NxMlx.Compiler do
 
     Runtime.before_eval()
     hooks = {compiled.hooks, Keyword.get(opts, :hooks, %{}), device}
-    arrays = program_run(worker, program, inputs, hooks)
+    env = Map.new(Enum.zip(compiled.inputs, inputs))
+
+    env =
+      Enum.reduce(compiled.steps, env, fn
+        {:native, program, ins, outs}, env ->
+          arrays = program_run(worker, program, Enum.map(ins, &Map.fetch!(env, &1)), hooks)
+          Map.merge(env, Map.new(Enum.zip(outs, arrays)))
+
+        {:host, id, ins, outs}, env ->
+          arrays =
+            host_call(elem(compiled.hooks, id), Enum.map(ins, &Map.fetch!(env, &1)), device)
+
+          Map.merge(env, Map.new(Enum.zip(outs, arrays)))
+      end)
+
+    arrays = Enum.map(compiled.outputs, &Map.fetch!(env, &1))
 
     {result, {[], []}} =
       Composite.traverse(structure, {output, arrays}, fn _, {[template | ts], [ref | rest]} ->
@@ -593,6 +777,27 @@ defmodule NxMlx.Compiler do
       end)
 
     result
+  end
+
+  # Nx.runtime_call/4's callback, in the caller's process, on the values computed so far.
+  defp host_call({:runtime_call, fun, opts, in_template, out_template}, arrays, device) do
+    {value, []} =
+      Composite.traverse(in_template, arrays, fn %T{} = t, [array | more] ->
+        {%{t | data: %NxMlx.Backend{ref: array, device: device}}, more}
+      end)
+
+    result = fun.(value, opts)
+
+    if not Nx.compatible?(out_template, result) do
+      raise "expected the runtime_call function to match the given output template"
+    end
+
+    for %T{} = t <- Composite.flatten_list([result]) do
+      case t do
+        %T{data: %NxMlx.Backend{device: ^device, ref: ref}} -> ref
+        %T{} -> Nx.backend_transfer(t, {NxMlx.Backend, device: device}).data.ref
+      end
+    end
   end
 
   defp program_run(worker, program, inputs, hooks) do

@@ -80,6 +80,23 @@ defmodule NxMlx.CompilerTest.Fns do
 
   def double(t, _opts), do: Nx.multiply(t, 2)
 
+  def pair(t, opts), do: {Nx.add(t, opts[:by]), Nx.sum(t)}
+
+  defn runtime_twice(x) do
+    y = Nx.runtime_call(x, x, [], &__MODULE__.double/2)
+    {a, s} = Nx.runtime_call({y, Nx.sum(y)}, y * 3, [by: 1], &__MODULE__.pair/2)
+    a + s + x
+  end
+
+  defn runtime_in_loop(x) do
+    {_, x} =
+      while {i = 0, x}, i < 2 do
+        {i + 1, Nx.runtime_call(x, x, [], &__MODULE__.double/2)}
+      end
+
+    x
+  end
+
   defn(value_and_grad_of(x), do: value_and_grad(x, fn x -> Nx.sum(Nx.sin(x) * Nx.exp(x)) end))
 
   defn softmax(x) do
@@ -485,6 +502,16 @@ defmodule NxMlx.CompilerTest do
     end
   end
 
+  describe "runtime calls" do
+    test "at the top level the program stops for the callback and goes on with its result" do
+      x = Nx.tensor([1, 2, 3])
+      assert Nx.to_flat_list(jit(&Fns.runtime_double/1).(mlx(x))) == [3, 5, 7]
+      # y = 2x = [2, 4, 6]; a = 3y + 1 = [7, 13, 19]; s = sum(3y) = 36; a + s + x
+      assert_lowered(&Fns.runtime_twice/1, [x])
+      assert Nx.to_flat_list(jit(&Fns.runtime_twice/1).(mlx(x))) == [44, 51, 58]
+    end
+  end
+
   describe "what cannot be lowered" do
     test "runs through the Evaluator with a telemetry event, or raises when asked" do
       forward_telemetry([:nx_mlx, :compiler, :fallback])
@@ -493,7 +520,12 @@ defmodule NxMlx.CompilerTest do
       assert Nx.to_number(f.(x)) == 6
       assert_receive {:telemetry, [:nx_mlx, :compiler, :fallback], _, %{op: :fun}}
 
-      assert Nx.to_flat_list(Nx.Defn.jit(&Fns.runtime_double/1, compiler: NxMlx).(x)) == [3, 5, 7]
+      assert Nx.to_flat_list(Nx.Defn.jit(&Fns.runtime_in_loop/1, compiler: NxMlx).(x)) == [
+               4,
+               8,
+               12
+             ]
+
       assert_receive {:telemetry, [:nx_mlx, :compiler, :fallback], _, %{op: :runtime_call}}
 
       assert_raise ArgumentError, ~r/cannot be lowered whole.*function argument/, fn ->

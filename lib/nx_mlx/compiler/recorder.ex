@@ -39,6 +39,22 @@ defmodule NxMlx.Compiler.Recorder do
     {Enum.reverse(consts), Enum.reverse(code), n, Enum.reverse(hooks)}
   end
 
+  @doc "Whether recording is inside a loop or branch."
+  def nested?, do: match?(%{blocks: [_, _ | _]}, Process.get(@key))
+
+  @doc """
+  Records a call to the host on `regs` (top level only), returning `n` registers for its
+  results; `host` is what the caller needs to run it.
+  """
+  def host(regs, n, host) do
+    %{hooks: hooks} = state = Process.get(@key)
+    id = length(hooks)
+    Process.put(@key, %{state | hooks: [host | hooks]})
+    outs = Enum.map(1..n//1, fn _ -> new_reg() end)
+    emit({:host, id, regs, outs})
+    outs
+  end
+
   @doc "Records a hook instruction on `regs`; `hook` is what the caller needs to run it."
   def hook(regs, hook) do
     %{hooks: hooks} = state = Process.get(@key)
@@ -167,8 +183,10 @@ defmodule NxMlx.Compiler.Recorder do
     end
   end
 
-  defp operand({:reg, r}), do: r
-  defp operand(ref) when is_reference(ref), do: reg_of(ref)
+  # Operands are tagged ({:r, n}) until the program is encoded (NxMlx.Compiler numbers
+  # each segment's registers then).
+  defp operand({:reg, r}), do: {:r, r}
+  defp operand(ref) when is_reference(ref), do: {:r, reg_of(ref)}
   defp operand(list) when is_list(list), do: Enum.map(list, &operand/1)
   defp operand(other), do: other
 
