@@ -212,6 +212,14 @@ mod tests {
     use std::sync::atomic::AtomicU64;
     use std::time::Duration;
 
+    /// The tests of this module count live commands, a process-wide figure: they run one at a
+    /// time so that one test's commands do not show in another's count.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     struct Inner {
         array: Array,
         worker: Arc<Worker>,
@@ -257,6 +265,7 @@ mod tests {
 
     #[test]
     fn a_long_evaluation_is_running_then_completed() {
+        let _serial = serial();
         let w = Worker::spawn_blocking(DeviceKind::Cpu).unwrap();
         let s = *w.stream();
         let a = mlx_bind::random_uniform(&[512, 512], Dtype::F32, 1, &s).unwrap();
@@ -285,6 +294,7 @@ mod tests {
 
     #[test]
     fn a_failing_evaluation_fails_with_the_reason() {
+        let _serial = serial();
         let w = Worker::spawn_blocking(DeviceKind::Cpu).unwrap();
         let s = *w.stream();
         let z = mlx_bind::full(&[4, 4], 0.0, Dtype::F32, &s).unwrap();
@@ -299,6 +309,7 @@ mod tests {
 
     #[test]
     fn groups_on_two_workers_settle_together_and_records_are_freed() {
+        let _serial = serial();
         let w1 = Worker::spawn_blocking(DeviceKind::Cpu).unwrap();
         let w2 = Worker::spawn_blocking(DeviceKind::Cpu).unwrap();
         let mk = |w: &Arc<Worker>| {
