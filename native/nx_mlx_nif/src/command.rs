@@ -324,9 +324,18 @@ mod tests {
         assert_eq!(wait(&cmd), Ok(()));
         assert_eq!(t1.0.done_on.load(Ordering::SeqCst), w1.id());
         assert_eq!(t2.0.done_on.load(Ordering::SeqCst), w2.id());
-        // The settled command no longer holds its arrays.
+        // The settled command no longer holds its arrays (the workers drop their handles
+        // just after reporting, so give them a moment).
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while Arc::strong_count(&t1.0) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(Arc::strong_count(&t1.0), 1);
         drop(cmd);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while live_commands() > before && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert!(live_commands() <= before);
     }
 }
