@@ -810,23 +810,13 @@ defmodule NxMlx.Compiler do
 
   defp program_run(worker, program, inputs, hooks) do
     tag = System.unique_integer([:positive])
-    describe = fn -> "NxMlx compiled function" end
 
-    case NxMlx.Native.program_run(worker, program, inputs, tag) do
-      {:async, ref} ->
-        await_program(ref, tag, hooks, describe)
-
-      {:error, {:foreign, arrays}} ->
-        Enum.each(arrays, &Runtime.call(:eval, [&1], describe))
-        program_run(worker, program, inputs, hooks)
-
-      {:error, {:busy, _}} ->
-        Process.sleep(1)
-        program_run(worker, program, inputs, hooks)
-
-      {:error, _} = error ->
-        Runtime.await_reply(error, describe)
-    end
+    Runtime.call(
+      :program_run,
+      [worker, program, inputs, tag],
+      fn -> "NxMlx compiled function" end,
+      &await_program(&1, tag, hooks, &2)
+    )
   end
 
   # Hook messages come before the program's reply; each callback runs here, in the caller's
@@ -849,7 +839,7 @@ defmodule NxMlx.Compiler do
         await_program(ref, tag, hooks, describe)
 
       {^ref, reply} ->
-        Runtime.await_reply(reply, describe)
+        Runtime.reply_value(reply, describe)
     end
   end
 

@@ -76,37 +76,38 @@ defmodule NxMlx.Runtime do
   @doc """
   Calls `Native.fun(args)` and returns its value, waiting for the worker's reply when the call
   was queued. `describe` is a zero-arity function returning the text that names the op, shapes
-  and types, used only on failure.
+  and types, used only on failure. `await` waits for a queued call's reply (`await/2` unless
+  the call also sends other messages first).
   """
-  def call(fun, args, describe) do
+  def call(fun, args, describe, await \\ &await/2) do
     if Process.get(:nx_mlx_recorder) do
       case NxMlx.Compiler.Recorder.call(fun, args, describe) do
         {:recorded, value} -> value
-        :eager -> eager(fun, args, describe)
+        :eager -> eager(fun, args, describe, await)
       end
     else
-      eager(fun, args, describe)
+      eager(fun, args, describe, await)
     end
   end
 
-  defp eager(fun, args, describe) do
+  defp eager(fun, args, describe, await) do
     case native(fun, args, describe) do
       {:ok, value} ->
         value
 
       {:async, ref} ->
-        await(ref, describe)
+        await.(ref, describe)
 
       {:error, {:foreign, arrays}} ->
         # Inputs built on another worker's stream and not evaluated yet: MLX evaluates a
         # stream only on its own thread, so evaluate them there first, then build again.
-        Enum.each(arrays, &eager(:eval, [&1], describe))
-        eager(fun, args, describe)
+        Enum.each(arrays, fn a -> eager(:eval, [a], describe, &await/2) end)
+        eager(fun, args, describe, await)
 
       {:error, {:busy, _}} ->
         # The worker's queue is full: back off briefly so it can drain, then retry.
         Process.sleep(1)
-        eager(fun, args, describe)
+        eager(fun, args, describe, await)
 
       {:error, reason} ->
         raise_error(reason, describe)
@@ -129,17 +130,16 @@ defmodule NxMlx.Runtime do
       end
   end
 
-  @doc "The value of a worker's reply, or the exception it stands for."
-  def await_reply({:ok, value}, _describe), do: value
-  def await_reply({:error, reason}, describe), do: raise_error(reason, describe)
-
   @doc "Waits for the reply tagged `ref`."
   def await(ref, describe) do
     receive do
-      {^ref, {:ok, value}} -> value
-      {^ref, {:error, reason}} -> raise_error(reason, describe)
+      {^ref, reply} -> reply_value(reply, describe)
     end
   end
+
+  @doc "The value of a worker's reply, or the exception it stands for."
+  def reply_value({:ok, value}, _describe), do: value
+  def reply_value({:error, reason}, describe), do: raise_error(reason, describe)
 
   defp raise_error({:argument, message}, describe) do
     raise ArgumentError, "#{describe.()}: #{message}"

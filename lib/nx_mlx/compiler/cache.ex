@@ -41,19 +41,6 @@ defmodule NxMlx.Compiler.Cache do
     ArgumentError -> :ok
   end
 
-  @doc "The number of compiled programs held."
-  def size do
-    :ets.select_count(@table, [{{:_, :_, :_}, [], [true]}])
-  rescue
-    ArgumentError -> 0
-  end
-
-  @doc "Drops every compiled program."
-  def clear do
-    :ets.delete_all_objects(@table)
-    :ok
-  end
-
   @impl true
   def init(_) do
     :ets.new(@table, [:named_table, :public, :set, read_concurrency: true])

@@ -138,22 +138,41 @@ where
     let job_worker = w.clone();
     submit(env, &w, move |env, ctx| {
         let outputs = f(&ctx.stream)?;
-        outputs.iter().try_for_each(check_size)?;
-        let refs: Vec<&Array> = outputs.iter().collect();
-        let token = SpinToken::acquire();
-        let result = job_worker.evaluate(&refs, born, eval_spin_budget(&token));
-        drop(token);
-        result.map_err(NifError::Runtime)?;
-        let arrays: Vec<ResourceArc<ArrayRes>> = outputs
-            .into_iter()
-            .map(|a| {
-                let r = ArrayRes::ready(a, job_worker.clone());
-                r.mark_evaluated(ctx.worker_id);
-                r
-            })
-            .collect();
-        Ok(arrays.encode(env))
+        Ok(evaluate_outputs(&job_worker, outputs, born, ctx.worker_id)?.encode(env))
     })
+}
+
+/// Checks, evaluates (as one graph, on the calling worker thread) and hands out `outputs`:
+/// evaluated, they have no sibling links left, so their handles may be dropped anywhere.
+pub fn evaluate_outputs(
+    worker: &std::sync::Arc<crate::worker::Worker>,
+    outputs: Vec<Array>,
+    born: u64,
+    worker_id: u64,
+) -> NifResult<Vec<ResourceArc<ArrayRes>>> {
+    outputs.iter().try_for_each(check_size)?;
+    let refs: Vec<&Array> = outputs.iter().collect();
+    let token = SpinToken::acquire();
+    let result = worker.evaluate(&refs, born, eval_spin_budget(&token));
+    drop(token);
+    result.map_err(NifError::Runtime)?;
+    Ok(ready_arrays(worker, outputs, worker_id))
+}
+
+/// Resources for arrays already computed on `worker` (thread `worker_id`).
+pub fn ready_arrays(
+    worker: &std::sync::Arc<crate::worker::Worker>,
+    arrays: Vec<Array>,
+    worker_id: u64,
+) -> Vec<ResourceArc<ArrayRes>> {
+    arrays
+        .into_iter()
+        .map(|a| {
+            let r = ArrayRes::ready(a, worker.clone());
+            r.mark_evaluated(worker_id);
+            r
+        })
+        .collect()
 }
 
 /// Refuses arrays larger than MLX's memory limit: MLX's CPU allocator does not check for a

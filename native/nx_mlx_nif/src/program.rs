@@ -26,12 +26,11 @@ use mlx_bind::{Array, Stream};
 use rustler::{Encoder, Env, ResourceArc, Term};
 use std::collections::HashSet;
 
-use crate::build::{check_inputs, check_size};
+use crate::build::{check_inputs, evaluate_outputs, ready_arrays};
 use crate::error::{NifError, NifResult};
 use crate::op::{decode, Op};
 use crate::resources::{ArrayRes, WorkerRes};
 use crate::submit::submit;
-use crate::worker::{eval_spin_budget, SpinToken};
 
 mod atoms {
     rustler::atoms! { op, r#const = "const", r#while = "while", cond, hook, nx_mlx_hook }
@@ -384,28 +383,23 @@ fn program_run<'a>(
         }
         drop(inputs);
         run_block(&program.main, &mut regs, &ctx.stream, &run)?;
-        let outputs: Vec<Array> = program
-            .outputs
-            .iter()
-            .map(|&r| get(&regs, r).cloned())
-            .collect::<NifResult<_>>()?;
+        let outputs = values(&regs, &program.outputs)?;
         drop(regs);
-        outputs.iter().try_for_each(check_size)?;
-        let refs: Vec<&Array> = outputs.iter().collect();
-        let token = SpinToken::acquire();
-        let result = w_job.evaluate(&refs, born, eval_spin_budget(&token));
-        drop(token);
-        result.map_err(NifError::Runtime)?;
-        let arrays: Vec<ResourceArc<ArrayRes>> = outputs
-            .into_iter()
-            .map(|a| {
-                let r = ArrayRes::ready(a, w_job.clone());
-                r.mark_evaluated(ctx.worker_id);
-                r
-            })
-            .collect();
+        let arrays = evaluate_outputs(&w_job, outputs, born, ctx.worker_id)?;
         Ok(arrays.encode(env))
     })
+}
+
+/// Handles to the arrays in registers `rs`.
+fn values(regs: &[Option<Array>], rs: &[usize]) -> NifResult<Vec<Array>> {
+    rs.iter().map(|&r| get(regs, r).cloned()).collect()
+}
+
+/// Puts `arrays` in registers `rs`.
+fn set(regs: &mut [Option<Array>], rs: &[usize], arrays: Vec<Array>) {
+    for (&r, a) in rs.iter().zip(arrays) {
+        regs[r] = Some(a);
+    }
 }
 
 fn get(regs: &[Option<Array>], r: usize) -> NifResult<&Array> {
@@ -438,9 +432,7 @@ fn run_block(block: &Block, regs: &mut [Option<Array>], s: &Stream, run: &Run) -
                         .collect::<NifResult<Vec<&Array>>>()?;
                     op.apply(&x, s).map_err(|e| label_error(e, label))?
                 };
-                for (&o, a) in outs.iter().zip(results) {
-                    regs[o] = Some(a);
-                }
+                set(regs, outs, results);
             }
             Instr::Const { array, out } => regs[*out] = Some(array.clone()),
             Instr::While {
@@ -451,13 +443,8 @@ fn run_block(block: &Block, regs: &mut [Option<Array>], s: &Stream, run: &Run) -
                 body,
                 next,
             } => {
-                let start: Vec<Array> = init
-                    .iter()
-                    .map(|&r| get(regs, r).cloned())
-                    .collect::<NifResult<_>>()?;
-                for (&r, a) in state.iter().zip(start) {
-                    regs[r] = Some(a);
-                }
+                let start = values(regs, init)?;
+                set(regs, state, start);
                 loop {
                     run_block(cond, regs, s, run)?;
                     let go = {
@@ -471,16 +458,11 @@ fn run_block(block: &Block, regs: &mut [Option<Array>], s: &Stream, run: &Run) -
                         break;
                     }
                     run_block(body, regs, s, run)?;
-                    let values: Vec<Array> = next
-                        .iter()
-                        .map(|&r| get(regs, r).cloned())
-                        .collect::<NifResult<_>>()?;
+                    let updated = values(regs, next)?;
                     for &r in next {
                         regs[r] = None;
                     }
-                    for (&r, a) in state.iter().zip(values) {
-                        regs[r] = Some(a);
-                    }
+                    set(regs, state, updated);
                 }
             }
             Instr::Cond {
@@ -500,30 +482,15 @@ fn run_block(block: &Block, regs: &mut [Option<Array>], s: &Stream, run: &Run) -
                 }
                 let (code, results) = chosen.unwrap_or((last, last_results));
                 run_block(code, regs, s, run)?;
-                let values: Vec<Array> = results
-                    .iter()
-                    .map(|&r| get(regs, r).cloned())
-                    .collect::<NifResult<_>>()?;
-                for (&r, a) in outs.iter().zip(values) {
-                    regs[r] = Some(a);
-                }
+                let taken = values(regs, results)?;
+                set(regs, outs, taken);
             }
             Instr::Hook { id, regs: hooked } => {
-                let values: Vec<Array> = hooked
-                    .iter()
-                    .map(|&r| get(regs, r).cloned())
-                    .collect::<NifResult<_>>()?;
-                let refs: Vec<&Array> = values.iter().collect();
+                let hooked = values(regs, hooked)?;
+                let refs: Vec<&Array> = hooked.iter().collect();
                 mlx_bind::async_eval_all(&refs)?;
                 mlx_bind::wait_all(&refs)?;
-                let arrays: Vec<ResourceArc<ArrayRes>> = values
-                    .into_iter()
-                    .map(|a| {
-                        let r = ArrayRes::ready(a, run.worker.clone());
-                        r.mark_evaluated(run.worker_id);
-                        r
-                    })
-                    .collect();
+                let arrays = ready_arrays(run.worker, hooked, run.worker_id);
                 let mut owned = rustler::env::OwnedEnv::new();
                 let _ = owned.send_and_clear(&run.pid, |env| {
                     (atoms::nx_mlx_hook(), run.tag, *id, arrays).encode(env)
