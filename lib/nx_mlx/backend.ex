@@ -16,10 +16,11 @@ defmodule NxMlx.Backend do
   ## What runs on MLX
 
     * Creation and transfer: `constant`, `from_binary`, `iota`, `eye`, `to_binary`,
-      `inspect`, `backend_copy`/`transfer`, `as_type` (floats to integers map NaN to 0 and the
-      infinities to the type's extremes, as Nx does), `bitcast`.
+      `inspect`, `backend_copy`/`transfer`, `as_type` (floats to integers truncate and wrap the
+      exact integer into the type, map NaN to 0 and the infinities to the type's extremes,
+      as Nx does), `bitcast`.
     * Shape: `reshape`, `squeeze`, `transpose`, `broadcast`, `concatenate`, `stack`, `slice`
-      (starts clamped as in Nx; tensor starts are read back first), `put_slice`, `pad`,
+      (starts clamped as in Nx; tensor starts stay on the device), `put_slice`, `pad`,
       `reverse`.
     * Indexing: `gather`, `indexed_add`, `indexed_put`, and `Nx.take`/`take_along_axis`
       (see "Blocks"). Out-of-bounds indices never read or write outside the tensor: gather and
@@ -65,6 +66,10 @@ defmodule NxMlx.Backend do
     * Complex functions of non-finite inputs, and complex results that overflow, follow
       C++'s `std::complex` (e.g. `exp` of `Inf+0i` is `Inf+0i`, `tanh` of it `1+0i`) where
       `Nx.BinaryBackend` often gives NaN parts; finite inputs agree to f32 rounding.
+    * `log`, `log1p` and `sqrt` of a complex number on the negative real axis whose
+      imaginary part is -0.0 answer the lower side of the branch cut (C99 Annex G, as
+      C++'s `std::complex`: `log(-1-0i)` is `-pi i`); Nx's `Complex` ignores the zero's
+      sign and answers `+pi i`.
     * Integer `quotient`/`remainder` by zero give an unspecified value instead of raising,
       and shifting by a negative amount or an integer `pow` with a negative exponent gives an
       unspecified value instead of raising. The type's minimum divided by -1 wraps (quotient
@@ -76,12 +81,15 @@ defmodule NxMlx.Backend do
     * `atan2(y, -Inf)` is -pi for negative `y` (IEEE 754, as EXLA); `Nx.BinaryBackend`
       returns pi. `all` of a complex tensor holding 0+0i is 0; `Nx.BinaryBackend` counts
       every complex number as true.
-    * Float functions of integer tensors convert the integers to the output float type
-      first, as EXLA does; `Nx.BinaryBackend` computes on the exact integer, so `sin`, `cos`
-      and `tan` of integers past 2^24 (not exact in f32) differ, and an f16 result of an
-      integer past 65504 (inf in f16) can be NaN where Nx's is inf.
-    * Finite floats outside an integer type's range convert to a platform-dependent value
-      (Nx's `as_type` documents it so); `Nx.BinaryBackend` wraps the exact integer.
+    * Element-wise ops read their inputs exactly, as `Nx.BinaryBackend` does: inputs the
+      result type cannot hold (an s32 past 2^24 for an f32 result, a u16 past 65504 or a
+      bf16 subnormal for an f16 one) are computed on in f32, or in f64 on the CPU device,
+      and the result is rounded once. On the GPU device (no f64) inputs that f32 cannot
+      hold either are converted to the result type first, as EXLA does: `sin`, `cos` and
+      `tan` of integers past 2^24 differ there. A float scalar of known value (a number in
+      `x * 0.044715`) inside the result type's normal range is rounded into that type
+      first, as EXLA and MLX do, so `bf16_x * 0.044715` stays a bf16 multiply; the result
+      may differ from Nx's in the last bit. Comparisons round nothing.
     * Index arrays given to the NIF directly are clamped into their axis: no value reads or
       writes outside an array.
     * Float results may differ in the last bits (BLAS matmul, MLX's kernels); see the tests.
@@ -188,12 +196,14 @@ defmodule NxMlx.Backend do
 
   @behaviour Nx.Backend
 
-  defstruct [:ref, :device]
+  # `value`: the number every element holds, when the tensor was made by `constant/3` (so
+  # mixed-type element-wise ops know whether a scalar operand converts exactly).
+  defstruct [:ref, :device, :value]
 
   alias Nx.Tensor, as: T
   alias NxMlx.{CommandQueue, Runtime, Types}
 
-  @type t :: %__MODULE__{ref: reference(), device: :cpu | :gpu}
+  @type t :: %__MODULE__{ref: reference(), device: :cpu | :gpu, value: number() | atom() | nil}
 
   @debug_bounds_check Application.compile_env(:nx_mlx, :debug_bounds_check, false)
   @debug_detect_nan_inf Application.compile_env(:nx_mlx, :debug_detect_nan_inf, false)
@@ -399,13 +409,18 @@ defmodule NxMlx.Backend do
           out
         ])
 
-      wrap(out, ref, device)
+      with_value(wrap(out, ref, device), number)
     else
       scalar = Nx.BinaryBackend.constant(%{out | shape: {}, names: []}, number, [])
       t = from_binary(%{out | shape: {}, names: []}, Nx.to_binary(scalar), device: device)
       broadcast(out, t, shape, [])
     end
   end
+
+  defp with_value(%T{data: %__MODULE__{} = data} = t, number),
+    do: %{t | data: %{data | value: number}}
+
+  defp with_value(t, _number), do: t
 
   # Numbers that survive the trip through a double exactly (MLX's `full` takes a double).
   defp exact_float?(n, {kind, _}) when is_integer(n) and kind in [:s, :u],
@@ -605,14 +620,32 @@ defmodule NxMlx.Backend do
 
     # Nx truncates, then wraps into the type (-1.3 as u8 is 255). MLX's cast of an
     # out-of-range float is left to the device (the CPU wraps, CUDA saturates), so narrow
-    # types go through s64, whose conversion to them wraps everywhere.
+    # types go through s64 (wrapped exactly), whose conversion to them wraps everywhere.
     cast =
       case type do
-        {_, 64} -> op.(:astype, [x, Types.to_mlx(type)])
-        _ -> op.(:astype, [op.(:astype, [x, :s64]), Types.to_mlx(type)])
+        {_, 64} -> float_to_64_bit(op, x, float, type, device)
+        _ -> op.(:astype, [float_to_64_bit(op, x, float, {:s, 64}, device), Types.to_mlx(type)])
       end
 
     Enum.reduce(fixes, cast, fn {mask, value}, acc -> op.(:select, [mask, value, acc]) end)
+  end
+
+  # Nx wraps the truncated number modulo 2^64 (2^70 as s64 is 0, -1.0 as u64 is 2^64 - 1).
+  # Below 2^63 in magnitude MLX's cast to s64 is exact (u64 wraps from there); from 2^63 on,
+  # |x| mod 2^64 is exact in floating point and fits u64, and is negated there for negative
+  # x. The infinities and NaN are fixed by the caller.
+  defp float_to_64_bit(op, x, float, type, device) do
+    {x, float} =
+      if float in [{:f, 16}, {:bf, 16}], do: {op.(:astype, [x, :f32]), {:f, 32}}, else: {x, float}
+
+    magnitude = op.(:unary, [:abs, x])
+    big = op.(:binary, [:greater_equal, magnitude, scalar_ref(2.0 ** 63, float, device)])
+    small = op.(:astype, [op.(:astype, [x, :s64]), Types.to_mlx(type)])
+    r = op.(:binary, [:remainder, magnitude, scalar_ref(2.0 ** 64, float, device)])
+    r = op.(:astype, [r, :u64])
+    negative = op.(:binary, [:less, x, scalar_ref(0, float, device)])
+    r = op.(:select, [negative, op.(:binary, [:subtract, scalar_ref(0, {:u, 64}, device), r]), r])
+    op.(:select, [big, op.(:astype, [r, Types.to_mlx(type)]), small])
   end
 
   # Direct callers of a callback may pass an output template that does not fit its input:
@@ -1655,7 +1688,7 @@ defmodule NxMlx.Backend do
     def unquote(nx_op)(out, a, b) do
       # Compare in the merged input type; Nx returns u8 (MLX returns bool).
       device = op_device([a, b])
-      type = Nx.Type.merge(a.type, b.type)
+      type = compute_type([a, b], Nx.Type.merge(a.type, b.type), device, round_scalars: false)
       ar = ref_as(a, type, device)
       br = ref_as(b, type, device)
       r = call(device, :binary, [unquote(mlx_op), ar, br], unquote(nx_op), [a, b])
@@ -1685,10 +1718,111 @@ defmodule NxMlx.Backend do
 
   defp binary_op(out, a, b, nx_op, mlx_op) do
     device = op_device([a, b])
-    ar = ref_as(a, out.type, device)
-    br = ref_as(b, out.type, device)
-    wrap(out, call(device, :binary, [mlx_op, ar, br], nx_op, [a, b]), device)
+    type = compute_type([a, b], out.type, device)
+    ar = ref_as(a, type, device)
+    br = ref_as(b, type, device)
+    r = call(device, :binary, [mlx_op, ar, br], nx_op, [a, b])
+    wrap(out, cast_result(r, type, out.type, device, nx_op, [a, b]), device)
   end
+
+  # The type an element-wise op computes in to give Nx's answer of type `type`.
+  # Nx.BinaryBackend reads every input exactly and rounds the exact (or f64) result once;
+  # converting the inputs to `type` first would round them too (an s32 past 2^24 in f32, a
+  # u16 past 65504 or a bf16 subnormal in f16). So inputs that `type` cannot hold exactly
+  # are computed on in f32, or f64 on the CPU device where f32 cannot hold them either
+  # (rounding an f32 result of f16 inputs to f16, or an f64 result of f32 ones to f32,
+  # gives the correctly rounded answer of +, -, *, /). Scalars of known value (made by
+  # `constant/3`, or host scalars) count by their value, so `x * 2` stays in x's type; with
+  # `round_scalars: true` (arithmetic, not comparisons) a float scalar inside the normal
+  # range of `type` is rounded into it, as EXLA and MLX do (`bf16_x * 0.044715` stays
+  # bf16; see "Divergences").
+  defp compute_type(inputs, type, device, opts \\ [])
+
+  defp compute_type(inputs, {kind, _} = type, device, opts) when kind in [:f, :bf] do
+    round? = Keyword.get(opts, :round_scalars, true)
+
+    cond do
+      Enum.all?(inputs, &exact_in?(&1, type, round?)) -> type
+      Enum.all?(inputs, &exact_in?(&1, {:f, 32}, round?)) -> {:f, 32}
+      device == :cpu -> {:f, 64}
+      true -> type
+    end
+  end
+
+  defp compute_type(_inputs, type, _device, _opts), do: type
+
+  defp cast_result(ref, type, type, _device, _nx_op, _inputs), do: ref
+
+  defp cast_result(ref, _type, out_type, device, nx_op, inputs),
+    do: call(device, :astype, [ref, Types.to_mlx(out_type)], nx_op, inputs)
+
+  # Whether every value of `t` is exactly representable in the float type `type` (or,
+  # with `round?`, is a float scalar in its normal range).
+  defp exact_in?(%T{type: type}, type, _round?), do: true
+
+  defp exact_in?(%T{} = t, type, round?) do
+    case known_value(t) do
+      nil -> exact_type?(t.type, type)
+      value -> exact_value?(value, type) or (round? and normal_float?(value, type))
+    end
+  end
+
+  defp known_value(%T{data: %__MODULE__{value: value}}), do: value
+
+  defp known_value(%T{shape: {}, data: %Nx.BinaryBackend{}, type: {kind, _}} = t)
+       when kind != :c,
+       do: Nx.to_number(t)
+
+  defp known_value(_t), do: nil
+
+  # {significand bits, largest exponent, smallest (subnormal) exponent}
+  @float_formats %{
+    {:f, 16} => {11, 15, -24},
+    {:bf, 16} => {8, 127, -133},
+    {:f, 32} => {24, 127, -149},
+    {:f, 64} => {53, 1023, -1074}
+  }
+
+  defp exact_type?({kind, bits}, type) when kind in [:s, :u] do
+    {precision, _, _} = Map.fetch!(@float_formats, type)
+    if kind == :s, do: bits - 1 <= precision, else: bits <= precision
+  end
+
+  defp exact_type?(in_type, type) do
+    case {@float_formats[in_type], @float_formats[type]} do
+      {{p1, max1, min1}, {p2, max2, min2}} -> p1 <= p2 and max1 <= max2 and min1 >= min2
+      _ -> false
+    end
+  end
+
+  defp exact_value?(value, _type) when value in [:nan, :infinity, :neg_infinity], do: true
+
+  defp exact_value?(value, type) when is_integer(value) do
+    {precision, max_exp, _} = Map.fetch!(@float_formats, type)
+    magnitude = abs(value)
+    odd = if magnitude == 0, do: 0, else: Bitwise.bsr(magnitude, trailing_zeros(magnitude))
+    odd < Bitwise.bsl(1, precision) and magnitude < Bitwise.bsl(1, max_exp + 1)
+  end
+
+  defp exact_value?(value, type) when is_float(value) do
+    t = Nx.BinaryBackend.constant(%T{shape: {}, type: type, names: []}, value, [])
+    Nx.to_number(t) == value
+  end
+
+  defp exact_value?(_value, _type), do: false
+
+  defp normal_float?(value, type) when is_float(value) do
+    {precision, max_exp, min_exp} = Map.fetch!(@float_formats, type)
+    magnitude = abs(value)
+    smallest_normal = :math.pow(2.0, min_exp + precision - 1)
+    largest = (2.0 - :math.pow(2.0, 1 - precision)) * :math.pow(2.0, max_exp)
+    magnitude >= smallest_normal and magnitude <= largest
+  end
+
+  defp normal_float?(_value, _type), do: false
+
+  defp trailing_zeros(n),
+    do: if(Bitwise.band(n, 1) == 1, do: 0, else: 1 + trailing_zeros(Bitwise.bsr(n, 1)))
 
   @float_unary [
     exp: :exp,
@@ -1793,8 +1927,9 @@ defmodule NxMlx.Backend do
 
   defp unary_op(out, t, nx_op, mlx_op) do
     device = op_device([t])
-    r = ref_as(t, out.type, device)
-    wrap(out, call(device, :unary, [mlx_op, r], nx_op, [t]), device)
+    type = compute_type([t], out.type, device)
+    r = call(device, :unary, [mlx_op, ref_as(t, type, device)], nx_op, [t])
+    wrap(out, cast_result(r, type, out.type, device, nx_op, [t]), device)
   end
 
   ## Element-wise: integer, bitwise and logical semantics of Nx

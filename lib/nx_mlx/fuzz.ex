@@ -181,7 +181,9 @@ defmodule NxMlx.Fuzz do
     divergences =
       results
       |> Enum.filter(&(&1.class == :divergence))
-      |> Enum.frequencies_by(& &1.detail)
+      # A case explained by several divergences together ("a+b") counts for each.
+      |> Enum.flat_map(&String.split(&1.detail, "+"))
+      |> Enum.frequencies()
 
     div_lines =
       if divergences == %{},

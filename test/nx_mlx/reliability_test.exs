@@ -325,6 +325,95 @@ defmodule NxMlx.ReliabilityTest do
     end
   end
 
+  describe "mixed types are read exactly" do
+    # Nx.BinaryBackend reads each input exactly and rounds the result once; converting the
+    # inputs to the result type first rounds them too.
+    defp both(fun, inputs) do
+      {fun.(Enum.map(inputs, &t(elem(&1, 0), type: elem(&1, 1)))) |> Nx.to_list(),
+       fun.(
+         Enum.map(inputs, &Nx.tensor(elem(&1, 0), type: elem(&1, 1), backend: Nx.BinaryBackend))
+       )
+       |> Nx.to_list()}
+    end
+
+    test "integers past the float result's precision or range" do
+      {got, want} = both(fn [x] -> Nx.cos(x) end, [{[2_147_483_647, 16_777_217], :s32}])
+      assert got == want
+      # u16 65535 is inf in f16: 65535 - 65504 is 31 in Nx, inf - 65504 was inf.
+      {got, want} =
+        both(fn [u, h] -> Nx.subtract(u, h) end, [
+          {[65_535, 65_535], :u16},
+          {[65_504.0, -65_504.0], :f16}
+        ])
+
+      assert got == [31.0, :infinity] and got == want
+
+      {got, want} =
+        both(fn [f, i] -> Nx.add(f, i) end, [{[1.0, 0.0], :f32}, {[16_777_217, 16_777_217], :s32}])
+
+      assert got == want and got == [16_777_218.0, 16_777_216.0]
+    end
+
+    test "a bf16 subnormal with f16 is not flushed to zero" do
+      # atan2(tiny, -0.0) is pi/2 in Nx; the bf16 value became 0 in f16, and atan2(0, -0.0)
+      # is pi.
+      {got, want} =
+        both(fn [y, x] -> Nx.atan2(y, x) end, [{[9.183549615799121e-41], :bf16}, {[-0.0], :f16}])
+
+      assert got == want
+    end
+
+    test "comparisons of mixed types" do
+      {got, want} =
+        both(fn [a, b] -> Nx.less(a, b) end, [
+          {[16_777_217, 3], :s32},
+          {[16_777_216.0, 3.0], :f32}
+        ])
+
+      assert got == want and got == [0, 0]
+
+      {got, want} =
+        both(fn [a, b] -> Nx.greater(a, b) end, [{[16_777_217], :s32}, {[16_777_216.0], :f32}])
+
+      assert got == want and got == [1]
+    end
+
+    test "float scalars of known value keep the tensor's type" do
+      x = t([1.5, 2.25], type: :bf16)
+      r = Nx.multiply(x, 0.044715)
+      assert r.type == {:bf, 16}
+      assert Nx.to_list(r) == Nx.to_list(Nx.multiply(Nx.backend_copy(x), 0.044715))
+      # An integer scalar the type holds exactly is no reason to widen (see compute_type).
+      assert Nx.to_list(Nx.multiply(t([3.0], type: :f16), 2)) == [6.0]
+    end
+  end
+
+  describe "floats past an integer type's range wrap the exact integer, as Nx" do
+    test "every integer type, f32 and f64" do
+      values = [1.0e19, -1.0e19, 3.0e38, -9.3e18, 9.3e18, 1.0e20, -1.5, 2.0 ** 63, -(2.0 ** 63)]
+      values = values ++ [300.7, -300.7, 70_000.2, 123.7, 18_446_744_073_709_551_615.0]
+
+      for float <- [:f32, :f64], int <- [:s8, :u8, :s16, :u16, :s32, :u32, :s64, :u64] do
+        got = t(values, type: float) |> Nx.as_type(int) |> Nx.to_list()
+        want = Nx.tensor(values, type: float, backend: Nx.BinaryBackend) |> Nx.as_type(int)
+        assert got == Nx.to_list(want), "#{float} -> #{int}"
+      end
+    end
+  end
+
+  describe "clear_cache" do
+    test "frees arrays released while the worker was idle" do
+      x = Nx.iota({4_000_000}, type: :f32, backend: @b) |> Nx.add(1.0)
+      Nx.to_binary(x, limit: 1)
+      x = nil
+      _ = x
+      :erlang.garbage_collect()
+      Process.sleep(20)
+      NxMlx.clear_cache()
+      assert NxMlx.memory().cache < 1_000_000
+    end
+  end
+
   describe "integer pow runs on MLX" do
     test "matches Nx, wrapping, with host and device exponents" do
       NxMlx.TestHelpers.assert_native(fn ->

@@ -327,6 +327,9 @@ fn run(
         let Some(job) = next_job(&receiver, idle_spin) else {
             break;
         };
+        // Arrays released while the worker was idle are freed before the job runs, so that a
+        // job that reads memory figures or clears MLX's cache sees them gone.
+        collect();
         match job {
             // A panicking job must not take the worker (or the VM) down; the job's own reply
             // path reports the failure.
