@@ -166,8 +166,8 @@ defmodule NxMlx.Backend do
   answer at zero, or branch cuts other than Nx's), negative
   window padding (window reductions and scatters), `conv` with batch groups, negative
   padding, f64, or input dilation on the GPU, and `indexed_add`/`indexed_put`/
-  `window_scatter_max`/`min` of 64-bit integers on the GPU (MLX's GPU scatter has no such
-  kernels). The inputs are copied off the device and the
+  `window_scatter_max`/`min` of 64-bit integers and c64 on the GPU (MLX's GPU scatter has
+  no such kernels). The inputs are copied off the device and the
   result is copied back. Each such call emits `[:nx_mlx, :fallback, :start | :stop |
   :exception]` telemetry with `%{op: name}`, and `config :nx_mlx, fallback: :silent | :warn |
   :raise` (default `:silent`) makes it silent, log a warning once per op, or raise.
@@ -999,9 +999,9 @@ defmodule NxMlx.Backend do
   def indexed_put(out, t, indices, updates, opts),
     do: indexed(out, t, indices, updates, opts, :indexed_put)
 
-  # MLX's GPU scatter has no kernels for 64-bit integers ("[scatter] GPU scatter does not yet
-  # support int64"): those fall back there.
-  defp gpu_scatter_unsupported?(device, {kind, 64}) when kind in [:s, :u], do: device == :gpu
+  # MLX's GPU scatter has no kernels for 64-bit integers or complex64 ("[scatter] GPU
+  # scatter does not yet support int64"): those fall back there.
+  defp gpu_scatter_unsupported?(device, {kind, 64}) when kind in [:s, :u, :c], do: device == :gpu
   defp gpu_scatter_unsupported?(_device, _type), do: false
 
   defp indexed(out, t, indices, updates, opts, nx_op) do
@@ -1745,6 +1745,8 @@ defmodule NxMlx.Backend do
       Enum.all?(inputs, &exact_in?(&1, type, round?)) -> type
       Enum.all?(inputs, &exact_in?(&1, {:f, 32}, round?)) -> {:f, 32}
       device == :cpu -> {:f, 64}
+      # No f64 on the GPU: f32 still holds the range of every integer and float input.
+      type in [{:f, 16}, {:bf, 16}] -> {:f, 32}
       true -> type
     end
   end

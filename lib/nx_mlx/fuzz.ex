@@ -19,7 +19,8 @@ defmodule NxMlx.Fuzz do
     batch: 250,
     timeout: 30_000,
     memory_limit: 4 * 1024 * 1024 * 1024,
-    progress: nil
+    progress: nil,
+    jobs: 1
   ]
 
   @doc """
@@ -30,10 +31,36 @@ defmodule NxMlx.Fuzz do
   def run(opts) do
     opts = Keyword.merge(@defaults, opts)
     indices = opts[:only] || Enum.to_list(opts[:first]..(opts[:first] + opts[:calls] - 1)//1)
-    specs = Stream.map(indices, &Gen.case(opts[:seed], &1, opts[:device]))
     t0 = System.monotonic_time()
-    results = run_specs(specs, Keyword.put(opts, :total, length(indices)))
+    results = run_sharded(indices, opts)
     %{results: results, elapsed_s: seconds_since(t0)}
+  end
+
+  # `jobs` shards (every jobs-th case), each in its own child VMs at the same time; the
+  # results come back in case order. Cases are pure functions of (seed, index), so the
+  # report is the same whatever `jobs` is (a hang's timeout may differ on a busy machine).
+  defp run_sharded(indices, opts) do
+    jobs = max(opts[:jobs], 1)
+    specs = fn ids -> Stream.map(ids, &Gen.case(opts[:seed], &1, opts[:device])) end
+
+    if jobs == 1 do
+      run_specs(specs.(indices), Keyword.put(opts, :total, length(indices)))
+    else
+      indices
+      |> Enum.with_index()
+      |> Enum.group_by(fn {_, i} -> rem(i, jobs) end, fn {id, _} -> id end)
+      |> Map.values()
+      |> Task.async_stream(
+        fn ids ->
+          Enum.zip(ids, run_specs(specs.(ids), Keyword.put(opts, :total, length(ids))))
+        end,
+        timeout: :infinity,
+        max_concurrency: jobs
+      )
+      |> Enum.flat_map(fn {:ok, pairs} -> pairs end)
+      |> Enum.sort_by(&elem(&1, 0))
+      |> Enum.map(&elem(&1, 1))
+    end
   end
 
   @doc "Runs the given cases (an enumerable of specs) in child VMs: [%{spec, class, detail, us}]."

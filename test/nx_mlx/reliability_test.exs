@@ -472,5 +472,20 @@ defmodule NxMlx.ReliabilityTest do
         assert Nx.to_list(Nx.indexed_add(t, i, u)) == [23, 5, 8]
       end
     end
+
+    test "complex scatters run (MLX's GPU scatter has no complex64 kernel)" do
+      t = Nx.tensor([1.0, 2.0, 3.0], type: :bf16, backend: @g)
+      i = Nx.tensor([[0], [2]], backend: @g)
+      u = Nx.tensor([Complex.new(1, 1), Complex.new(0, -1)], type: :c64, backend: @g)
+      assert Nx.to_list(Nx.indexed_put(t, i, u)) == [Complex.new(1, 1), 2.0, Complex.new(0, -1)]
+      assert Nx.to_list(Nx.indexed_add(t, i, u)) == [Complex.new(2, 1), 2.0, Complex.new(3, -1)]
+    end
+
+    test "an f16 result of a huge s64 is computed in f32 (no f64 on the GPU)" do
+      # 9.2e18 is inf in f16: -inf / inf was NaN; Nx's -inf / 9.2e18 is -inf.
+      x = Nx.tensor([:neg_infinity, 3.0], type: :f16, backend: @g)
+      y = Nx.tensor([9_223_372_036_854_775_806, 2], type: :s64, backend: @g)
+      assert Nx.to_list(Nx.divide(x, y)) == [:neg_infinity, 1.5]
+    end
   end
 end

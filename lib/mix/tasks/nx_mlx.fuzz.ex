@@ -24,7 +24,9 @@ defmodule Mix.Tasks.NxMlx.Fuzz do
   `--first I` (first case index, default 0), `--only I,J` (just these indices),
   `--device cpu|gpu`, `--batch N` (cases per child VM, default 250), `--timeout MS` (per
   case, default 30000), `--memory-limit BYTES` (MLX's memory limit in the child, default
-  4 GiB), `--strict` (exit non-zero when a crash, hang, other exception or disagreement was
+  4 GiB), `--jobs N` (N child VMs at a time, each running every N-th case; default 1: the
+  report does not depend on it), `--no-compile` and `--no-deps-check` (as for `mix run`:
+  run a build made elsewhere), `--strict` (exit non-zero when a crash, hang, other exception or disagreement was
   seen; otherwise the exit status is 0: the output is a report).
 
   Every case is a pure function of (seed, index). The output ends with `key: value` lines,
@@ -42,14 +44,17 @@ defmodule Mix.Tasks.NxMlx.Fuzz do
     batch: :integer,
     timeout: :integer,
     memory_limit: :integer,
-    strict: :boolean
+    jobs: :integer,
+    strict: :boolean,
+    no_compile: :boolean,
+    no_deps_check: :boolean
   ]
 
   @impl true
   def run(args) do
     {opts, _} = OptionParser.parse!(args, strict: @switches)
-    Mix.Task.run("compile")
-    Mix.Task.run("loadpaths")
+    unless opts[:no_compile], do: Mix.Task.run("compile")
+    Mix.Task.run("loadpaths", if(opts[:no_deps_check], do: ["--no-deps-check"], else: []))
     Application.load(:nx_mlx)
 
     device =
@@ -69,7 +74,7 @@ defmodule Mix.Tasks.NxMlx.Fuzz do
 
     run_opts =
       [calls: calls, device: device, only: only, progress: if(only, do: nil, else: :stderr)] ++
-        Keyword.take(opts, [:seed, :first, :batch, :timeout, :memory_limit])
+        Keyword.take(opts, [:seed, :first, :batch, :timeout, :memory_limit, :jobs])
 
     outcome = NxMlx.Fuzz.run(run_opts)
 
