@@ -117,6 +117,71 @@ defmodule NxMlx.FaultTest do
     end
   end
 
+  describe "the VM halting while workers run" do
+    # exit() destroys MLX's globals; workers still running jobs or freeing arrays then
+    # corrupted the heap ("malloc_consolidate(): unaligned fastbin chunk detected", exit
+    # status 134). The NIF's exit hook stops and joins them first.
+    test "exits with the status asked for, every time" do
+      script = ~S'''
+      queues = for _ <- 1..4, do: NxMlx.CommandQueue.new!(:cpu)
+
+      for {q, i} <- Enum.with_index(queues) do
+        spawn(fn ->
+          NxMlx.CommandQueue.with_queue(q, fn ->
+            a = Nx.iota({256, 256}, type: :f32, backend: NxMlx.Backend)
+            Stream.repeatedly(fn -> Nx.to_binary(Nx.dot(a, a), limit: 1) end) |> Stream.run()
+          end)
+        end)
+
+        spawn(fn ->
+          Stream.repeatedly(fn -> Nx.add(Nx.iota({1000 + i}, backend: NxMlx.Backend), 1) end)
+          |> Stream.run()
+        end)
+      end
+
+      Process.sleep(30)
+      System.halt(7)
+      '''
+
+      paths = Enum.flat_map(:code.get_path(), &["-pa", List.to_string(&1)])
+
+      for run <- 1..8 do
+        {out, status} = run_vm(paths ++ ["-e", script], 60_000)
+        assert status == 7, "run #{run}: exit status #{inspect(status)}: #{out}"
+        refute out =~ "malloc", "run #{run}: #{out}"
+      end
+    end
+
+    # `elixir args`: {output, exit status}, or {output, :hung} (killed) past `timeout` ms.
+    # Before the exit hook, exit could also deadlock: OpenBLAS's destructor waited for its
+    # threads while MLX's stream threads, still running a worker's matmul, waited for it.
+    defp run_vm(args, timeout) do
+      port =
+        Port.open({:spawn_executable, System.find_executable("elixir")}, [
+          :binary,
+          :exit_status,
+          :stderr_to_stdout,
+          args: args
+        ])
+
+      {:os_pid, os_pid} = Port.info(port, :os_pid)
+      collect_vm(port, os_pid, System.monotonic_time(:millisecond) + timeout, [])
+    end
+
+    defp collect_vm(port, os_pid, deadline, acc) do
+      left = max(deadline - System.monotonic_time(:millisecond), 0)
+
+      receive do
+        {^port, {:data, data}} -> collect_vm(port, os_pid, deadline, [acc, data])
+        {^port, {:exit_status, status}} -> {IO.iodata_to_binary(acc), status}
+      after
+        left ->
+          System.cmd("kill", ["-9", Integer.to_string(os_pid)])
+          {IO.iodata_to_binary(acc), :hung}
+      end
+    end
+  end
+
   describe "queue owners dying" do
     test "other processes keep using the queue; it stops once nobody holds it" do
       workers_before = Native.live_workers()

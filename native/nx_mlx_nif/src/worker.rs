@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Once, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,16 @@ const RELEASE_INLINE_BYTES: usize = 64 * 1024;
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 static LIVE_THREADS: AtomicUsize = AtomicUsize::new(0);
 
+/// Every running worker, so that process exit can stop them (weak: a worker still stops
+/// when its last handle is dropped).
+static RUNNING: Lazy<Mutex<HashMap<u64, Weak<Worker>>>> = Lazy::new(|| Mutex::new(HashMap::new()));
+
+/// Set when the process exits: workers stop instead of taking the next job.
+static HALTING: AtomicBool = AtomicBool::new(false);
+
+/// How long process exit waits for workers to finish their current job.
+const HALT_WAIT: Duration = Duration::from_secs(2);
+
 thread_local! {
     static CURRENT_WORKER: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
@@ -52,6 +62,8 @@ enum Job {
     Run(JobFn),
     /// Wake-up to free the arrays in the garbage channel.
     Collect,
+    /// The process is exiting: stop after the jobs before this one (see [`quiesce_at_exit`]).
+    Halt,
 }
 
 /// Called once, on the worker thread, when the worker is ready (or failed to start).
@@ -282,6 +294,7 @@ fn run(
             return;
         }
     };
+    install_exit_hook(&stream);
     if device == DeviceKind::Cpu {
         // Only CPU workers compete with the schedulers for cores. A GPU worker mostly waits,
         // and threads the GPU runtime starts from it must answer quickly: measured on an H200,
@@ -304,6 +317,9 @@ fn run(
         failed: Mutex::new(Failed::default()),
         failures: AtomicU64::new(0),
     });
+    if let Ok(mut running) = RUNNING.lock() {
+        running.insert(id, Arc::downgrade(&worker));
+    }
     // From here on the worker lives as long as handles to it (and the jobs they queued) do.
     on_ready(Ok(worker));
 
@@ -337,16 +353,70 @@ fn run(
                 let _ = catch_unwind(AssertUnwindSafe(|| f(&ctx)));
             }
             Job::Collect => {}
+            Job::Halt => break,
         }
         collect();
+        if HALTING.load(Ordering::Acquire) {
+            break;
+        }
     }
-    // Every handle is gone; free what is left, then let MLX finish the stream's work.
+    // Every handle is gone (or the process exits); free what is left, then let MLX finish
+    // the stream's work.
     collect();
     let _ = stream.synchronize();
+    if let Ok(mut running) = RUNNING.lock() {
+        running.remove(&id);
+    }
+    if HALTING.load(Ordering::Acquire) {
+        return;
+    }
     if let Ok(g) = ON_EXIT.lock() {
         if let Some(f) = *g {
             f(id, device);
         }
+    }
+}
+
+/// Registers [`quiesce_at_exit`] with the C library's `atexit`, once, after MLX's global
+/// state (its scheduler, allocator and device) exists: exit handlers and C++ static
+/// destructors run in reverse order of registration, so this one runs before MLX tears its
+/// globals down.
+fn install_exit_hook(stream: &Stream) {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        // One allocation and evaluation creates the allocator and the stream's machinery.
+        if let Ok(a) = mlx_bind::full(&[1], 0.0, mlx_bind::Dtype::F32, stream) {
+            let _ = a.eval();
+        }
+        let _ = mlx_bind::memory::active();
+        extern "C" {
+            fn atexit(f: extern "C" fn()) -> i32;
+        }
+        // SAFETY: registers a plain `extern "C"` function with no arguments; it only touches
+        // this module's statics.
+        unsafe {
+            atexit(quiesce_at_exit);
+        }
+    });
+}
+
+/// At process exit (`exit()`, the BEAM's `halt`), stops every worker after its current job
+/// and waits (at most [`HALT_WAIT`]) until their threads are joined: a worker still freeing
+/// arrays or running a job while exit destroys MLX's globals corrupts the heap.
+extern "C" fn quiesce_at_exit() {
+    HALTING.store(true, Ordering::Release);
+    let workers: Vec<Arc<Worker>> = match RUNNING.lock() {
+        Ok(running) => running.values().filter_map(Weak::upgrade).collect(),
+        Err(_) => Vec::new(),
+    };
+    for w in &workers {
+        // A full queue: the worker sees HALTING after its current job.
+        let _ = w.sender.try_send(Job::Halt);
+    }
+    drop(workers);
+    let deadline = Instant::now() + HALT_WAIT;
+    while LIVE_THREADS.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(1));
     }
 }
 
