@@ -196,11 +196,13 @@ defmodule NxMlx do
   end
 
   @doc """
-  Sets MLX's memory limit in bytes and returns the previous one. MLX uses it as a guide for
-  evaluation; nx_mlx also refuses to build any single array larger than it (MLX's CPU
-  allocator does not survive an impossible allocation). The limit is clamped to the machine's
-  physical memory (or MLX's default limit, when a GPU has more): MLX would accept any value,
-  and an allocation the system then cannot serve crashes the process.
+  Sets the memory limit in bytes and returns the previous one (`memory/0` reports it): nx_mlx
+  refuses to build any single array larger than it, with an `ArgumentError` naming the op
+  (MLX's CPU allocator does not survive an impossible allocation). The limit is clamped to
+  the machine's physical memory (or MLX's default limit, when a GPU has more): an allocation
+  the system cannot serve crashes the process. MLX's own limit, which throttles evaluation
+  while the live memory is above it, keeps its default: below the live memory, MLX's
+  scheduler waited for ever on queues whose work depended on one another.
   """
   @spec set_memory_limit(non_neg_integer()) :: non_neg_integer()
   def set_memory_limit(bytes) when is_integer(bytes) and bytes >= 0,

@@ -179,7 +179,7 @@ pub fn ready_arrays(
 /// failed allocation, so an impossible size would crash the process at evaluation time.
 pub fn check_size(a: &Array) -> NifResult<()> {
     let bytes = a.nbytes();
-    let limit = mlx_bind::memory::limit();
+    let limit = crate::memory::limit();
     if limit > 0 && bytes > limit {
         return Err(NifError::Argument(format!(
             "the result needs {bytes} bytes, more than MLX's memory limit of {limit} bytes \

@@ -2,6 +2,8 @@
 //! memory limit are immediate; clearing the cache and setting the cache limit wait for every
 //! CPU stream inside MLX, so they run on a worker and reply by message.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use rustler::{Encoder, Env, ResourceArc, Term};
 
 use crate::resources::WorkerRes;
@@ -28,10 +30,7 @@ fn memory(env: Env) -> Term {
             atoms::cache().encode(env),
             mlx_bind::memory::cache().encode(env),
         ),
-        (
-            atoms::limit().encode(env),
-            mlx_bind::memory::limit().encode(env),
-        ),
+        (atoms::limit().encode(env), limit().encode(env)),
     ];
     pairs
         .into_iter()
@@ -44,10 +43,29 @@ fn reset_peak_memory() -> rustler::Atom {
     atoms::ok()
 }
 
+/// nx_mlx's memory limit; `usize::MAX` until set (MLX's own limit is used then).
+static LIMIT: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// The memory limit no single array may exceed (see `build::check_size`); clamped to
+/// `mlx_bind::memory::max_limit` when set.
+pub fn limit() -> usize {
+    match LIMIT.load(Ordering::Relaxed) {
+        usize::MAX => mlx_bind::memory::limit(),
+        n => n,
+    }
+}
+
 /// `set_memory_limit(bytes)`: the previous limit.
+///
+/// MLX's own limit is left as it is. MLX's evaluation, while the live memory is above that
+/// limit, waits in a loop until every scheduled task (of every stream) has finished; with a
+/// limit below what is alive, workers whose graphs wait on one another's streams spun in that
+/// loop for ever (seen in the fault tests, with a 2 MB limit).
 #[rustler::nif]
 fn set_memory_limit(bytes: usize) -> usize {
-    mlx_bind::memory::set_limit(bytes)
+    let previous = limit();
+    LIMIT.store(bytes.min(mlx_bind::memory::max_limit()), Ordering::Relaxed);
+    previous
 }
 
 /// `set_cache_limit(worker, bytes)`: `{:async, ref}`; replies with the previous limit.
