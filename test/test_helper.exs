@@ -154,6 +154,4 @@ exclude =
 
 # f64 exists only on the CPU device: leave its tests out when the oracles run on the GPU.
 exclude = if NxMlx.TestHelpers.oracle_device() == :gpu, do: [:f64 | exclude], else: exclude
-# The fault tests run on their own (scripts/test runs `mix test --only fault`).
-exclude = [:fault | exclude]
 ExUnit.start(exclude: exclude)
