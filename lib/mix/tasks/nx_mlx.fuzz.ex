@@ -23,11 +23,12 @@ defmodule Mix.Tasks.NxMlx.Fuzz do
   Options: `--calls N` (default 1000, 200 with `--quick`), `--seed S` (default 1),
   `--first I` (first case index, default 0), `--only I,J` (just these indices),
   `--device cpu|gpu`, `--batch N` (cases per child VM, default 250), `--timeout MS` (per
-  case, default 30000), `--memory-limit BYTES` (MLX's memory limit in the child, default
-  4 GiB), `--jobs N` (N child VMs at a time, each running every N-th case; default 1: the
-  report does not depend on it), `--no-compile` and `--no-deps-check` (as for `mix run`:
-  run a build made elsewhere), `--strict` (exit non-zero when a crash, hang, other exception or disagreement was
-  seen; otherwise the exit status is 0: the output is a report).
+  case, default 30000), `--memory-limit BYTES` (`NxMlx.set_memory_limit/1` in the child,
+  default 4 GiB), `--jobs N` (N child VMs at a time, each running every N-th case; default
+  1: the report does not depend on it), `--no-compile` and `--no-deps-check` (as for
+  `mix run`: run a build made elsewhere), `--strict` (exit non-zero when a crash, hang, other
+  exception or disagreement was seen; otherwise the exit status is 0: the output is a
+  report).
 
   Every case is a pure function of (seed, index). The output ends with `key: value` lines,
   the last five `calls`, `crashes`, `hangs`, `other_exceptions` and `disagreements`.

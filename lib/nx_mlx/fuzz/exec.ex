@@ -108,8 +108,8 @@ defmodule NxMlx.Fuzz.Exec do
 
   @doc """
   Called in a fresh child VM: sets the parent's application environment, starts nx_mlx,
-  lowers MLX's memory limit to `memory_limit` (a fuzz run must not take the machine's
-  memory) and returns the child's OS pid.
+  sets the memory limit to `memory_limit` (no array larger is built: a fuzz run must not
+  take the machine's memory) and returns the child's OS pid.
   """
   def boot(env, memory_limit) do
     for {app, pairs} <- env, {k, v} <- pairs, do: Application.put_env(app, k, v)

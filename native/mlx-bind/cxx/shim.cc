@@ -409,10 +409,6 @@ size_t get_memory_limit() {
   return mx::get_memory_limit();
 }
 
-size_t set_memory_limit(size_t limit) {
-  return mx::set_memory_limit(limit);
-}
-
 size_t set_cache_limit(size_t limit) {
   return mx::set_cache_limit(limit);
 }

@@ -63,7 +63,6 @@ size_t physical_memory();
 void reset_peak_memory();
 size_t get_cache_memory();
 size_t get_memory_limit();
-size_t set_memory_limit(size_t limit);
 size_t set_cache_limit(size_t limit);
 void clear_cache();
 

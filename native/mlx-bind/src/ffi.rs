@@ -172,7 +172,6 @@ pub(crate) mod bridge {
         fn get_cache_memory() -> usize;
         fn get_memory_limit() -> usize;
         fn physical_memory() -> usize;
-        fn set_memory_limit(limit: usize) -> usize;
         fn set_cache_limit(limit: usize) -> Result<usize>;
         fn clear_cache() -> Result<()>;
 

@@ -320,20 +320,14 @@ pub mod memory {
         bridge::get_memory_limit()
     }
 
-    /// The largest memory limit [`set_limit`] accepts: the machine's physical memory, or
-    /// MLX's own default limit when that is larger (a GPU with more memory than the host).
-    /// MLX takes any limit, and an allocation it then lets through but the system cannot
-    /// serve is written through a null pointer.
+    /// The largest memory limit worth allowing: the machine's physical memory, or MLX's own
+    /// default limit when that is larger (a GPU with more memory than the host). An
+    /// allocation MLX lets through but the system cannot serve is written through a null
+    /// pointer.
     pub fn max_limit() -> usize {
         static DEFAULT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
         let default = *DEFAULT.get_or_init(bridge::get_memory_limit);
         default.max(bridge::physical_memory())
-    }
-
-    /// Sets the memory limit, clamped to [`max_limit`]; returns the previous one.
-    pub fn set_limit(bytes: usize) -> usize {
-        let max = max_limit();
-        bridge::set_memory_limit(bytes.min(max))
     }
 
     /// Sets the cache limit (0 disables the cache); returns the previous one. Waits for the

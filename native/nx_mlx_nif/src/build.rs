@@ -175,8 +175,9 @@ pub fn ready_arrays(
         .collect()
 }
 
-/// Refuses arrays larger than MLX's memory limit: MLX's CPU allocator does not check for a
-/// failed allocation, so an impossible size would crash the process at evaluation time.
+/// Refuses arrays larger than the memory limit (`memory::limit`): MLX's CPU allocator does not
+/// check for a failed allocation, so an impossible size would crash the process at evaluation
+/// time.
 pub fn check_size(a: &Array) -> NifResult<()> {
     let bytes = a.nbytes();
     let limit = crate::memory::limit();
