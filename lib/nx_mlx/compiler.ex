@@ -28,6 +28,15 @@ defmodule NxMlx.Compiler do
       through `Nx.Defn.Evaluator` on NxMlx tensors, after a
       `[:nx_mlx, :compiler, :fallback]` telemetry event with `%{op: op, reason: text}`;
       `:raise` raises an `ArgumentError` naming the op (for tests and CI).
+    * `:fuse` - the fusion lane (default `false`): straight-line parts of the program (the
+      whole function, a loop's body, a branch) run through `mx::compile`, which traces each
+      once per worker and fuses element-wise chains into generated kernels (NVRTC on CUDA,
+      `g++` at run time on the CPU). Where MLX cannot fuse (no `g++` on PATH, or SIGCHLD
+      ignored, as the BEAM leaves it: call `:os.set_signal(:sigchld, :default)` to allow it;
+      `MLX_DISABLE_COMPILE` set; a part that cannot be traced; a fused evaluation that fails
+      where the unfused one succeeds) the program runs unfused and a
+      `[:nx_mlx, :compiler, :unfused]` event says why, once. The default stays off until the
+      benchmark decides it per device.
     * `:max_concurrency` - the number of `Nx.Serving` partitions (default 1); each partition
       gets a command queue of its own (the same one every time for partition i of a device).
 
@@ -44,8 +53,7 @@ defmodule NxMlx.Compiler do
   by op): `Nx.runtime_call/4`; `reduce`/`window_reduce`
   with a function of their own; and callbacks that fall back to Nx.BinaryBackend or need a
   value on the host in `NxMlx.Backend` (see its moduledoc; e.g. integer `pow` with a
-  non-constant exponent, `triangular_solve`, float `remainder`). There is no fusion lane
-  (`mx::compile`) yet. A singular system in a compiled `solve`/`triangular_solve` fails when
+  non-constant exponent, `triangular_solve`, float `remainder`). A singular system in a compiled `solve`/`triangular_solve` fails when
   the program runs (`NxMlx.NIFError`), where the eager call raises Nx's `ArgumentError`.
 
   ## Telemetry
@@ -53,6 +61,8 @@ defmodule NxMlx.Compiler do
     * `[:nx_mlx, :compiler, :compile]` - `%{duration: native_time}`, metadata `%{hit: bool,
       ops: count}`: one per `jit` call that needed a lookup (`hit: true`) or a compilation.
     * `[:nx_mlx, :compiler, :fallback]` - see `:on_unsupported`.
+    * `[:nx_mlx, :compiler, :unfused]` - `%{fused_blocks: n}`, metadata `%{device: d, reason:
+      text}`: see `:fuse`.
   """
 
   alias Nx.Defn.{Composite, Expr, Tree}
@@ -61,7 +71,7 @@ defmodule NxMlx.Compiler do
   alias NxMlx.Compiler.Recorder.NotLowerable
   alias NxMlx.{CommandQueue, Runtime}
 
-  @known_opts [:device, :command_queue, :hooks, :on_unsupported, :max_concurrency]
+  @known_opts [:device, :command_queue, :hooks, :on_unsupported, :max_concurrency, :fuse]
 
   ## Nx.Defn.Compiler callbacks (through NxMlx)
 
@@ -192,7 +202,16 @@ defmodule NxMlx.Compiler do
 
   # What the compiled program depends on besides the function and the templates.
   defp cache_opts(opts) do
-    {device(opts), Keyword.get(opts, :on_unsupported, :evaluate)}
+    {device(opts), Keyword.get(opts, :on_unsupported, :evaluate), Keyword.get(opts, :fuse)}
+  end
+
+  # The fusion lane's switch: `:fuse` when given, else off (see the moduledoc).
+  defp fuse?(opts, device) do
+    case Keyword.get(opts, :fuse) do
+      nil -> false
+      fuse when is_boolean(fuse) -> fuse
+      other -> raise ArgumentError, "NxMlx: :fuse must be a boolean, got #{inspect(other)}"
+    end
   end
 
   # The input templates, in their containers (a tuple of one tensor is not a tensor). Walked
@@ -229,8 +248,10 @@ defmodule NxMlx.Compiler do
     output = Enum.reverse(output)
     params = Composite.flatten_list(vars)
 
+    fuse = fuse?(opts, device)
+
     try do
-      lower(expr, params, {Composite.traverse(expr, &Nx.to_template/1), output}, device)
+      lower(expr, params, {Composite.traverse(expr, &Nx.to_template/1), output}, device, fuse)
     rescue
       e in NotLowerable ->
         if policy == :raise do
@@ -269,7 +290,7 @@ defmodule NxMlx.Compiler do
   end
 
   # Lowers the whole expression into a program. Registers 0..n-1 are the parameters.
-  defp lower(expr, params, output, device) do
+  defp lower(expr, params, output, device, fuse) do
     n_inputs = length(params)
     Recorder.start(n_inputs)
 
@@ -289,7 +310,7 @@ defmodule NxMlx.Compiler do
         Runtime.call(:eval, [ref], fn -> "NxMlx compiler: constant" end)
       end)
 
-      steps = segments(const_code, code, outputs)
+      steps = segments(const_code, code, outputs, fuse)
 
       %{
         kind: :program,
@@ -297,6 +318,7 @@ defmodule NxMlx.Compiler do
         inputs: Enum.to_list(0..(n_inputs - 1)//1),
         outputs: outputs,
         device: device,
+        fuse: fuse,
         output: output,
         hooks: List.to_tuple(hooks),
         ops: Enum.sum(for {:native, p, _, _} <- steps, do: elem(NxMlx.Native.program_info(p), 2))
@@ -310,7 +332,7 @@ defmodule NxMlx.Compiler do
 
   # `[{:native, program, input_registers, output_registers} | {:host, id, in, out}]` in
   # order. Registers are global while recording; each native part gets its inputs first.
-  defp segments(const_code, code, outputs) do
+  defp segments(const_code, code, outputs, fuse) do
     consts = Map.new(const_code, fn {:const, r, _} = c -> {r, c} end)
 
     # A result that is a constant no instruction reads is made by a part of its own.
@@ -372,7 +394,13 @@ defmodule NxMlx.Compiler do
         program =
           Runtime.call(
             :program_new,
-            [code, length(inputs), map_size(numbers), Enum.map(outs, &Map.fetch!(numbers, &1))],
+            [
+              code,
+              length(inputs),
+              map_size(numbers),
+              Enum.map(outs, &Map.fetch!(numbers, &1)),
+              fuse
+            ],
             fn -> "NxMlx compiler" end
           )
 
@@ -766,6 +794,7 @@ defmodule NxMlx.Compiler do
       Enum.reduce(compiled.steps, env, fn
         {:native, program, ins, outs}, env ->
           arrays = program_run(worker, program, Enum.map(ins, &Map.fetch!(env, &1)), hooks)
+          if compiled.fuse, do: report_unfused(program, device)
           Map.merge(env, Map.new(Enum.zip(outs, arrays)))
 
         {:host, id, ins, outs}, env ->
@@ -785,6 +814,20 @@ defmodule NxMlx.Compiler do
       end)
 
     result
+  end
+
+  # A fused program tells once why a part of it runs unfused (see NxMlx.Native.program_fusion).
+  defp report_unfused(program, device) do
+    case NxMlx.Native.program_fusion(program) do
+      {_fused, nil} ->
+        :ok
+
+      {fused, reason} ->
+        :telemetry.execute([:nx_mlx, :compiler, :unfused], %{fused_blocks: fused}, %{
+          device: device,
+          reason: reason
+        })
+    end
   end
 
   # Nx.runtime_call/4's callback, in the caller's process, on the values computed so far.

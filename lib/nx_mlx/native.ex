@@ -70,9 +70,11 @@ defmodule NxMlx.Native do
   def op(_worker, _name, _args), do: nif_error()
 
   # Programs (see native/nx_mlx_nif/src/program.rs and NxMlx.Compiler)
-  def program_new(_code, _n_inputs, _n_regs, _outputs), do: nif_error()
+  def program_new(_code, _n_inputs, _n_regs, _outputs, _fuse), do: nif_error()
   def program_run(_worker, _program, _inputs, _tag), do: nif_error()
   def program_info(_program), do: nif_error()
+  def program_fusion(_program), do: nif_error()
+  def fusion_available(_device), do: nif_error()
 
   # The ops by name, each `name(worker, args...)`, as `op/3` calls.
   @ops [

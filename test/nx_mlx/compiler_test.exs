@@ -1,6 +1,17 @@
 defmodule NxMlx.CompilerTest.Fns do
   import Nx.Defn
 
+  defn fused_chain(x, y) do
+    z = Nx.sin(Nx.exp(x * 0.5) + y)
+
+    {z, _} =
+      while {z, i = 0}, i < 3 do
+        {Nx.tanh(z) * 1.5 + 0.25, i + 1}
+      end
+
+    Nx.sum(z, axes: [1])
+  end
+
   defn count_to(x, n) do
     {_, acc, _} =
       while {i = 0, acc = x, n}, i < n do
@@ -629,16 +640,65 @@ defmodule NxMlx.CompilerTest do
             {[], 3, 2, [0]},
             {[], 0, Bitwise.bsl(1, 40), [0]}
           ] do
-        assert {:error, {:argument, _}} = NxMlx.Native.program_new(code, n_in, n_regs, outs)
+        assert {:error, {:argument, _}} =
+                 NxMlx.Native.program_new(code, n_in, n_regs, outs, false)
       end
 
-      {:ok, p} = NxMlx.Native.program_new([{:op, [2], :unary, [:exp, 1], "x"}], 1, 3, [2])
+      {:ok, p} = NxMlx.Native.program_new([{:op, [2], :unary, [:exp, 1], "x"}], 1, 3, [2], false)
       assert {:error, {:argument, _}} = NxMlx.Native.program_run(w, p, [], 1)
       assert {:async, ref} = NxMlx.Native.program_run(w, p, [a], 1)
       assert_receive {^ref, {:error, {:argument, message}}}
       assert message =~ "read before it is set"
       assert_raise ArgumentError, fn -> NxMlx.Native.program_run(w, :junk, [a], 1) end
-      assert {:error, {:argument, _}} = NxMlx.Native.program_new([{:hook, -1, [0]}], 1, 1, [0])
+
+      assert {:error, {:argument, _}} =
+               NxMlx.Native.program_new([{:hook, -1, [0]}], 1, 1, [0], false)
     end
   end
+
+  describe "fusion lane (fuse: true)" do
+    test "fused programs give the unfused results, in straight code, loops and branches" do
+      f = &NxMlx.CompilerTest.Fns.fused_chain/2
+      x = Nx.iota({3, 50}, type: :f32, backend: NxMlx.Backend) |> Nx.divide(50)
+      y = Nx.add(x, 1)
+      fused = Nx.Defn.jit(f, compiler: NxMlx, fuse: true).(x, y)
+      plain = Nx.Defn.jit(f, compiler: NxMlx, fuse: false).(x, y)
+      assert Nx.to_number(Nx.all_close(fused, plain, atol: 1.0e-5)) == 1
+      refute Nx.to_number(Nx.all_close(fused, Nx.add(plain, 1))) == 1
+    end
+
+    test "without a usable compiler the program runs unfused and says why" do
+      me = self()
+      id = {:unfused, System.unique_integer()}
+
+      :telemetry.attach(id, [:nx_mlx, :compiler, :unfused], &__MODULE__.forward/4, me)
+
+      try do
+        fused? = NxMlx.Native.fusion_available(:cpu)
+        f = fn x -> x |> Nx.multiply(3) |> Nx.exp() |> Nx.add(1) end
+        x = Nx.tensor([0.5, 1.0, 2.0], backend: NxMlx.Backend)
+        out = Nx.Defn.jit(f, compiler: NxMlx, fuse: true, device: :cpu).(x)
+        assert Nx.to_list(out) == Nx.to_list(f.(x))
+
+        case fused? do
+          {:ok, false} ->
+            assert_receive {:unfused, %{reason: reason}}
+            assert reason =~ "does not fuse"
+
+          {:ok, true} ->
+            refute_receive {:unfused, _}, 100
+        end
+      after
+        :telemetry.detach(id)
+      end
+    end
+
+    test ":fuse must be a boolean" do
+      assert_raise ArgumentError, ~r/:fuse must be a boolean/, fn ->
+        Nx.Defn.jit(&Nx.add(&1, 1), compiler: NxMlx, fuse: :sometimes).(Nx.tensor(1))
+      end
+    end
+  end
+
+  def forward(_event, _measurements, metadata, pid), do: send(pid, {:unfused, metadata})
 end

@@ -11,7 +11,10 @@
 #include <string>
 #include <vector>
 
+#include <csignal>
+#include <cstdlib>
 #include <dlfcn.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "mlx-bind/cxx/kernels.h"
@@ -898,6 +901,76 @@ std::unique_ptr<array> tensordot(
     rust::Slice<const int32_t> axes_b,
     StreamRef s) {
   return boxed(mx::tensordot(a, b, to_ints(axes_a), to_ints(axes_b), to_mx(s)));
+}
+
+// mx::compile over a Rust function. The lambda is not a plain function pointer, so MLX owns
+// it and its cache entry (the traced tape, with every captured constant) is erased when the
+// returned function is destroyed, on whichever thread that happens.
+std::unique_ptr<CompiledFn> compile_fn(rust::Box<TraceFn> f) {
+  auto shared = std::make_shared<rust::Box<TraceFn>>(std::move(f));
+  std::function<std::vector<array>(const std::vector<array>&)> fun =
+      [shared](const std::vector<array>& inputs) {
+        ArrayList list{inputs};
+        auto out = trace_fn_call(**shared, list);
+        return std::move(out->arrays);
+      };
+  return std::make_unique<CompiledFn>(CompiledFn{mx::compile(std::move(fun))});
+}
+
+std::unique_ptr<ArrayList> compiled_call(const CompiledFn& f, const ArrayList& inputs) {
+  auto list = std::make_unique<ArrayList>();
+  list->arrays = f.fun(inputs.arrays);
+  return list;
+}
+
+namespace {
+
+// MLX's CPU compile builds kernels with `g++` through popen/pclose: with SIGCHLD ignored (as
+// the BEAM leaves it) the child is reaped before pclose can wait for it and the build fails.
+bool sigchld_waitable() {
+  struct sigaction old {};
+  if (sigaction(SIGCHLD, nullptr, &old) != 0) {
+    return false;
+  }
+  return old.sa_handler != SIG_IGN && !(old.sa_flags & SA_NOCLDWAIT);
+}
+
+bool on_path(const char* name) {
+  const char* path = std::getenv("PATH");
+  if (path == nullptr) {
+    return false;
+  }
+  std::string dirs(path);
+  size_t start = 0;
+  while (start <= dirs.size()) {
+    size_t end = dirs.find(':', start);
+    if (end == std::string::npos) {
+      end = dirs.size();
+    }
+    std::string file = dirs.substr(start, end - start) + "/" + name;
+    struct stat st {};
+    if (end > start && stat(file.c_str(), &st) == 0 && S_ISREG(st.st_mode) &&
+        access(file.c_str(), X_OK) == 0) {
+      return true;
+    }
+    start = end + 1;
+  }
+  return false;
+}
+
+} // namespace
+
+// Whether mx::compile fuses on `device` now: MLX_DISABLE_COMPILE unset, and on the CPU a
+// `g++` on PATH that popen/pclose can wait for.
+bool compile_enabled(DeviceKind device) {
+  const char* off = std::getenv("MLX_DISABLE_COMPILE");
+  if (off != nullptr && *off != '\0') {
+    return false;
+  }
+  if (device == DeviceKind::Gpu) {
+    return true;
+  }
+  return sigchld_waitable() && on_path("g++");
 }
 
 } // namespace nxmlx

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -25,6 +26,15 @@ using mlx::core::array;
 struct ArrayList {
   std::vector<array> arrays;
 };
+
+// A Rust function of arrays (defined in compile.rs) and its compiled form.
+struct TraceFn;
+struct CompiledFn {
+  std::function<std::vector<array>(const std::vector<array>&)> fun;
+};
+std::unique_ptr<CompiledFn> compile_fn(rust::Box<TraceFn> f);
+std::unique_ptr<ArrayList> compiled_call(const CompiledFn& f, const ArrayList& inputs);
+bool compile_enabled(DeviceKind device);
 
 rust::String version();
 bool is_available(DeviceKind device);

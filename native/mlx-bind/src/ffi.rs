@@ -1,6 +1,11 @@
 //! The cxx bridge: the only place that names C++ items. Everything here is re-exported in a
 //! safe shape by the rest of the crate; callers never touch `ffi` directly.
 
+use crate::compile::{trace_fn_call, TraceFn};
+
+// The bridge's generated code for a `Box` argument uses an API newer than the crate's MSRV
+// as the lint reads it (cxx itself supports 1.80).
+#[allow(clippy::incompatible_msrv)]
 #[cxx::bridge(namespace = "nxmlx")]
 pub(crate) mod bridge {
     /// Mirrors `mlx::core::Dtype::Val`, in the same order.
@@ -129,6 +134,12 @@ pub(crate) mod bridge {
         Mean,
     }
 
+    extern "Rust" {
+        /// A function of arrays to arrays, traced by `mx::compile` (see `compile.rs`).
+        type TraceFn;
+        fn trace_fn_call(f: &TraceFn, inputs: &ArrayList) -> Result<UniquePtr<ArrayList>>;
+    }
+
     unsafe extern "C++" {
         include!("mlx-bind/cxx/shim.h");
 
@@ -158,6 +169,11 @@ pub(crate) mod bridge {
         fn eval_spin(a: &Array, spin_us: u32) -> Result<()>;
         fn copy_to(a: &Array, stream: StreamRef, out: &mut [u8]) -> Result<()>;
         fn try_copy_to(a: &Array, out: &mut [u8]) -> Result<bool>;
+
+        type CompiledFn;
+        fn compile_fn(f: Box<TraceFn>) -> UniquePtr<CompiledFn>;
+        fn compiled_call(f: &CompiledFn, inputs: &ArrayList) -> Result<UniquePtr<ArrayList>>;
+        fn compile_enabled(device: DeviceKind) -> bool;
 
         fn new_array_list() -> UniquePtr<ArrayList>;
         fn array_list_push(list: Pin<&mut ArrayList>, a: &Array);
@@ -358,3 +374,9 @@ unsafe impl Sync for bridge::Array {}
 // SAFETY: a plain `std::vector` of array handles; moved between threads, never shared while
 // mutated (mutation needs `Pin<&mut>`).
 unsafe impl Send for bridge::ArrayList {}
+
+// SAFETY: a `std::function` returned by `mx::compile`, called only on the thread that made it
+// (see `Compiled`); its destructor erases its entry from that thread's compile cache under
+// MLX's lock, which is safe on any thread.
+unsafe impl Send for bridge::CompiledFn {}
+unsafe impl Sync for bridge::CompiledFn {}

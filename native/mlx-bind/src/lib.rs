@@ -17,8 +17,10 @@
 //!
 //! This crate knows nothing of the BEAM.
 
+mod compile;
 mod ffi;
 
+pub use compile::{compile_enabled, Compiled};
 pub use ffi::bridge::{BinaryOp, DeviceKind, Dtype, ReduceOp, ScanOp, UnaryOp};
 
 use cxx::UniquePtr;
@@ -258,7 +260,14 @@ impl Array {
     }
 }
 
-fn list_of(arrays: &[&Array]) -> UniquePtr<bridge::ArrayList> {
+/// The arrays of a list (new handles).
+pub(crate) fn unlist(list: &bridge::ArrayList) -> Result<Vec<Array>> {
+    (0..bridge::array_list_len(list))
+        .map(|i| wrap(bridge::array_list_get(list, i)))
+        .collect()
+}
+
+pub(crate) fn list_of(arrays: &[&Array]) -> UniquePtr<bridge::ArrayList> {
     let mut list = bridge::new_array_list();
     for a in arrays {
         bridge::array_list_push(list.pin_mut(), a.inner());
@@ -756,9 +765,7 @@ pub enum Decomposition {
 /// another thread while they are being evaluated.
 pub fn decompose(op: Decomposition, a: &Array, s: &Stream) -> Result<Vec<Array>> {
     let list = bridge::linalg_multi(op as u8, a.inner(), s.0)?;
-    (0..bridge::array_list_len(&list))
-        .map(|i| wrap(bridge::array_list_get(&list, i)))
-        .collect()
+    unlist(&list)
 }
 
 /// Contracts `axes_a` of `a` with `axes_b` of `b`; the result has `a`'s free axes, then `b`'s.

@@ -24,7 +24,9 @@
 
 use mlx_bind::{Array, Stream};
 use rustler::{Encoder, Env, ResourceArc, Term};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::build::{check_inputs, evaluate_outputs, ready_arrays};
 use crate::error::{NifError, NifResult};
@@ -50,14 +52,14 @@ enum Instr {
     While {
         init: Vec<usize>,
         state: Vec<usize>,
-        cond: Block,
+        cond: Arc<Block>,
         pred: usize,
-        body: Block,
+        body: Arc<Block>,
         next: Vec<usize>,
     },
     Cond {
-        clauses: Vec<(Block, usize, Block, Vec<usize>)>,
-        last: Block,
+        clauses: Vec<Clause>,
+        last: Arc<Block>,
         last_results: Vec<usize>,
         outs: Vec<usize>,
     },
@@ -67,19 +69,44 @@ enum Instr {
     },
 }
 
+/// A `cond` clause: the predicate's code, its register, the branch and its results.
+type Clause = (Arc<Block>, usize, Arc<Block>, Vec<usize>);
+
 #[derive(Default)]
 struct Block {
     code: Vec<Instr>,
     /// Registers to drop after each instruction.
     free: Vec<Vec<usize>>,
+    /// Set when the block is straight-line code (ops and constants only) that the fusion
+    /// lane may run as one `mx::compile`d function.
+    unit: Option<Unit>,
 }
+
+/// A straight-line block as a function: it reads `ins` (registers set before it) and writes
+/// `outs` (the registers it hands on); `drop` are the registers its `free` lists drop.
+struct Unit {
+    ins: Vec<usize>,
+    outs: Vec<usize>,
+    drop: Vec<usize>,
+}
+
+/// The fused form of a block on one worker (`None`: tracing it failed, replay instead).
+type Fused = Option<Arc<mlx_bind::Compiled>>;
 
 pub struct ProgramRes {
     n_inputs: usize,
     n_regs: usize,
     outputs: Vec<usize>,
-    main: Block,
+    main: Arc<Block>,
     ops: usize,
+    /// Run straight-line blocks through `mx::compile` (the fusion lane).
+    fuse: bool,
+    /// Compiled blocks, per worker (MLX's compile cache is per thread) and block address.
+    fused: Mutex<HashMap<(u64, usize), Fused>>,
+    /// The first reason a fused run fell back to replay, until `program_fusion` reads it.
+    fallback: Mutex<Option<String>>,
+    /// Set after a fused evaluation failed: the program replays unfused from then on.
+    unfused: AtomicBool,
 }
 
 #[rustler::resource_impl]
@@ -112,7 +139,7 @@ impl Decoder {
         list.into_iter().map(|t| self.reg(t)).collect()
     }
 
-    fn block(&mut self, term: Term, live_out: &[usize]) -> NifResult<Block> {
+    fn block(&mut self, term: Term, live_out: &[usize]) -> NifResult<Arc<Block>> {
         let list: Vec<Term> = term.decode().map_err(|_| {
             NifError::Argument(format!(
                 "program: expected a list of instructions, got {term:?}"
@@ -122,7 +149,7 @@ impl Decoder {
             .into_iter()
             .map(|t| self.instr(t))
             .collect::<NifResult<Vec<_>>>()?;
-        Ok(with_frees(code, live_out, &[]))
+        Ok(Arc::new(with_frees(code, live_out, &[])))
     }
 
     fn instr(&mut self, term: Term) -> NifResult<Instr> {
@@ -295,7 +322,52 @@ fn with_frees(code: Vec<Instr>, live_out: &[usize], also_own: &[usize]) -> Block
             free[i].push(r);
         }
     }
-    Block { code, free }
+    let unit = unit_of(&code, &free, live_out);
+    Block { code, free, unit }
+}
+
+/// The block as a function for the fusion lane, when it is straight-line code of at least
+/// two ops built on the caller's stream (ops that evaluate or build on the worker's default
+/// stream, and control flow and hooks, are left to replay) that hands something on.
+fn unit_of(code: &[Instr], free: &[Vec<usize>], live_out: &[usize]) -> Option<Unit> {
+    let mut ops = 0;
+    for instr in code {
+        match instr {
+            Instr::Op { op, .. } if op.placement() == crate::op::Placement::Caller => ops += 1,
+            Instr::Const { .. } => {}
+            _ => return None,
+        }
+    }
+    if ops < 2 {
+        return None;
+    }
+    let mut written = HashSet::new();
+    let mut seen = HashSet::new();
+    let mut ins = Vec::new();
+    let mut buf = Vec::new();
+    for instr in code {
+        buf.clear();
+        reads(instr, &mut buf);
+        for &r in &buf {
+            if !written.contains(&r) && seen.insert(r) {
+                ins.push(r);
+            }
+        }
+        buf.clear();
+        writes(instr, &mut buf);
+        written.extend(buf.iter().copied());
+    }
+    let mut outs: Vec<usize> = Vec::new();
+    for &r in live_out {
+        if written.contains(&r) && !outs.contains(&r) {
+            outs.push(r);
+        }
+    }
+    if outs.is_empty() {
+        return None;
+    }
+    let drop = free.iter().flatten().copied().collect();
+    Some(Unit { ins, outs, drop })
 }
 
 /// `program_new(code, n_inputs, n_regs, outputs)`: decodes and validates a program (it may
@@ -307,6 +379,7 @@ fn program_new<'a>(
     n_inputs: usize,
     n_regs: usize,
     outputs: Term<'a>,
+    fuse: bool,
 ) -> Term<'a> {
     let result = (|| {
         if n_inputs > n_regs || n_regs > (1 << 24) {
@@ -325,13 +398,17 @@ fn program_new<'a>(
             .collect::<NifResult<Vec<_>>>()?;
         // Inputs belong to the main block: they are dropped after their last read too.
         let inputs: Vec<usize> = (0..n_inputs).collect();
-        let main = with_frees(code, &outputs, &inputs);
+        let main = Arc::new(with_frees(code, &outputs, &inputs));
         Ok(ResourceArc::new(ProgramRes {
             n_inputs,
             n_regs,
             outputs,
             main,
             ops: d.ops,
+            fuse,
+            fused: Mutex::new(HashMap::new()),
+            fallback: Mutex::new(None),
+            unfused: AtomicBool::new(false),
         }))
     })();
     crate::submit::reply(env, result.map(|p| p.encode(env)))
@@ -341,6 +418,40 @@ fn program_new<'a>(
 #[rustler::nif]
 fn program_info(program: ResourceArc<ProgramRes>) -> (usize, usize, usize) {
     (program.n_inputs, program.n_regs, program.ops)
+}
+
+/// `program_fusion(program)`: `{fused_blocks, reason}`: how many blocks run fused on some
+/// worker, and the first reason a block fell back to replay since the last call (`nil`
+/// when none); the reason is cleared by reading it.
+#[rustler::nif]
+fn program_fusion(program: ResourceArc<ProgramRes>) -> (usize, Option<String>) {
+    let fused = lock(&program.fused)
+        .values()
+        .filter(|f| f.is_some())
+        .count();
+    (fused, lock(&program.fallback).take())
+}
+
+/// `fusion_available(device)`: `{:ok, bool}`, whether `mx::compile` fuses on `device` in this
+/// process now (see `mlx_bind::compile_enabled`).
+#[rustler::nif]
+fn fusion_available<'a>(env: Env<'a>, device: Term<'a>) -> Term<'a> {
+    let result = crate::convert::device(device)
+        .map(|d| (mlx_bind::is_available(d) && mlx_bind::compile_enabled(d)).encode(env));
+    crate::submit::reply(env, result)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ProgramRes {
+    fn note_fallback(&self, reason: String) {
+        let mut f = lock(&self.fallback);
+        if f.is_none() {
+            *f = Some(reason);
+        }
+    }
 }
 
 /// `program_run(worker, program, inputs, tag)`: replays the program on `worker` with `inputs`,
@@ -371,23 +482,53 @@ fn program_run<'a>(
     let w_job = w.clone();
     let pid = env.pid();
     submit(env, &w, move |env, ctx| {
-        let run = Run {
+        let fuse = program.fuse && !program.unfused.load(Ordering::Relaxed);
+        let arrays: Vec<Array> = inputs.iter().map(|a| a.array().clone()).collect();
+        drop(inputs);
+        // A fused run keeps its inputs until its outputs are evaluated: if MLX cannot build
+        // the fused kernels (a CPU compiler failing at run time), the program runs again
+        // unfused.
+        let retry = fuse.then(|| arrays.clone());
+        let mut run = Run {
             pid,
             tag,
             worker: &w_job,
             worker_id: ctx.worker_id,
+            program: &program,
+            fuse,
+            fused_any: std::cell::Cell::new(false),
         };
-        let mut regs: Vec<Option<Array>> = vec![None; program.n_regs];
-        for (i, a) in inputs.iter().enumerate() {
-            regs[i] = Some(a.array().clone());
-        }
-        drop(inputs);
-        run_block(&program.main, &mut regs, &ctx.stream, &run)?;
-        let outputs = values(&regs, &program.outputs)?;
-        drop(regs);
-        let arrays = evaluate_outputs(&w_job, outputs, born, ctx.worker_id)?;
+        let result = replay(&program, arrays, &ctx.stream, &run)
+            .and_then(|outputs| evaluate_outputs(&w_job, outputs, born, ctx.worker_id));
+        let arrays = match (result, retry) {
+            (Err(e), Some(inputs)) if run.fused_any.get() => {
+                run.fuse = false;
+                let outputs = replay(&program, inputs, &ctx.stream, &run)?;
+                let arrays = evaluate_outputs(&w_job, outputs, born, ctx.worker_id)?;
+                // Only a failure that replay does not share turns fusion off.
+                program.unfused.store(true, Ordering::Relaxed);
+                program.note_fallback(format!("a fused evaluation failed: {e}"));
+                arrays
+            }
+            (result, _) => result?,
+        };
         Ok(arrays.encode(env))
     })
+}
+
+/// Runs the program's main block on `inputs`: its (lazy) outputs.
+fn replay(
+    program: &ProgramRes,
+    inputs: Vec<Array>,
+    s: &Stream,
+    run: &Run,
+) -> NifResult<Vec<Array>> {
+    let mut regs: Vec<Option<Array>> = vec![None; program.n_regs];
+    for (i, a) in inputs.into_iter().enumerate() {
+        regs[i] = Some(a);
+    }
+    run_block(&program.main, &mut regs, s, run)?;
+    values(&regs, &program.outputs)
 }
 
 /// Handles to the arrays in registers `rs`.
@@ -414,27 +555,145 @@ struct Run<'w> {
     tag: u64,
     worker: &'w std::sync::Arc<crate::worker::Worker>,
     worker_id: u64,
+    program: &'w ProgramRes,
+    /// Whether straight-line blocks run fused.
+    fuse: bool,
+    /// Set when a block ran fused.
+    fused_any: std::cell::Cell<bool>,
 }
 
-fn run_block(block: &Block, regs: &mut [Option<Array>], s: &Stream, run: &Run) -> NifResult<()> {
-    for (instr, free) in block.code.iter().zip(&block.free) {
-        match instr {
-            Instr::Op {
-                op,
-                ins,
-                outs,
-                label,
-            } => {
-                let results = {
-                    let x = ins
-                        .iter()
-                        .map(|&r| get(regs, r))
-                        .collect::<NifResult<Vec<&Array>>>()?;
-                    op.apply(&x, s).map_err(|e| label_error(e, label))?
-                };
-                set(regs, outs, results);
+/// Runs an op or a constant; false for other instructions.
+fn step(instr: &Instr, regs: &mut [Option<Array>], s: &Stream) -> NifResult<bool> {
+    match instr {
+        Instr::Op {
+            op,
+            ins,
+            outs,
+            label,
+        } => {
+            let results = {
+                let x = ins
+                    .iter()
+                    .map(|&r| get(regs, r))
+                    .collect::<NifResult<Vec<&Array>>>()?;
+                op.apply(&x, s).map_err(|e| label_error(e, label))?
+            };
+            set(regs, outs, results);
+            Ok(true)
+        }
+        Instr::Const { array, out } => {
+            regs[*out] = Some(array.clone());
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// The block under `mx::compile`: MLX calls the closure once per input shapes (on tracer
+/// arrays) and replays the traced, fused graph afterwards.
+fn compile_block(block: Arc<Block>, n_regs: usize, s: Stream) -> mlx_bind::Compiled {
+    mlx_bind::Compiled::new(move |tracers: &[Array]| {
+        let to_mlx = |e: NifError| mlx_bind::Error {
+            message: e.to_string(),
+        };
+        let unit = block.unit.as_ref().ok_or_else(|| mlx_bind::Error {
+            message: "program: block is not straight-line".into(),
+        })?;
+        let mut regs: Vec<Option<Array>> = vec![None; n_regs];
+        for (&r, a) in unit.ins.iter().zip(tracers) {
+            regs[r] = Some(a.clone());
+        }
+        for instr in &block.code {
+            if !step(instr, &mut regs, &s).map_err(to_mlx)? {
+                return Err(mlx_bind::Error {
+                    message: "program: control flow in a fused block".into(),
+                });
             }
-            Instr::Const { array, out } => regs[*out] = Some(array.clone()),
+        }
+        values(&regs, &unit.outs).map_err(to_mlx)
+    })
+}
+
+/// Runs `block` fused when the fusion lane is on and it has a unit; false when it must be
+/// replayed instead (nothing has been changed then).
+fn run_fused(
+    block: &Arc<Block>,
+    regs: &mut [Option<Array>],
+    s: &Stream,
+    run: &Run,
+) -> NifResult<bool> {
+    let Some(unit) = (if run.fuse { block.unit.as_ref() } else { None }) else {
+        return Ok(false);
+    };
+    let key = (run.worker_id, Arc::as_ptr(block) as usize);
+    let compiled = {
+        let mut map = lock(&run.program.fused);
+        map.entry(key)
+            .or_insert_with(|| {
+                if mlx_bind::compile_enabled(s.device()) {
+                    Some(Arc::new(compile_block(
+                        block.clone(),
+                        run.program.n_regs,
+                        *s,
+                    )))
+                } else {
+                    run.program.note_fallback(format!(
+                        "mx::compile does not fuse on the {} here (MLX_DISABLE_COMPILE set, or \
+                         no g++ on PATH, or SIGCHLD ignored)",
+                        s.device().name()
+                    ));
+                    None
+                }
+            })
+            .clone()
+    };
+    let Some(compiled) = compiled else {
+        return Ok(false);
+    };
+    let outs = {
+        let ins = unit
+            .ins
+            .iter()
+            .map(|&r| get(regs, r))
+            .collect::<NifResult<Vec<&Array>>>()?;
+        compiled.call(&ins)
+    };
+    match outs {
+        Ok(outs) => {
+            for &r in &unit.drop {
+                regs[r] = None;
+            }
+            set(regs, &unit.outs, outs);
+            run.fused_any.set(true);
+            Ok(true)
+        }
+        Err(e) => {
+            lock(&run.program.fused).insert(key, None);
+            run.program
+                .note_fallback(format!("a block could not be traced: {}", e.message));
+            Ok(false)
+        }
+    }
+}
+
+fn run_block(
+    block: &Arc<Block>,
+    regs: &mut [Option<Array>],
+    s: &Stream,
+    run: &Run,
+) -> NifResult<()> {
+    if run_fused(block, regs, s, run)? {
+        return Ok(());
+    }
+    for (instr, free) in block.code.iter().zip(&block.free) {
+        if step(instr, regs, s)? {
+            for &r in free {
+                regs[r] = None;
+            }
+            continue;
+        }
+        match instr {
+            Instr::Op { .. } | Instr::Const { .. } => {}
             Instr::While {
                 init,
                 state,
