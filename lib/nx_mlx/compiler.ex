@@ -206,7 +206,7 @@ defmodule NxMlx.Compiler do
   end
 
   # The fusion lane's switch: `:fuse` when given, else off (see the moduledoc).
-  defp fuse?(opts, device) do
+  defp fuse?(opts, _device) do
     case Keyword.get(opts, :fuse) do
       nil -> false
       fuse when is_boolean(fuse) -> fuse
