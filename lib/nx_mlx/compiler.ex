@@ -53,7 +53,8 @@ defmodule NxMlx.Compiler do
   by op): `Nx.runtime_call/4`; `reduce`/`window_reduce`
   with a function of their own; and callbacks that fall back to Nx.BinaryBackend or need a
   value on the host in `NxMlx.Backend` (see its moduledoc; e.g. integer `pow` with a
-  non-constant exponent, `triangular_solve`, float `remainder`). A singular system in a compiled `solve`/`triangular_solve` fails when
+  non-constant exponent, `triangular_solve`, float `remainder`). A singular system in a
+  compiled `solve`/`triangular_solve` fails when
   the program runs (`NxMlx.NIFError`), where the eager call raises Nx's `ArgumentError`.
 
   ## Telemetry
@@ -206,7 +207,7 @@ defmodule NxMlx.Compiler do
   end
 
   # The fusion lane's switch: `:fuse` when given, else off (see the moduledoc).
-  defp fuse?(opts, _device) do
+  defp fuse?(opts) do
     case Keyword.get(opts, :fuse) do
       nil -> false
       fuse when is_boolean(fuse) -> fuse
@@ -248,7 +249,7 @@ defmodule NxMlx.Compiler do
     output = Enum.reverse(output)
     params = Composite.flatten_list(vars)
 
-    fuse = fuse?(opts, device)
+    fuse = fuse?(opts)
 
     try do
       lower(expr, params, {Composite.traverse(expr, &Nx.to_template/1), output}, device, fuse)

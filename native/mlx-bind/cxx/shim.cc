@@ -926,7 +926,8 @@ std::unique_ptr<ArrayList> compiled_call(const CompiledFn& f, const ArrayList& i
 namespace {
 
 // MLX's CPU compile builds kernels with `g++` through popen/pclose: with SIGCHLD ignored (as
-// the BEAM leaves it) the child is reaped before pclose can wait for it and the build fails.
+// some host runtimes leave it) the child is reaped before pclose can wait for it, and the
+// build fails.
 bool sigchld_waitable() {
   struct sigaction old {};
   if (sigaction(SIGCHLD, nullptr, &old) != 0) {

@@ -2,21 +2,12 @@
 //! replay computes what the plain function does, errors come back as `Err`, and dropping it
 //! frees what the trace captured.
 
+mod common;
+
+use common::{f32s, read_f32};
 use mlx_bind::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-
-fn f32s(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_ne_bytes()).collect()
-}
-
-fn read_f32(a: &Array, s: &Stream) -> Vec<f32> {
-    a.to_bytes(s)
-        .unwrap()
-        .chunks_exact(4)
-        .map(|c| f32::from_ne_bytes(c.try_into().unwrap()))
-        .collect()
-}
 
 fn arr(v: &[f32]) -> Array {
     Array::from_bytes(&f32s(v), &[v.len() as i64], Dtype::F32).unwrap()

@@ -1,22 +1,13 @@
 //! Binding-level tests: real MLX calls on the CPU device, results read back and compared with
 //! values computed here in Rust.
 
+mod common;
+
+use common::{f32s, read_f32};
 use mlx_bind::*;
 
 fn cpu() -> Stream {
     Stream::new(DeviceKind::Cpu).expect("cpu stream")
-}
-
-fn f32s(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_ne_bytes()).collect()
-}
-
-fn read_f32(a: &Array, s: &Stream) -> Vec<f32> {
-    a.to_bytes(s)
-        .unwrap()
-        .chunks_exact(4)
-        .map(|c| f32::from_ne_bytes(c.try_into().unwrap()))
-        .collect()
 }
 
 #[test]
