@@ -11,8 +11,13 @@ defmodule NxMlx.Compiler do
   native-or-not decisions are written once, and recorded here instead of run), `while` loops
   and `cond` branches as native control flow, blocks (`Nx.block/4`) as their native kernels
   where the backend has them and their lowered default expression otherwise, constants
-  folded. The NIF validates the program once; each call replays it on the command queue's
-  worker in one native call and returns the evaluated outputs.
+  folded (small constants are made once, at compile time, so their casts fold too). The NIF
+  validates the program once; each call replays it on the command queue's worker in one
+  native call and returns its outputs with their evaluation started, not waited for: reading
+  them (or `NxMlx.wait/1` on `NxMlx.submit/1`) waits, and a failure MLX reports only at
+  completion is raised there. The next call of the program on the same worker waits for the
+  previous one to finish before starting its own work, so a loop that never reads its
+  results keeps at most one call computing while the next is built.
 
   ## Options
 
@@ -28,15 +33,17 @@ defmodule NxMlx.Compiler do
       through `Nx.Defn.Evaluator` on NxMlx tensors, after a
       `[:nx_mlx, :compiler, :fallback]` telemetry event with `%{op: op, reason: text}`;
       `:raise` raises an `ArgumentError` naming the op (for tests and CI).
-    * `:fuse` - the fusion lane (default `false`): straight-line parts of the program (the
+    * `:fuse` - the fusion lane (default `true` on the GPU, `false` on the CPU, chosen from
+      bench/RESULTS.md: on an H200 fusion made the transformer block 1.1-2.0x and exact GELU
+      4x faster than replay, while on the CPU it won nothing measurable and lost up to 20 %
+      on softmax): straight-line parts of the program (the
       whole function, a loop's body, a branch) run through `mx::compile`, which traces each
       once per worker and fuses element-wise chains into generated kernels (NVRTC on CUDA,
       `g++` at run time on the CPU). Where MLX cannot fuse (no `g++` on PATH, or SIGCHLD
       ignored, as the BEAM leaves it: call `:os.set_signal(:sigchld, :default)` to allow it;
       `MLX_DISABLE_COMPILE` set; a part that cannot be traced; a fused evaluation that fails
       where the unfused one succeeds) the program runs unfused and a
-      `[:nx_mlx, :compiler, :unfused]` event says why, once. The default stays off until the
-      benchmark decides it per device.
+      `[:nx_mlx, :compiler, :unfused]` event says why, once.
     * `:max_concurrency` - the number of `Nx.Serving` partitions (default 1); each partition
       gets a command queue of its own (the same one every time for partition i of a device).
 
@@ -206,10 +213,11 @@ defmodule NxMlx.Compiler do
     {device(opts), Keyword.get(opts, :on_unsupported, :evaluate), Keyword.get(opts, :fuse)}
   end
 
-  # The fusion lane's switch: `:fuse` when given, else off (see the moduledoc).
+  # The fusion lane's switch: `:fuse` when given, else on for the GPU and off for the CPU
+  # (see the moduledoc).
   defp fuse?(opts) do
     case Keyword.get(opts, :fuse) do
-      nil -> false
+      nil -> device(opts) == :gpu
       fuse when is_boolean(fuse) -> fuse
       other -> raise ArgumentError, "NxMlx: :fuse must be a boolean, got #{inspect(other)}"
     end
@@ -518,8 +526,18 @@ defmodule NxMlx.Compiler do
     {value, scope}
   end
 
+  # A small constant (the scalars of `x * 2`) is made once, at compile time, and captured, so
+  # that ops on constants only (its casts) fold too and no run, loop iteration or branch
+  # fills it again; a larger one is made by the program (a captured one would hold its
+  # memory for the program's life).
+  @captured_constant_elements 256
+
   defp lower_op(:constant, [number], t, scope) do
-    {Recorder.forced(fn -> NxMlx.Backend.constant(t, number, device: scope.device) end), scope}
+    make = fn -> NxMlx.Backend.constant(t, number, device: scope.device) end
+
+    if Nx.size(t) <= @captured_constant_elements,
+      do: {make.(), scope},
+      else: {Recorder.forced(make), scope}
   end
 
   defp lower_op(:metadata, [expr, _meta], _t, scope),

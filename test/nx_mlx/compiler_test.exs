@@ -12,6 +12,16 @@ defmodule NxMlx.CompilerTest.Fns do
     Nx.sum(z, axes: [1])
   end
 
+  # The body hands on a constant as state: it must survive every iteration.
+  defn constant_state(x) do
+    {_, _, z} =
+      while {i = 0, y = x, z = x}, i < 4 do
+        {i + 1, Nx.tensor([1.0, 2.0]), z + y}
+      end
+
+    z
+  end
+
   defn count_to(x, n) do
     {_, acc, _} =
       while {i = 0, acc = x, n}, i < n do
@@ -379,6 +389,11 @@ defmodule NxMlx.CompilerTest do
   end
 
   describe "control flow runs natively" do
+    test "a while body may hand on a constant as state" do
+      out = jit(&Fns.constant_state/1).(mlx(Nx.tensor([10.0, 20.0])))
+      assert Nx.to_flat_list(out) == [23.0, 46.0]
+    end
+
     test "while" do
       assert_lowered(&Fns.count_to/2, [Nx.tensor([1.0, 2.0]), Nx.tensor(5)])
       assert_lowered(&Fns.count_to/2, [Nx.tensor([1.0, 2.0]), Nx.tensor(0)])
@@ -569,6 +584,26 @@ defmodule NxMlx.CompilerTest do
       out = jit(&Fns.softmax/1).(Nx.tensor([[0.0, 0.0]], backend: Nx.BinaryBackend))
       assert %NxMlx.Backend{} = out.data
       assert Nx.to_flat_list(out) == [0.5, 0.5]
+    end
+  end
+
+  describe "a call's outputs come back dispatched" do
+    test "the call returns before waiting; reading waits and gives the value" do
+      f = jit(fn x -> x |> Nx.multiply(2) |> Nx.add(1) end)
+      out = f.(mlx(Nx.iota({4}, type: {:f, 32})))
+      assert %{state: :lazy} = NxMlx.Native.array_info(out.data.ref)
+      assert Nx.to_flat_list(out) == [1.0, 3.0, 5.0, 7.0]
+      assert %{state: :evaluated} = NxMlx.Native.array_info(out.data.ref)
+    end
+
+    test "calls fed their own unread outputs compute in order, and can be submitted" do
+      step = fn x -> Nx.add(Nx.multiply(x, 1.5), 1) end
+      f = jit(step)
+      out = Enum.reduce(1..200, mlx(Nx.tensor([0.0, 1.0])), fn _, x -> f.(x) end)
+      {:ok, command} = NxMlx.submit(out)
+      assert :ok = NxMlx.wait(command)
+      expected = Enum.reduce(1..200, Nx.tensor([0.0, 1.0]), fn _, x -> step.(x) end)
+      assert_in_delta Nx.to_number(Nx.sum(Nx.divide(bin(out), expected))), 2.0, 1.0e-4
     end
   end
 

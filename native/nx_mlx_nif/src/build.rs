@@ -159,6 +159,23 @@ pub fn evaluate_outputs(
     Ok(ready_arrays(worker, outputs, worker_id))
 }
 
+/// Starts evaluating `outputs` on `worker` (its thread) and returns them as lazy resources
+/// whose graph is already dispatched: reading one waits for the work (and reports a failure
+/// MLX only sees at completion).
+pub fn dispatch_outputs(
+    worker: &std::sync::Arc<crate::worker::Worker>,
+    outputs: Vec<Array>,
+    born: u64,
+) -> NifResult<Vec<ResourceArc<ArrayRes>>> {
+    outputs.iter().try_for_each(check_size)?;
+    let refs: Vec<&Array> = outputs.iter().collect();
+    worker.dispatch(&refs, born).map_err(NifError::Runtime)?;
+    Ok(outputs
+        .into_iter()
+        .map(|a| ArrayRes::lazy(a, worker.clone(), 0))
+        .collect())
+}
+
 /// Resources for arrays already computed on `worker` (thread `worker_id`).
 pub fn ready_arrays(
     worker: &std::sync::Arc<crate::worker::Worker>,

@@ -1,7 +1,7 @@
 //! Programs: a whole `defn` graph, lowered by Elixir into a flat list of instructions over
 //! numbered registers, decoded and validated once (`program_new`) and replayed per call
 //! (`program_run`) on the worker in one job: the MLX graph is built without a BEAM round trip
-//! per op, loops and branches run natively, and the outputs come back evaluated.
+//! per op, loops and branches run natively, and the outputs come back dispatched.
 //!
 //! Instructions (terms):
 //!
@@ -28,7 +28,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::build::{check_inputs, evaluate_outputs, ready_arrays};
+use crate::build::{check_inputs, dispatch_outputs, ready_arrays};
 use crate::error::{NifError, NifResult};
 use crate::op::{decode, Op};
 use crate::resources::{ArrayRes, WorkerRes};
@@ -56,6 +56,9 @@ enum Instr {
         pred: usize,
         body: Arc<Block>,
         next: Vec<usize>,
+        /// The registers of `next` the body writes, dropped once read each iteration (the
+        /// others, a constant or a value from outside the loop, stay for the next one).
+        next_own: Vec<usize>,
     },
     Cond {
         clauses: Vec<Clause>,
@@ -204,6 +207,14 @@ impl Decoder {
             }
             let cond = self.block(parts[3], &[pred])?;
             let body = self.block(parts[5], &next)?;
+            let mut written = Vec::new();
+            for i in &body.code {
+                writes(i, &mut written);
+            }
+            let mut next_own: Vec<usize> =
+                next.iter().copied().filter(|r| written.contains(r)).collect();
+            next_own.sort_unstable();
+            next_own.dedup();
             Ok(Instr::While {
                 init,
                 state,
@@ -211,6 +222,7 @@ impl Decoder {
                 pred,
                 body,
                 next,
+                next_own,
             })
         } else if *tag == atoms::cond().encode(term.get_env()) && parts.len() == 5 {
             let clause_terms: Vec<Term> = parts[1].decode().map_err(|_| bad())?;
@@ -257,11 +269,17 @@ fn reads(instr: &Instr, out: &mut Vec<usize>) {
         Instr::Op { ins, .. } => out.extend(ins),
         Instr::Const { .. } => {}
         Instr::While {
-            init, cond, body, ..
+            init,
+            cond,
+            body,
+            next,
+            ..
         } => {
             out.extend(init);
             block_reads(cond, out);
             block_reads(body, out);
+            // A register the body hands on without writing it is read from outside.
+            out.extend(next);
         }
         Instr::Cond {
             clauses,
@@ -455,8 +473,8 @@ impl ProgramRes {
 }
 
 /// `program_run(worker, program, inputs, tag)`: replays the program on `worker` with `inputs`,
-/// replying `{:async, ref}` then `{ref, {:ok, [array, ...]}}` with the evaluated outputs
-/// (hook messages, tagged `tag`, come before the reply).
+/// replying `{:async, ref}` then `{ref, {:ok, [array, ...]}}` with the outputs, their
+/// evaluation dispatched (hook messages, tagged `tag`, come before the reply).
 #[rustler::nif]
 fn program_run<'a>(
     env: Env<'a>,
@@ -498,13 +516,25 @@ fn program_run<'a>(
             fuse,
             fused_any: std::cell::Cell::new(false),
         };
-        let result = replay(&program, arrays, &ctx.stream, &run)
-            .and_then(|outputs| evaluate_outputs(&w_job, outputs, born, ctx.worker_id));
+        // The outputs come back dispatched, not waited for: the caller's read-back (or next
+        // call) waits. The previous run dispatched here finishes before this one starts, so
+        // one run computes while the next is built, and no more.
+        let dispatch = |outputs: Vec<Array>| {
+            if let Some(previous) = ctx.in_flight.borrow_mut().take() {
+                // Its failure, if any, is its reader's to report.
+                let _ = mlx_bind::wait_all(&[&previous]);
+            }
+            let first = outputs.first().cloned();
+            let arrays = dispatch_outputs(&w_job, outputs, born)?;
+            *ctx.in_flight.borrow_mut() = first;
+            Ok::<_, NifError>(arrays)
+        };
+        let result = replay(&program, arrays, &ctx.stream, &run).and_then(dispatch);
         let arrays = match (result, retry) {
             (Err(e), Some(inputs)) if run.fused_any.get() => {
                 run.fuse = false;
                 let outputs = replay(&program, inputs, &ctx.stream, &run)?;
-                let arrays = evaluate_outputs(&w_job, outputs, born, ctx.worker_id)?;
+                let arrays = dispatch(outputs)?;
                 // Only a failure that replay does not share turns fusion off.
                 program.unfused.store(true, Ordering::Relaxed);
                 program.note_fallback(format!("a fused evaluation failed: {e}"));
@@ -701,6 +731,7 @@ fn run_block(
                 pred,
                 body,
                 next,
+                next_own,
             } => {
                 let start = values(regs, init)?;
                 set(regs, state, start);
@@ -718,7 +749,7 @@ fn run_block(
                     }
                     run_block(body, regs, s, run)?;
                     let updated = values(regs, next)?;
-                    for &r in next {
+                    for &r in next_own {
                         regs[r] = None;
                     }
                     set(regs, state, updated);

@@ -50,10 +50,14 @@ thread_local! {
     static CURRENT_WORKER: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// What a job sees: the worker's id and stream.
+/// What a job sees: the worker's id and stream, and state that stays on the worker thread.
 pub struct Ctx {
     pub worker_id: u64,
     pub stream: Stream,
+    /// An output of the latest program run dispatched here without waiting (see
+    /// `program_run`): the next run waits for it before dispatching, so that at most one run
+    /// computes while the next is built.
+    pub in_flight: std::cell::RefCell<Option<Array>>,
 }
 
 pub type JobFn = Box<dyn FnOnce(&Ctx) + Send + 'static>;
@@ -242,6 +246,31 @@ impl Worker {
         } else {
             spin_us
         };
+        let scan = self.check_graph(arrays, born)?;
+        let result = match arrays {
+            [one] => one.eval_spin(spin_us),
+            _ => mlx_bind::async_eval_all(arrays).and_then(|_| mlx_bind::wait_all(arrays)),
+        };
+        result.map_err(|e| {
+            self.remember_failed(&scan.pending);
+            e.message
+        })
+    }
+
+    /// Starts evaluating `arrays` as one graph without waiting for them, with the checks of
+    /// [`evaluate`](Worker::evaluate); a failure MLX reports only when the work completes
+    /// comes from the evaluation that waits for them. Call it on this worker's thread.
+    pub fn dispatch(&self, arrays: &[&Array], born: u64) -> Result<(), String> {
+        let scan = self.check_graph(arrays, born)?;
+        mlx_bind::async_eval_all(arrays).map_err(|e| {
+            self.remember_failed(&scan.pending);
+            e.message
+        })
+    }
+
+    /// The graph of `arrays`, refused when it reads a node of a graph that failed since
+    /// `born` (its pending nodes are then remembered as failed too).
+    fn check_graph(&self, arrays: &[&Array], born: u64) -> Result<mlx_bind::GraphScan, String> {
         let scan = mlx_bind::scan_graph(arrays);
         if self.epoch() > born {
             let poisoned = match self.failed.lock() {
@@ -257,14 +286,7 @@ impl Worker {
                 return Err("it reads an array whose evaluation failed earlier".to_string());
             }
         }
-        let result = match arrays {
-            [one] => one.eval_spin(spin_us),
-            _ => mlx_bind::async_eval_all(arrays).and_then(|_| mlx_bind::wait_all(arrays)),
-        };
-        result.map_err(|e| {
-            self.remember_failed(&scan.pending);
-            e.message
-        })
+        Ok(scan)
     }
 
     fn remember_failed(&self, ids: &[u64]) {
@@ -326,6 +348,7 @@ fn run(
     let ctx = Ctx {
         worker_id: id,
         stream,
+        in_flight: std::cell::RefCell::new(None),
     };
     let collect = || {
         collect_pending.store(false, Ordering::Release);
