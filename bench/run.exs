@@ -22,6 +22,20 @@ Code.require_file("support/plot.exs", __DIR__)
 
 alias Bench.{Harness, Plot, Suites}
 
+# The fusion lane ("fused" rows) on the CPU builds its kernels with g++ at run time, which
+# needs the exit status of its child: the BEAM ignores SIGCHLD unless told otherwise. The
+# [:nx_mlx, :compiler, :unfused] events (a part that ran unfused anyway) are counted and
+# printed as `fused_unfused_events` with their reasons.
+:os.set_signal(:sigchld, :default)
+{:ok, unfused} = Agent.start_link(fn -> [] end)
+
+:telemetry.attach(
+  "bench-unfused",
+  [:nx_mlx, :compiler, :unfused],
+  fn _, _, %{reason: reason}, agent -> Agent.update(agent, &[reason | &1]) end,
+  unfused
+)
+
 all_suites = ~w(dispatch matmul elementwise transformer mlp)
 extra_suites = ~w(soak)
 
@@ -203,9 +217,10 @@ torch_keys =
 suite_of = fn
   "matmul_" <> _ -> "matmul"
   "transformer_" <> _ -> "transformer"
+  "encoder12_compile" -> "transformer"
   "mlp4_" <> _ -> "mlp"
-  name when name in ["dispatch", "readback", "jit_call", "replay_op", "while_iter"] -> "dispatch"
-  name -> if String.match?(name, ~r/^(add|exp|sum|softmax)_/), do: "elementwise", else: nil
+  name when name in ~w(dispatch readback jit_call jit_lookup replay_op while_iter) -> "dispatch"
+  name -> if String.match?(name, ~r/^(add|exp|sum|softmax|gelu)_/), do: "elementwise", else: nil
 end
 
 # Rows of a reference from its keys: `<prefix><case>_ms` (and _ms_p10/_ms_p90), or for
@@ -267,7 +282,14 @@ all_rows =
           ours
         ),
         reference_rows.(raw_keys, "openblas.", "openblas", ours),
-        reference_rows.(torch_keys, "", "pytorch", ours)
+        reference_rows.(raw_keys, "compiled.", "raw_mlx_compiled", ours),
+        reference_rows.(
+          Map.drop(torch_keys, Enum.filter(Map.keys(torch_keys), &String.contains?(&1, "."))),
+          "",
+          "pytorch",
+          ours
+        ),
+        reference_rows.(torch_keys, "sdpa.", "pytorch_sdpa", ours)
       ]
       |> List.flatten()
       |> Enum.filter(&(&1.suite == suite))
@@ -302,7 +324,11 @@ key_lines =
 
     ratio =
       case {r.impl, ours[r.case]} do
-        {"nx_mlx", _} ->
+        {impl, _} when impl in ["nx_mlx", "defn", "fused"] ->
+          []
+
+        # The compiler's fixed costs have key lines of their own (below).
+        _ when r.case in ["jit_call", "jit_lookup", "replay_op", "while_iter"] ->
           []
 
         {_, nil} ->
@@ -315,19 +341,30 @@ key_lines =
     ["#{prefix}#{r.case}#{suffix}: #{Harness.fmt(r.median)}"] ++ rate ++ ratio
   end)
 
-# The compiler's lanes: `<case>_defn_vs_<reference>` (reference time over the jitted time:
-# 1.0 is parity, higher is faster), and `jit_call_vs_eager`, a time ratio where lower is
-# better (a jitted add with its read-back over the eager add with its read-back).
-# `while_iter_vs_raw_mlx` comes with the other rows (the binding's loop time over ours).
-defn_rows = for r <- all_rows, r.impl == "defn", into: %{}, do: {r.case, r}
+# The compiler's lanes: `<case>_<lane>_vs_<reference>` (reference time over the lane's
+# time: 1.0 is parity, higher is faster) for the defn lane (against raw MLX's same graph,
+# PyTorch and PyTorch with scaled_dot_product_attention) and the fused lane (against raw MLX
+# under mx::compile, PyTorch, and the defn lane); `jit_call_vs_eager` and
+# `while_iter_vs_raw_mlx` are time ratios where lower is better (a jitted add with its
+# read-back over the eager add with its read-back; our while loop's time per iteration over
+# the binding's); `replay_op_overhead_us` is what replay adds per op to MLX's own cost of the
+# same chain.
 by_impl = fn impl, c -> Enum.find(all_rows, &(&1.impl == impl and &1.case == c)) end
 
+lane_refs = [
+  {"defn", ["raw_mlx", "pytorch", "pytorch_sdpa"]},
+  {"fused", ["raw_mlx_compiled", "pytorch", "pytorch_sdpa", "defn"]}
+]
+
+# What replay adds per op to MLX's own cost of the same chain (the per-op target).
 defn_lines =
-  Enum.flat_map(defn_rows, fn {c, d} ->
-    for impl <- ["raw_mlx", "pytorch"], ref = by_impl.(impl, c), ref != nil do
-      "#{c}_defn_vs_#{impl}: #{:erlang.float_to_binary(ref.median / d.median, decimals: 3)}"
-    end
-  end) ++
+  for {lane, refs} <- lane_refs,
+      %{impl: ^lane, case: c} = d <- all_rows,
+      impl <- refs,
+      ref = by_impl.(impl, c),
+      ref != nil do
+    "#{c}_#{lane}_vs_#{impl}: #{:erlang.float_to_binary(ref.median / d.median, decimals: 3)}"
+  end ++
     Enum.flat_map(
       [
         {"jit_call", "nx_mlx", "readback", "jit_call_vs_eager"},
@@ -342,9 +379,22 @@ defn_lines =
             []
         end
       end
-    )
+    ) ++
+    case {by_impl.("nx_mlx", "replay_op"), by_impl.("raw_mlx", "replay_op")} do
+      {%{median: o}, %{median: r}} -> ["replay_op_overhead_us: #{Harness.fmt(o - r)}"]
+      _ -> []
+    end
 
-key_lines = key_lines ++ defn_lines
+unfused_lines =
+  case Agent.get(unfused, & &1) do
+    [] ->
+      ["fused_unfused_events: 0"]
+
+    reasons ->
+      ["fused_unfused_events: #{length(reasons)} (#{reasons |> Enum.uniq() |> Enum.join("; ")})"]
+  end
+
+key_lines = key_lines ++ defn_lines ++ unfused_lines
 
 suites_rows = for s <- suites, do: {s, Enum.filter(all_rows, &(&1.suite == s))}
 Harness.write_markdown(Path.join(results, "tables.md"), machine, suites_rows)

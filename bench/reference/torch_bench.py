@@ -7,7 +7,8 @@ Each case is timed as in bench/run.exs: warm-up runs, then timed runs (at least 
 20, or until 3 s have passed), each ending with torch.cuda.synchronize(); the median and the
 10th and 90th percentiles in milliseconds. PyTorch runs eagerly, with its own fused kernels
 where a PyTorch user would call them (softmax, layer_norm, gelu); TF32 stays off (PyTorch's
-default for matmul), so f32 matmuls are full f32.
+default for matmul), so f32 matmuls are full f32. The transformer block also runs with its
+attention as F.scaled_dot_product_attention, keyed `sdpa.<case>`.
 """
 
 import argparse
@@ -116,6 +117,7 @@ def elementwise(s, device):
         ("exp", 2, lambda: torch.exp(a)),
         ("sum", 1, lambda: torch.sum(a)),
         ("softmax", 2, lambda: torch.softmax(rows, dim=-1)),
+        ("gelu", 2, lambda: F.gelu(a)),
     ):
         emit(f"{name}_f32_{label}", measure(s, device, fn), k * n * 4, "gbps")
 
@@ -134,7 +136,7 @@ def block_params(dtype, device):
     )
 
 
-def block(x, p):
+def block(x, p, sdpa=False):
     bsz, seq, _ = x.shape
     hd = HIDDEN // HEADS
     h = F.layer_norm(x, (HIDDEN,), p["g1"], p["beta1"], eps=1e-5)
@@ -142,8 +144,11 @@ def block(x, p):
     q = heads(h @ p["wq"] + p["bq"])
     k = heads(h @ p["wk"] + p["bk"])
     v = heads(h @ p["wv"] + p["bv"])
-    scores = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(hd))
-    ctx = torch.softmax(scores, dim=-1) @ v
+    if sdpa:
+        ctx = F.scaled_dot_product_attention(q, k, v)
+    else:
+        scores = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(hd))
+        ctx = torch.softmax(scores, dim=-1) @ v
     ctx = ctx.transpose(1, 2).reshape(bsz, seq, HIDDEN)
     x1 = x + (ctx @ p["wo"] + p["bo"])
     f = F.layer_norm(x1, (HIDDEN,), p["g2"], p["beta2"], eps=1e-5) @ p["w1"] + p["b1"]
@@ -158,8 +163,11 @@ def transformer(s, device):
     for dtype, bsz, seq in cases:
         p = block_params(dtype, device)
         x = uniform((bsz, seq, HIDDEN), dtype, 30, 1.0, device)
+        key = f"transformer_{bsz}x{seq}x{HIDDEN}_{NAMES[dtype]}"
         with torch.no_grad():
-            emit(f"transformer_{bsz}x{seq}x{HIDDEN}_{NAMES[dtype]}", measure(s, device, lambda: block(x, p)))
+            emit(key, measure(s, device, lambda: block(x, p)))
+            # The same block with the attention as F.scaled_dot_product_attention.
+            emit(f"sdpa.{key}", measure(s, device, lambda: block(x, p, sdpa=True)))
 
 
 def mlp(s, device):

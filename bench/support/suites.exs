@@ -99,8 +99,9 @@ defmodule Bench.Suites do
   end
 
   # The compiler's fixed costs on the same 16-element add: a jitted call with its read-back
-  # (inputs on the device), the replay cost per op (a jitted chain of @replay_chain adds
-  # against one add, per extra add) and a while loop's cost per iteration.
+  # (inputs on the device; the default options), the cost per op of a replayed graph (a
+  # jitted chain of @replay_chain adds against one add, per extra add, unfused: mlx_raw_bench
+  # times the same chain built on the binding) and a while loop's cost per iteration.
   @replay_chain 200
 
   defp jit_times({NxMlx.Backend, opts} = backend, readbacks) do
@@ -108,14 +109,17 @@ defmodule Bench.Suites do
     a = Nx.iota({16}, type: :f32, backend: backend)
     b = Nx.tensor(1.0, type: :f32, backend: backend) |> Nx.broadcast({16})
     add = Nx.Defn.jit(&Nx.add/2, compiler: NxMlx, device: device)
-    long = Nx.Defn.jit(&chain(&1, &2, @replay_chain), compiler: NxMlx, device: device)
+    unfused = [compiler: NxMlx, device: device, fuse: false]
+    long = Nx.Defn.jit(&chain(&1, &2, @replay_chain), unfused)
+    one = Nx.Defn.jit(&Nx.add/2, unfused)
     check_chain!(long.(a, b), a, @replay_chain)
     Harness.settle()
     times = fn n, f -> for _ <- 1..n, do: elem(:timer.tc(fn -> Nx.to_binary(f.()) end), 0) / 1 end
     times.(200, fn -> add.(a, b) end)
-    call = times.(readbacks, fn -> add.(a, b) end)
+    {call, lookups} = compile_events(fn -> times.(readbacks, fn -> add.(a, b) end) end)
+    lookup = for {true, d} <- lookups, do: d
     chain_t = times.(div(readbacks, 4), fn -> long.(a, b) end)
-    one_t = times.(div(readbacks, 4), fn -> add.(a, b) end)
+    one_t = times.(div(readbacks, 4), fn -> one.(a, b) end)
 
     per_op =
       (Harness.summary(chain_t).median - Harness.summary(one_t).median) / (@replay_chain - 1)
@@ -145,8 +149,44 @@ defmodule Bench.Suites do
       Map.merge(
         %{suite: "dispatch", case: "while_iter", impl: "nx_mlx", unit: "us"},
         Harness.summary(iters)
+      ),
+      Map.merge(
+        %{suite: "dispatch", case: "jit_lookup", impl: "nx_mlx", unit: "us"},
+        Harness.summary(Enum.map(lookup, &(&1 * 1.0e3)))
       )
     ]
+  end
+
+  @doc """
+  Runs `fun`, collecting the compiler's `[:nx_mlx, :compiler, :compile]` events of this
+  process: `{fun's result, [{hit?, milliseconds}]}` (a hit's duration is the cache lookup,
+  a miss's the trace, lowering and program creation).
+  """
+  def compile_events(fun) do
+    me = self()
+    id = {:bench_compile, make_ref()}
+    :telemetry.attach(id, [:nx_mlx, :compiler, :compile], &__MODULE__.forward_compile/4, me)
+
+    try do
+      result = fun.()
+      {result, collect_compile([])}
+    after
+      :telemetry.detach(id)
+    end
+  end
+
+  @doc false
+  def forward_compile(_, %{duration: d}, %{hit: hit}, pid) do
+    if self() == pid,
+      do: send(pid, {:bench_compile, hit, System.convert_time_unit(d, :native, :nanosecond)})
+  end
+
+  defp collect_compile(acc) do
+    receive do
+      {:bench_compile, hit, ns} -> collect_compile([{hit, ns / 1.0e6} | acc])
+    after
+      0 -> Enum.reverse(acc)
+    end
   end
 
   defp dispatch_times(backend, readbacks) do
@@ -184,6 +224,16 @@ defmodule Bench.Suites do
     end
   end
 
+  # The compiler's lanes of a case: `fun` jitted with `compiler: NxMlx` and lowered whole
+  # (`on_unsupported: :raise`), as "defn" (replayed op by op) and "fused" (`fuse: true`, under
+  # mx::compile), on the same inputs as the eager row.
+  defp compiled_rows(settings, suite, name, device, fun, args, work \\ nil) do
+    for {impl, fuse} <- [{"defn", false}, {"fused", true}] do
+      f = Nx.Defn.jit(fun, compiler: NxMlx, device: device, on_unsupported: :raise, fuse: fuse)
+      row(suite, name, impl, Harness.measure(settings, fn -> sync(apply(f, args)) end), work)
+    end
+  end
+
   ## matmul: n x n by n x n
 
   def matmul(settings, backend, device) do
@@ -201,8 +251,15 @@ defmodule Bench.Suites do
         a = uniform({n, n}, type, 1, 1.0, backend)
         b = uniform({n, n}, type, 2, 1.0, backend)
         t = Harness.measure(settings, fn -> sync(Nx.dot(a, b)) end)
-        row("matmul", "matmul_#{type_name(type)}_#{n}", "nx_mlx", t, {:flops, 2 * n * n * n})
+        name = "matmul_#{type_name(type)}_#{n}"
+        work = {:flops, 2 * n * n * n}
+
+        [
+          row("matmul", name, "nx_mlx", t, work)
+          | compiled_rows(settings, "matmul", name, device, &Nx.dot/2, [a, b], work)
+        ]
       end
+      |> List.flatten()
 
     # Nx.BinaryBackend at small sizes, with NxMlx at the same sizes.
     small =
@@ -221,13 +278,14 @@ defmodule Bench.Suites do
     ours ++ small
   end
 
-  ## elementwise: add, exp, sum and softmax on large f32 tensors (GB/s counts the bytes each
-  ## op must read and write: add 3x, exp 2x, sum 1x, softmax 2x the tensor's size)
+  ## elementwise: add, exp, sum, softmax and exact GELU (a chain of 5 element-wise ops) on
+  ## large f32 tensors (GB/s counts the bytes each op must read and write: add 3x, exp 2x,
+  ## sum 1x, softmax and gelu 2x the tensor's size)
 
   def elementwise(settings, backend, device) do
     {n, label} = if device == :cpu, do: {4 * 1_048_576, "4m"}, else: {64 * 1_048_576, "64m"}
 
-    large = elementwise_cases(settings, backend, "nx_mlx", n, label)
+    large = elementwise_cases(settings, backend, "nx_mlx", n, label, device)
 
     small =
       for {impl, b} <- [{"nx_mlx", backend}, {"binary", Nx.BinaryBackend}] do
@@ -236,27 +294,42 @@ defmodule Bench.Suites do
           b,
           impl,
           65_536,
-          "64k"
+          "64k",
+          nil
         )
       end
 
     large ++ List.flatten(small)
   end
 
-  defp elementwise_cases(settings, backend, impl, n, label) do
+  # `device` nil: the eager row only.
+  defp elementwise_cases(settings, backend, impl, n, label, device) do
     a = uniform({n}, {:f, 32}, 3, 1.0, backend)
     b = uniform({n}, {:f, 32}, 4, 1.0, backend)
     rows = Nx.reshape(a, {div(n, 4096), 4096})
 
-    for {name, k, fun} <- [
-          {"add", 3, fn -> Nx.add(a, b) end},
-          {"exp", 2, fn -> Nx.exp(a) end},
-          {"sum", 1, fn -> Nx.sum(a) end},
-          {"softmax", 2, fn -> softmax(rows) end}
+    for {name, k, fun, args} <- [
+          {"add", 3, &Nx.add/2, [a, b]},
+          {"exp", 2, &Nx.exp/1, [a]},
+          {"sum", 1, &Nx.sum/1, [a]},
+          {"softmax", 2, &softmax/1, [rows]},
+          {"gelu", 2, &gelu/1, [a]}
         ] do
-      t = Harness.measure(settings, fn -> sync(fun.()) end)
-      row("elementwise", "#{name}_f32_#{label}", impl, t, {:bytes, k * n * 4})
+      t = Harness.measure(settings, fn -> sync(apply(fun, args)) end)
+      case_name = "#{name}_f32_#{label}"
+      work = {:bytes, k * n * 4}
+      eager = row("elementwise", case_name, impl, t, work)
+
+      if device,
+        do: [eager | compiled_rows(settings, "elementwise", case_name, device, fun, args, work)],
+        else: [eager]
     end
+    |> List.flatten()
+  end
+
+  @doc "Exact GELU, x * 0.5 * (1 + erf(x / sqrt(2))): five element-wise ops."
+  def gelu(x) do
+    x |> Nx.multiply(0.5) |> Nx.multiply(Nx.add(Nx.erf(Nx.multiply(x, 0.7071067811865476)), 1))
   end
 
   def softmax(x) do
@@ -278,18 +351,38 @@ defmodule Bench.Suites do
         :gpu -> [{{:f, 32}, 1, 128}, {{:bf, 16}, 1, 128}, {{:f, 32}, 8, 512}, {{:bf, 16}, 8, 512}]
       end
 
-    jitted = Nx.Defn.jit(&block/2, compiler: NxMlx, device: device, on_unsupported: :raise)
-
     for {type, batch, seq} <- cases do
       p = block_params(type, backend)
       x = uniform({batch, seq, @hidden}, type, 30, 1.0, backend)
       name = "transformer_#{batch}x#{seq}x#{@hidden}_#{type_name(type)}"
       t = Harness.measure(settings, fn -> sync(block(x, p)) end)
-      d = Harness.measure(settings, fn -> sync(jitted.(x, p)) end)
-      [row("transformer", name, "nx_mlx", t), row("transformer", name, "defn", d)]
+
+      [
+        row("transformer", name, "nx_mlx", t)
+        | compiled_rows(settings, "transformer", name, device, &block/2, [x, p])
+      ]
     end
+    |> Kernel.++([encoder_compile(backend, device)])
     |> List.flatten()
   end
+
+  # The first call's compile (trace, lowering, program creation) of a 12-layer encoder
+  # (the block 12 times, one set of weights) at 1x128 f32.
+  defp encoder_compile(backend, device) do
+    p = block_params({:f, 32}, backend)
+    x = uniform({1, 128, @hidden}, {:f, 32}, 30, 1.0, backend)
+    f = Nx.Defn.jit(&encoder12/2, compiler: NxMlx, device: device, on_unsupported: :raise)
+    {_, events} = compile_events(fn -> sync(f.(x, p)) end)
+    [ms] = for {false, ms} <- events, do: ms
+    only = %{median: ms, p10: ms, p90: ms}
+
+    Map.merge(
+      %{suite: "transformer", case: "encoder12_compile", impl: "nx_mlx", unit: "ms"},
+      only
+    )
+  end
+
+  def encoder12(x, p), do: Enum.reduce(1..12, x, fn _, h -> block(h, p) end)
 
   defp block_params(type, backend) do
     w = fn shape, seed -> uniform(shape, type, seed, 0.02, backend) end
@@ -341,10 +434,7 @@ defmodule Bench.Suites do
     x1 = Nx.add(x, linear(ctx, p.wo, p.bo))
     f = linear(layer_norm(x1, p.g2, p.beta2), p.w1, p.b1)
 
-    gelu =
-      f |> Nx.multiply(0.5) |> Nx.multiply(Nx.add(Nx.erf(Nx.multiply(f, 0.7071067811865476)), 1))
-
-    Nx.add(x1, linear(gelu, p.w2, p.b2))
+    Nx.add(x1, linear(gelu(f), p.w2, p.b2))
   end
 
   ## mlp: 4 linear layers, ReLU between them
@@ -360,24 +450,27 @@ defmodule Bench.Suites do
           else: []
 
     ours =
-      for {name, type, batch, widths} <- cases,
-          impl <- ["nx_mlx", "defn"] do
-        mlp_case(settings, backend, impl, name, type, batch, widths)
+      for {name, type, batch, widths} <- cases do
+        mlp_case(settings, backend, "nx_mlx", name, type, batch, widths, device)
       end
 
     binary =
-      mlp_case(settings, Nx.BinaryBackend, "binary", "mlp4_b8_small", {:f, 32}, 8, [
-        64,
-        128,
-        128,
-        128,
-        10
-      ])
+      mlp_case(
+        settings,
+        Nx.BinaryBackend,
+        "binary",
+        "mlp4_b8_small",
+        {:f, 32},
+        8,
+        [64, 128, 128, 128, 10],
+        nil
+      )
 
-    ours ++ [binary]
+    List.flatten(ours ++ binary)
   end
 
-  defp mlp_case(settings, backend, impl, name, type, batch, widths) do
+  # `device` nil: the eager row only.
+  defp mlp_case(settings, backend, impl, name, type, batch, widths, device) do
     layers =
       widths
       |> Enum.chunk_every(2, 1, :discard)
@@ -386,27 +479,25 @@ defmodule Bench.Suites do
       end)
 
     x = uniform({batch, hd(widths)}, type, 60, 1.0, backend)
+    case_name = "#{name}_#{type_name(type)}"
 
-    run =
-      case impl do
-        "defn" ->
-          {NxMlx.Backend, opts} = backend
+    eager =
+      row(
+        "mlp",
+        case_name,
+        impl,
+        Harness.measure(settings, fn -> sync(mlp_forward(x, layers)) end)
+      )
 
-          f =
-            Nx.Defn.jit(&mlp_forward/2,
-              compiler: NxMlx,
-              device: opts[:device],
-              on_unsupported: :raise
-            )
-
-          layers = List.to_tuple(layers)
-          fn -> sync(f.(x, layers)) end
-
-        _ ->
-          fn -> sync(mlp_forward(x, layers)) end
-      end
-
-    row("mlp", "#{name}_#{type_name(type)}", impl, Harness.measure(settings, run))
+    if device,
+      do: [
+        eager
+        | compiled_rows(settings, "mlp", case_name, device, &mlp_forward/2, [
+            x,
+            List.to_tuple(layers)
+          ])
+      ],
+      else: [eager]
   end
 
   defp mlp_forward(x, layers) when is_tuple(layers), do: mlp_forward(x, Tuple.to_list(layers))

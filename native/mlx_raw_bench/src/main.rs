@@ -2,6 +2,9 @@
 //! `mlx-bind`, timed in one Rust process with no BEAM in the loop, and OpenBLAS `cblas_sgemm`
 //! for the CPU matmul. Prints `key: value` lines with the keys `bench/run.exs` prints for
 //! NxMlx (the OpenBLAS ones prefixed `openblas.`); `bench/README.md` defines every case.
+//! The matmul, elementwise, transformer and mlp cases also run as one function under
+//! `mx::compile` (its inputs the same arrays, weights included), prefixed `compiled.`:
+//! the reference of NxMlx's fusion lane.
 //!
 //!     mlx_raw_bench [--device cpu|gpu] [--quick] [dispatch|matmul|elementwise|transformer|mlp]...
 //!
@@ -14,7 +17,7 @@ use std::time::Instant;
 
 use mlx_bind::{
     binary, full, matmul, random_uniform, reduce, reshape, transpose, unary, Array, BinaryOp,
-    DeviceKind, Dtype, ReduceOp, Result, Stream, UnaryOp,
+    Compiled, DeviceKind, Dtype, ReduceOp, Result, Stream, UnaryOp,
 };
 
 struct Settings {
@@ -64,6 +67,17 @@ fn emit_rate(prefix: &str, key: &str, unit: &str, amount: f64, t: &Timing) {
         "{prefix}{key}_{unit}: {:.2}",
         amount / (t.median / 1e3) / 1e9
     );
+}
+
+/// `f` under `mx::compile`, called on `inputs` and its first output evaluated, per run; the
+/// first (warm-up) call traces and, where MLX fuses, builds the kernels.
+fn measure_compiled(
+    set: &Settings,
+    inputs: &[&Array],
+    f: impl Fn(&[Array]) -> Result<Vec<Array>> + Send + Sync + 'static,
+) -> Result<Timing> {
+    let compiled = Compiled::new(f);
+    measure(set, || compiled.call(inputs)?[0].eval())
 }
 
 fn dtype_name(d: Dtype) -> &'static str {
@@ -117,8 +131,39 @@ fn dispatch(s: &Stream) -> Result<()> {
     };
     println!("dispatch_us: {:.3}", median(build));
     println!("readback_us: {:.3}", median(readback));
+    println!("replay_op_us: {:.3}", chain_per_op(s)?);
     println!("while_iter_us: {:.3}", while_loop(s)?);
     Ok(())
+}
+
+/// What an op of a long graph costs MLX itself: a chain of 200 adds of a 16-element f32
+/// vector, built, evaluated and read back, against one add, per extra add (microseconds, of
+/// medians over 250 runs each). The reference of NxMlx's `replay_op_us`.
+fn chain_per_op(s: &Stream) -> Result<f64> {
+    let a = full(&[16], 0.0, Dtype::F32, s)?;
+    let b = full(&[16], 1.0, Dtype::F32, s)?;
+    a.eval()?;
+    b.eval()?;
+    let mut out = vec![0u8; 64];
+    let mut time = |n: usize| -> Result<f64> {
+        let mut t = Vec::new();
+        for i in 0..300 {
+            let t0 = Instant::now();
+            let mut x = binary(BinaryOp::Add, &a, &b, s)?;
+            for _ in 1..n {
+                x = binary(BinaryOp::Add, &x, &b, s)?;
+            }
+            x.eval()?;
+            x.copy_to(s, &mut out)?;
+            if i >= 50 {
+                t.push(t0.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        t.sort_by(|a, b| a.total_cmp(b));
+        Ok(t[t.len() / 2])
+    };
+    let (long, one) = (time(200)?, time(1)?);
+    Ok((long - one) / 199.0)
 }
 
 /// The loop `while i < 1000: (i, x) = (i + 1, x * 1.0001 + 1)` on a 16-element f32 `x`, as a
@@ -172,6 +217,11 @@ fn matmul_suite(set: &Settings, device: DeviceKind, s: &Stream) -> Result<()> {
             let key = format!("matmul_{}_{n}", dtype_name(d));
             emit("", &key, &t);
             emit_rate("", &key, "gflops", 2.0 * (n * n * n) as f64, &t);
+            let s1 = *s;
+            let t = measure_compiled(set, &[&a, &b], move |x| {
+                Ok(vec![matmul(&x[0], &x[1], &s1)?])
+            })?;
+            emit("compiled.", &key, &t);
             if device == DeviceKind::Cpu {
                 openblas_sgemm(set, n as usize)?;
             }
@@ -258,27 +308,51 @@ fn elementwise_suite(set: &Settings, device: DeviceKind, s: &Stream) -> Result<(
     let b = uniform(&[n], d, 4, 1.0, s)?;
     let bytes = |k: i64| (k * n * 4) as f64;
 
-    let t = measure(set, || binary(BinaryOp::Add, &a, &b, s)?.eval())?;
-    let key = format!("add_f32_{label}");
-    emit("", &key, &t);
-    emit_rate("", &key, "gbps", bytes(3), &t);
-
-    let t = measure(set, || unary(UnaryOp::Exp, &a, s)?.eval())?;
-    let key = format!("exp_f32_{label}");
-    emit("", &key, &t);
-    emit_rate("", &key, "gbps", bytes(2), &t);
-
-    let t = measure(set, || reduce(ReduceOp::Sum, &a, &[0], false, s)?.eval())?;
-    let key = format!("sum_f32_{label}");
-    emit("", &key, &t);
-    emit_rate("", &key, "gbps", bytes(1), &t);
-
     let rows = reshape(&a, &[n / 4096, 4096], s)?;
-    let t = measure(set, || softmax(&rows, s)?.eval())?;
-    let key = format!("softmax_f32_{label}");
-    emit("", &key, &t);
-    emit_rate("", &key, "gbps", bytes(2), &t);
+    // (name, bytes read and written per run in units of the tensor's size, inputs, function)
+    type Op = fn(&[Array], &Stream) -> Result<Array>;
+    let cases: [(&str, i64, Vec<&Array>, Op); 5] = [
+        ("add", 3, vec![&a, &b], |x, s| {
+            binary(BinaryOp::Add, &x[0], &x[1], s)
+        }),
+        ("exp", 2, vec![&a], |x, s| unary(UnaryOp::Exp, &x[0], s)),
+        ("sum", 1, vec![&a], |x, s| {
+            reduce(ReduceOp::Sum, &x[0], &[0], false, s)
+        }),
+        ("softmax", 2, vec![&rows], |x, s| softmax(&x[0], s)),
+        ("gelu", 2, vec![&a], |x, s| gelu(&x[0], s)),
+    ];
+    for (name, k, inputs, op) in cases {
+        let owned: Vec<Array> = inputs.iter().map(|x| (*x).clone()).collect();
+        let t = measure(set, || op(&owned, s)?.eval())?;
+        let key = format!("{name}_f32_{label}");
+        emit("", &key, &t);
+        emit_rate("", &key, "gbps", bytes(k), &t);
+        let s1 = *s;
+        let t = measure_compiled(set, &inputs, move |x| Ok(vec![op(x, &s1)?]))?;
+        emit("compiled.", &key, &t);
+    }
     Ok(())
+}
+
+/// Exact GELU, as NxMlx's bench writes it: x * 0.5 * (1 + erf(x / sqrt(2))), element-wise
+/// in the tensor's type (the chain the fusion lane fuses into one kernel).
+fn gelu(x: &Array, s: &Stream) -> Result<Array> {
+    let d = x.dtype();
+    let half = binary(BinaryOp::Multiply, x, &scalar(0.5, d, s)?, s)?;
+    let scaled = binary(
+        BinaryOp::Multiply,
+        x,
+        &scalar(std::f64::consts::FRAC_1_SQRT_2, d, s)?,
+        s,
+    )?;
+    let one_plus = binary(
+        BinaryOp::Add,
+        &unary(UnaryOp::Erf, &scaled, s)?,
+        &scalar(1.0, d, s)?,
+        s,
+    )?;
+    binary(BinaryOp::Multiply, &half, &one_plus, s)
 }
 
 /// Softmax over the last axis, as NxMlx computes it: exp(x - max) / sum.
@@ -336,6 +410,52 @@ impl Block {
             g2: w(&[HIDDEN], 24)?,
             beta2: w(&[HIDDEN], 25)?,
         })
+    }
+
+    /// The weights in a fixed order: the inputs of the compiled block.
+    fn params(&self) -> Vec<&Array> {
+        vec![
+            &self.wq,
+            &self.bq,
+            &self.wk,
+            &self.bk,
+            &self.wv,
+            &self.bv,
+            &self.wo,
+            &self.bo,
+            &self.w1,
+            &self.b1,
+            &self.w2,
+            &self.b2,
+            &self.g1,
+            &self.beta1,
+            &self.g2,
+            &self.beta2,
+        ]
+    }
+
+    /// The block over weights given in [`params`](Block::params) order.
+    fn from_params(d: Dtype, p: &[Array]) -> Block {
+        let w = |i: usize| p[i].clone();
+        Block {
+            d,
+            wq: w(0),
+            bq: w(1),
+            wk: w(2),
+            bk: w(3),
+            wv: w(4),
+            bv: w(5),
+            wo: w(6),
+            bo: w(7),
+            w1: w(8),
+            b1: w(9),
+            w2: w(10),
+            b2: w(11),
+            g1: w(12),
+            beta1: w(13),
+            g2: w(14),
+            beta2: w(15),
+        }
     }
 
     fn layer_norm(&self, x: &Array, g: &Array, b: &Array, s: &Stream) -> Result<Array> {
@@ -424,11 +544,15 @@ fn transformer_suite(set: &Settings, device: DeviceKind, s: &Stream) -> Result<(
         let block = Block::new(d, s)?;
         let x = uniform(&[bsz, seq, HIDDEN], d, 30, 1.0, s)?;
         let t = measure(set, || block.forward(&x, s)?.eval())?;
-        emit(
-            "",
-            &format!("transformer_{bsz}x{seq}x{HIDDEN}_{}", dtype_name(d)),
-            &t,
-        );
+        let key = format!("transformer_{bsz}x{seq}x{HIDDEN}_{}", dtype_name(d));
+        emit("", &key, &t);
+        let mut inputs = vec![&x];
+        inputs.extend(block.params());
+        let s1 = *s;
+        let t = measure_compiled(set, &inputs, move |a| {
+            Ok(vec![Block::from_params(d, &a[1..]).forward(&a[0], &s1)?])
+        })?;
+        emit("compiled.", &key, &t);
     }
     Ok(())
 }
@@ -465,18 +589,35 @@ fn mlp_suite(set: &Settings, device: DeviceKind, s: &Stream) -> Result<()> {
             layers.push((w, b));
         }
         let x = uniform(&[batch, widths[0]], d, 60, 1.0, s)?;
-        let zero = scalar(0.0, d, s)?;
-        let t = measure(set, || {
-            let mut h = x.clone();
-            for (i, (w, b)) in layers.iter().enumerate() {
-                h = binary(BinaryOp::Add, &matmul(&h, w, s)?, b, s)?;
-                if i + 1 < layers.len() {
+        // forward(x, w0, b0, w1, b1, ...)
+        let forward = move |a: &[Array], s: &Stream| -> Result<Array> {
+            let zero = scalar(0.0, d, s)?;
+            let n = (a.len() - 1) / 2;
+            let mut h = a[0].clone();
+            for i in 0..n {
+                h = binary(
+                    BinaryOp::Add,
+                    &matmul(&h, &a[1 + 2 * i], s)?,
+                    &a[2 + 2 * i],
+                    s,
+                )?;
+                if i + 1 < n {
                     h = binary(BinaryOp::Maximum, &h, &zero, s)?;
                 }
             }
-            h.eval()
-        })?;
-        emit("", &format!("{name}_{}", dtype_name(d)), &t);
+            Ok(h)
+        };
+        let mut inputs = vec![x.clone()];
+        for (w, b) in &layers {
+            inputs.extend([w.clone(), b.clone()]);
+        }
+        let t = measure(set, || forward(&inputs, s)?.eval())?;
+        let key = format!("{name}_{}", dtype_name(d));
+        emit("", &key, &t);
+        let refs: Vec<&Array> = inputs.iter().collect();
+        let s1 = *s;
+        let t = measure_compiled(set, &refs, move |a| Ok(vec![forward(a, &s1)?]))?;
+        emit("compiled.", &key, &t);
     }
     Ok(())
 }
@@ -531,6 +672,10 @@ fn main() {
     );
     println!("mlx_library: {}", mlx_bind::library_path());
     println!("openblas.blas_library: {}", mlx_bind::blas_library_path());
+    println!(
+        "compiled.fusion_enabled: {}",
+        mlx_bind::compile_enabled(device)
+    );
     for suite in suites {
         let r = match suite.as_str() {
             "dispatch" => dispatch(&s),
