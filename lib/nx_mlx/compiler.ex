@@ -27,16 +27,22 @@ defmodule NxMlx.Compiler do
       `NxMlx.CommandQueue.with_queue/2`, else the device's default queue).
     * `:hooks` - a map of named hooks overriding those in the expression, as for
       `Nx.Defn.Evaluator`.
-    * `:on_unsupported` - what to do with a function that cannot be lowered whole (a
-      callback that falls back to `Nx.BinaryBackend`, a value needed on the host,
-      `Nx.runtime_call/4`): `:evaluate` (default) runs the whole function
-      through `Nx.Defn.Evaluator` on NxMlx tensors, after a
-      `[:nx_mlx, :compiler, :fallback]` telemetry event with `%{op: op, reason: text}`;
-      `:raise` raises an `ArgumentError` naming the op (for tests and CI).
+    * `:on_unsupported` - what to do with what cannot be lowered natively: `:evaluate`
+      (default) or `:raise`, which raises an `ArgumentError` naming the op (for tests and
+      CI: the function then runs natively or not at all). Under `:evaluate`, a callback that
+      falls back to `Nx.BinaryBackend` (float `remainder`, integer `conv`, ...) at the top
+      level of the function becomes a host step between two native parts: only that op
+      runs on the host (measured on the CPU: a 4-layer MLP ending in a float remainder ran
+      in 0.8-1.1 ms this way against 1.4-1.5 ms through the Evaluator). Such a callback
+      inside a `while` or `cond`, a value needed on the host there, or `Nx.runtime_call/4`
+      inside one, make the whole function run through `Nx.Defn.Evaluator` on NxMlx tensors.
+      Both emit a `[:nx_mlx, :compiler, :fallback]` telemetry event with
+      `%{op: op, reason: text}` when the function is compiled.
     * `:fuse` - the fusion lane (default `true` on the GPU, `false` on the CPU, chosen from
       bench/RESULTS.md: on an H200 fusion made the transformer block 1.1-2.0x and exact GELU
-      4x faster than replay, while on the CPU it won nothing measurable and lost up to 20 %
-      on softmax): straight-line parts of the program (the
+      4.1-4.6x faster than replay in two runs; on a 2-vCPU machine it won on GELU (1.23x)
+      and lost on softmax (0.83x) and a batch-128 MLP (0.81x)): straight-line parts of the
+      program (the
       whole function, a loop's body, a branch) run through `mx::compile`, which traces each
       once per worker and fuses element-wise chains into generated kernels (NVRTC on CUDA,
       `g++` at run time on the CPU). Where MLX cannot fuse (no `g++` on PATH, or SIGCHLD
@@ -50,25 +56,29 @@ defmodule NxMlx.Compiler do
   Options Nx and its libraries pass and this compiler does not use are accepted and ignored:
   `:batch_keys`, `:cache` and anything Axon forwards.
 
-  ## What runs through the Evaluator instead
+  ## What runs on the host, and what through the Evaluator
 
   Hooks run natively anywhere (inside loops per iteration, inside branches when taken): the
   worker sends the hooked value to the calling process when the program reaches it, and the
   callback runs there while the program goes on (a callback may use NxMlx itself).
 
-  Functions with any of these run whole through `Nx.Defn.Evaluator` (on NxMlx tensors, op
-  by op): `Nx.runtime_call/4`; `reduce`/`window_reduce`
-  with a function of their own; and callbacks that fall back to Nx.BinaryBackend or need a
-  value on the host in `NxMlx.Backend` (see its moduledoc; e.g. integer `pow` with a
-  non-constant exponent, `triangular_solve`, float `remainder`). A singular system in a
-  compiled `solve`/`triangular_solve` fails when
-  the program runs (`NxMlx.NIFError`), where the eager call raises Nx's `ArgumentError`.
+  At the top level of a function, `Nx.runtime_call/4` and a callback that falls back to
+  Nx.BinaryBackend in `NxMlx.Backend` (see its moduledoc; e.g. float `remainder`, integer
+  `conv`, `triangular_solve`, integer `pow` with a non-constant exponent) split the
+  program: the native part before them runs, the callback runs in the calling process on
+  its values, and the rest runs on its result. Functions with one of them inside a `while`
+  or a `cond` branch, or with `reduce`/`window_reduce` given a function of their own, run
+  whole through `Nx.Defn.Evaluator` (on NxMlx tensors, op by op). A singular system in a
+  compiled `solve`/`triangular_solve` fails when the program runs (`NxMlx.NIFError`), where
+  the eager call raises Nx's `ArgumentError`.
 
   ## Telemetry
 
     * `[:nx_mlx, :compiler, :compile]` - `%{duration: native_time}`, metadata `%{hit: bool,
       ops: count}`: one per `jit` call that needed a lookup (`hit: true`) or a compilation.
-    * `[:nx_mlx, :compiler, :fallback]` - see `:on_unsupported`.
+    * `[:nx_mlx, :compiler, :fallback]` - `%{}`, metadata `%{op: op, reason: text, mode:
+      :host_op | :evaluator}` (only that op on the host, or the whole function through the
+      Evaluator): see `:on_unsupported`.
     * `[:nx_mlx, :compiler, :unfused]` - `%{fused_blocks: n}`, metadata `%{device: d, reason:
       text}`: see `:fuse`.
   """
@@ -260,7 +270,14 @@ defmodule NxMlx.Compiler do
     fuse = fuse?(opts)
 
     try do
-      lower(expr, params, {Composite.traverse(expr, &Nx.to_template/1), output}, device, fuse)
+      lower(
+        expr,
+        params,
+        {Composite.traverse(expr, &Nx.to_template/1), output},
+        device,
+        fuse,
+        policy
+      )
     rescue
       e in NotLowerable ->
         if policy == :raise do
@@ -269,7 +286,12 @@ defmodule NxMlx.Compiler do
                   "(on_unsupported: :raise)"
         end
 
-        :telemetry.execute([:nx_mlx, :compiler, :fallback], %{}, %{op: e.op, reason: e.message})
+        :telemetry.execute([:nx_mlx, :compiler, :fallback], %{}, %{
+          op: e.op,
+          reason: e.message,
+          mode: :evaluator
+        })
+
         evaluator(vars, fun, opts, device)
     end
   end
@@ -299,9 +321,9 @@ defmodule NxMlx.Compiler do
   end
 
   # Lowers the whole expression into a program. Registers 0..n-1 are the parameters.
-  defp lower(expr, params, output, device, fuse) do
+  defp lower(expr, params, output, device, fuse, policy) do
     n_inputs = length(params)
-    Recorder.start(n_inputs)
+    Recorder.start(n_inputs, policy)
 
     try do
       param_values =
@@ -847,6 +869,12 @@ defmodule NxMlx.Compiler do
           reason: reason
         })
     end
+  end
+
+  # A callback that falls back to Nx.BinaryBackend, on the values computed so far.
+  defp host_call({:fallback, op, out, args}, arrays, device) do
+    args = Recorder.fill_registers(args, arrays, device)
+    Recorder.result_arrays(NxMlx.Fallback.run(op, [out | args], device))
   end
 
   # Nx.runtime_call/4's callback, in the caller's process, on the values computed so far.

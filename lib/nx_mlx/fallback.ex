@@ -10,7 +10,18 @@ defmodule NxMlx.Fallback do
   alias Nx.Tensor, as: T
 
   def run(op, [out | args], device) do
-    if Process.get(:nx_mlx_recorder), do: NxMlx.Compiler.Recorder.fallback!(op, args)
+    recorded =
+      if Process.get(:nx_mlx_recorder),
+        do: NxMlx.Compiler.Recorder.fallback(op, out, args, device),
+        else: :eager
+
+    case recorded do
+      {:recorded, value} -> value
+      :eager -> run_here(op, out, args, device)
+    end
+  end
+
+  defp run_here(op, out, args, device) do
     check_allowed!(op)
 
     :telemetry.span([:nx_mlx, :fallback], %{op: op}, fn ->

@@ -109,6 +109,21 @@ defmodule NxMlx.CompilerTest.Fns do
     a + s + x
   end
 
+  # Float remainder (C's fmod) has no MLX implementation: it falls back to Nx.BinaryBackend.
+  defn host_remainder(x, w) do
+    y = Nx.dot(x, w) |> Nx.add(1.5)
+    Nx.remainder(y, 4.0) |> Nx.multiply(y) |> Nx.sum(axes: [1])
+  end
+
+  defn remainder_in_loop(x) do
+    {_, x} =
+      while {i = 0, x}, i < 2 do
+        {i + 1, Nx.remainder(x * 3, 4.0)}
+      end
+
+    x
+  end
+
   defn runtime_in_loop(x) do
     {_, x} =
       while {i = 0, x}, i < 2 do
@@ -539,12 +554,45 @@ defmodule NxMlx.CompilerTest do
   end
 
   describe "what cannot be lowered" do
+    test "an op with no MLX implementation runs on the host between two native parts" do
+      forward_telemetry([:nx_mlx, :compiler, :fallback])
+      forward_telemetry([:nx_mlx, :compiler, :compile])
+      x = random({3, 4})
+      w = random({4, 5}, {:f, 32}, 2)
+      out = Nx.Defn.jit(&Fns.host_remainder/2, compiler: NxMlx).(mlx(x), mlx(w))
+      assert %NxMlx.Backend{} = out.data
+      assert_same(out, Fns.host_remainder(x, w), atol: 1.0e-4)
+
+      assert_receive {:telemetry, [:nx_mlx, :compiler, :fallback], _,
+                      %{op: :remainder, mode: :host_op}}
+
+      # Lowered (a program of native ops around the host step), not evaluated.
+      assert_receive {:telemetry, [:nx_mlx, :compiler, :compile], _, %{hit: false, ops: ops}}
+                     when ops > 0
+
+      # Inside a loop the host step cannot split the program: the Evaluator runs it all.
+      y = Nx.tensor([1.5, 2.5, -3.0])
+      looped = Nx.Defn.jit(&Fns.remainder_in_loop/1, compiler: NxMlx).(mlx(y))
+      assert_same(looped, Fns.remainder_in_loop(y), atol: 1.0e-5)
+
+      assert_receive {:telemetry, [:nx_mlx, :compiler, :fallback], _,
+                      %{op: :remainder, mode: :evaluator}}
+
+      assert_receive {:telemetry, [:nx_mlx, :compiler, :compile], _, %{hit: false, ops: 0}}
+
+      assert_raise ArgumentError, ~r/cannot be lowered whole.*remainder/, fn ->
+        jit(&Fns.host_remainder/2).(mlx(x), mlx(w))
+      end
+    end
+
     test "runs through the Evaluator with a telemetry event, or raises when asked" do
       forward_telemetry([:nx_mlx, :compiler, :fallback])
       x = mlx(Nx.tensor([1, 2, 3]))
       f = Nx.Defn.jit(&Fns.reduce_with_fun/1, compiler: NxMlx)
       assert Nx.to_number(f.(x)) == 6
-      assert_receive {:telemetry, [:nx_mlx, :compiler, :fallback], _, %{op: :fun}}
+
+      assert_receive {:telemetry, [:nx_mlx, :compiler, :fallback], _,
+                      %{op: :fun, mode: :evaluator}}
 
       assert Nx.to_flat_list(Nx.Defn.jit(&Fns.runtime_in_loop/1, compiler: NxMlx).(x)) == [
                4,

@@ -56,7 +56,8 @@ if nx_test && Enum.all?(files, &File.exists?(Path.join(nx_test, &1))) do
   ExUnit.after_suite(fn _ ->
     IO.puts(
       "\nnx conformance: jitted functions run through the Evaluator (could not be lowered), " <>
-        "by op: #{inspect(NxMlx.ConformanceCompiler.fallbacks())}"
+        "by op: #{inspect(NxMlx.ConformanceCompiler.fallbacks(:evaluator))}; lowered with " <>
+        "one op on the host, by op: #{inspect(NxMlx.ConformanceCompiler.fallbacks(:host_op))}"
     )
   end)
 

@@ -3,7 +3,8 @@ defmodule NxMlx.ConformanceCompiler do
   # `compiler: NxMlx`, for running Nx's own defn test files (test/nx_mlx/nx_conformance_test.exs):
   # every call is compiled and run by NxMlx; the results are then copied to Nx.BinaryBackend,
   # because those files compare results with `==` against Nx.BinaryBackend tensors. Each
-  # function NxMlx could not lower whole is counted (see `fallbacks/0`).
+  # function NxMlx could not lower whole is counted, by op and by what ran on the host (see
+  # `fallbacks/0`).
 
   @behaviour Nx.Defn.Compiler
 
@@ -44,7 +45,7 @@ defmodule NxMlx.ConformanceCompiler do
     end)
   end
 
-  @doc "Starts counting fallbacks to the Evaluator by op."
+  @doc "Starts counting fallbacks (to the Evaluator, or of one op to the host) by op."
   def count_fallbacks do
     # The table outlives the process that loads the test files.
     parent = self()
@@ -68,13 +69,14 @@ defmodule NxMlx.ConformanceCompiler do
   end
 
   @doc false
-  def handle_fallback(_event, _measurements, %{op: op}, _config) do
-    :ets.update_counter(__MODULE__, op, 1, {op, 0})
+  def handle_fallback(_event, _measurements, %{op: op, mode: mode}, _config) do
+    :ets.update_counter(__MODULE__, {mode, op}, 1, {{mode, op}, 0})
   end
 
-  @doc "`[{op, count}]` of the functions that ran through the Evaluator."
-  def fallbacks do
-    :ets.tab2list(__MODULE__) |> Enum.sort_by(&(-elem(&1, 1)))
+  @doc "`[{op, count}]` of the fallbacks of `mode` (`:evaluator` or `:host_op`)."
+  def fallbacks(mode) do
+    for({{^mode, op}, n} <- :ets.tab2list(__MODULE__), do: {op, n})
+    |> Enum.sort_by(&(-elem(&1, 1)))
   rescue
     ArgumentError -> []
   end

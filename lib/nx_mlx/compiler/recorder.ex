@@ -19,9 +19,14 @@ defmodule NxMlx.Compiler.Recorder do
 
   def active?, do: Process.get(@key) != nil
 
-  @doc "Starts recording a program whose first `n_inputs` registers are its inputs."
-  def start(n_inputs) do
+  @doc """
+  Starts recording a program whose first `n_inputs` registers are its inputs. `policy` is
+  the compiler's `:on_unsupported` (`:evaluate` lets a callback that falls back to
+  Nx.BinaryBackend run on the host between native parts, see `fallback/4`).
+  """
+  def start(n_inputs, policy \\ :evaluate) do
     Process.put(@key, %{
+      policy: policy,
       next: n_inputs,
       blocks: [[]],
       consts: %{},
@@ -153,17 +158,92 @@ defmodule NxMlx.Compiler.Recorder do
   end
 
   @doc """
-  Called by NxMlx.Fallback while recording: a fallback on values of the program cannot be
-  lowered (on constants only it runs now, folded).
+  Called by NxMlx.Fallback while recording `op` (a callback with no MLX implementation for
+  these operands, run on Nx.BinaryBackend): `:eager` when it reads constants only (it runs
+  now, folded), else `{:recorded, value}`: at the top level of the function, and unless the
+  policy is `:raise`, the call becomes a host step between two native parts (its operands
+  are copied out, the callback runs on Nx.BinaryBackend, its results are copied back), with
+  a `[:nx_mlx, :compiler, :fallback]` event; inside a loop or branch, or under `:raise`, the
+  function cannot be lowered (`NotLowerable`).
   """
-  def fallback!(op, args) do
-    if Enum.any?(List.flatten(Enum.map(args, &tensors/1)), &match?({:reg, _}, &1)) do
-      raise NotLowerable,
-        op: op,
-        message: "NxMlx.Backend.#{op} runs on Nx.BinaryBackend (no MLX implementation here)"
-    end
+  def fallback(op, out, args, device) do
+    in_regs = for {:reg, r} <- List.flatten(Enum.map(args, &tensors/1)), do: r
+    message = "NxMlx.Backend.#{op} runs on Nx.BinaryBackend (no MLX implementation here)"
 
-    :ok
+    cond do
+      in_regs == [] ->
+        :eager
+
+      nested?() or Process.get(@key).policy == :raise ->
+        raise NotLowerable, op: op, message: message
+
+      true ->
+        :telemetry.execute([:nx_mlx, :compiler, :fallback], %{}, %{
+          op: op,
+          reason: message <> ": that op runs on the host between native parts",
+          mode: :host_op
+        })
+
+        leaves = leaves(out)
+        outs = host(in_regs, length(leaves), {:fallback, op, out, args})
+        regs = Map.new(Enum.zip(Enum.map(leaves, &elem(&1, 0)), outs))
+
+        {:recorded,
+         map_leaves(out, fn path, t ->
+           %{t | data: %NxMlx.Backend{ref: {:reg, Map.fetch!(regs, path)}, device: device}}
+         end)}
+    end
+  end
+
+  # The tensors of an output template (a tensor, or tuples and lists of them), each with
+  # its path, in order.
+  defp leaves(out), do: out |> collect_leaves([], []) |> Enum.reverse()
+
+  defp collect_leaves(%Nx.Tensor{} = t, path, acc), do: [{Enum.reverse(path), t} | acc]
+
+  defp collect_leaves(tuple, path, acc) when is_tuple(tuple),
+    do: collect_leaves(Tuple.to_list(tuple), path, acc)
+
+  defp collect_leaves(list, path, acc) when is_list(list) do
+    list
+    |> Enum.with_index()
+    |> Enum.reduce(acc, fn {x, i}, acc -> collect_leaves(x, [i | path], acc) end)
+  end
+
+  defp map_leaves(out, fun), do: map_leaves(out, [], fun)
+  defp map_leaves(%Nx.Tensor{} = t, path, fun), do: fun.(Enum.reverse(path), t)
+
+  defp map_leaves(tuple, path, fun) when is_tuple(tuple),
+    do: tuple |> Tuple.to_list() |> map_leaves(path, fun) |> List.to_tuple()
+
+  defp map_leaves(list, path, fun) when is_list(list),
+    do: list |> Enum.with_index() |> Enum.map(fn {x, i} -> map_leaves(x, [i | path], fun) end)
+
+  @doc """
+  The operands of a recorded host fallback with its registers' values put in: `args` with
+  each register tensor, in order, given the next of `arrays`.
+  """
+  def fill_registers(args, arrays, device) do
+    {args, []} = fill(args, arrays, device)
+    args
+  end
+
+  defp fill(%Nx.Tensor{data: %NxMlx.Backend{ref: {:reg, _}} = data} = t, [a | rest], device),
+    do: {%{t | data: %{data | ref: a, device: device}}, rest}
+
+  defp fill(list, arrays, device) when is_list(list),
+    do: Enum.map_reduce(list, arrays, &fill(&1, &2, device))
+
+  defp fill(tuple, arrays, device) when is_tuple(tuple) do
+    {list, rest} = fill(Tuple.to_list(tuple), arrays, device)
+    {List.to_tuple(list), rest}
+  end
+
+  defp fill(other, arrays, _device), do: {other, arrays}
+
+  @doc "The arrays of a host fallback's result, in the order of `leaves/1` of its template."
+  def result_arrays(result) do
+    for {_path, %Nx.Tensor{data: %NxMlx.Backend{ref: ref}}} <- leaves(result), do: ref
   end
 
   defp tensors(%Nx.Tensor{data: %NxMlx.Backend{ref: ref}}), do: [ref]
