@@ -644,6 +644,25 @@ defmodule NxMlx.CompilerTest do
       assert %{state: :evaluated} = NxMlx.Native.array_info(out.data.ref)
     end
 
+    test "a dropped output's memory is freed: an idle worker lets go of its last run" do
+      settled = fn ->
+        :erlang.garbage_collect()
+        NxMlx.CommandQueue.synchronize(NxMlx.CommandQueue.default(@device))
+        NxMlx.memory().active
+      end
+
+      x = mlx(Nx.iota({1_000_000}, type: {:f, 32}))
+      baseline = settled.()
+      # 4 MB computed and dropped unread.
+      _ = jit(fn x -> Nx.multiply(x, 2) end).(x)
+
+      assert eventually(fn -> settled.() < baseline + 1_000_000 end),
+             "active #{NxMlx.memory().active} bytes, #{baseline} before"
+
+      # x stays alive (and so counted) throughout.
+      assert Nx.to_number(x[-1]) == 999_999.0
+    end
+
     test "calls fed their own unread outputs compute in order, and can be submitted" do
       step = fn x -> Nx.add(Nx.multiply(x, 1.5), 1) end
       f = jit(step)

@@ -211,8 +211,11 @@ impl Decoder {
             for i in &body.code {
                 writes(i, &mut written);
             }
-            let mut next_own: Vec<usize> =
-                next.iter().copied().filter(|r| written.contains(r)).collect();
+            let mut next_own: Vec<usize> = next
+                .iter()
+                .copied()
+                .filter(|r| written.contains(r))
+                .collect();
             next_own.sort_unstable();
             next_own.dedup();
             Ok(Instr::While {

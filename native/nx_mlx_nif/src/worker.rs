@@ -56,7 +56,7 @@ pub struct Ctx {
     pub stream: Stream,
     /// An output of the latest program run dispatched here without waiting (see
     /// `program_run`): the next run waits for it before dispatching, so that at most one run
-    /// computes while the next is built.
+    /// computes while the next is built; an idle worker waits for it and lets it go.
     pub in_flight: std::cell::RefCell<Option<Array>>,
 }
 
@@ -363,7 +363,7 @@ fn run(
         IDLE_SPIN
     };
     loop {
-        let Some(job) = next_job(&receiver, idle_spin) else {
+        let Some(job) = next_job(&receiver, idle_spin, &ctx) else {
             break;
         };
         // Arrays released while the worker was idle are freed before the job runs, so that a
@@ -497,7 +497,7 @@ pub fn eval_spin_budget(token: &Option<SpinToken>) -> u32 {
     }
 }
 
-fn next_job(receiver: &Receiver<Job>, idle_spin: Duration) -> Option<Job> {
+fn next_job(receiver: &Receiver<Job>, idle_spin: Duration, ctx: &Ctx) -> Option<Job> {
     match receiver.try_recv() {
         Ok(job) => return Some(job),
         Err(TryRecvError::Disconnected) => return None,
@@ -514,6 +514,18 @@ fn next_job(receiver: &Receiver<Job>, idle_spin: Duration) -> Option<Job> {
         }
     }
     drop(token);
+    // Going to sleep: the latest program run dispatched here is waited for and let go, so
+    // that it holds no output's memory past the output's last reference.
+    let previous = ctx.in_flight.borrow_mut().take();
+    if let Some(previous) = previous {
+        let _ = mlx_bind::wait_all(&[&previous]);
+        drop(previous);
+        match receiver.try_recv() {
+            Ok(job) => return Some(job),
+            Err(TryRecvError::Disconnected) => return None,
+            Err(TryRecvError::Empty) => {}
+        }
+    }
     receiver.recv().ok()
 }
 
