@@ -15,9 +15,10 @@ defmodule NxMlx.Compiler do
   validates the program once; each call replays it on the command queue's worker in one
   native call and returns its outputs with their evaluation started, not waited for: reading
   them (or `NxMlx.wait/1` on `NxMlx.submit/1`) waits, and a failure MLX reports only at
-  completion is raised there. The next call of the program on the same worker waits for the
-  previous one to finish before starting its own work, so a loop that never reads its
-  results keeps at most one call computing while the next is built.
+  completion is raised there. The next jitted call on the same worker waits for the previous
+  one to finish before dispatching its own work, so a loop that never reads its results
+  keeps at most one call computing while the next is built; an idle worker waits for its
+  last call and lets it go (its outputs' memory goes with their last reference).
 
   ## Options
 
