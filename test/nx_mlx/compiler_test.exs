@@ -115,6 +115,19 @@ defmodule NxMlx.CompilerTest.Fns do
     Nx.remainder(y, 4.0) |> Nx.multiply(y) |> Nx.sum(axes: [1])
   end
 
+  defn host_then_loop(x, y) do
+    r = Nx.remainder(Nx.exp(x), y)
+
+    {r, _} =
+      while {r, i = 0}, i < 3 do
+        {r * 2 - 1, i + 1}
+      end
+
+    r
+  end
+
+  defn(host_grad(x, y), do: grad(x, fn x -> Nx.sum(Nx.remainder(x * x, y)) end))
+
   defn remainder_in_loop(x) do
     {_, x} =
       while {i = 0, x}, i < 2 do
@@ -583,6 +596,20 @@ defmodule NxMlx.CompilerTest do
       assert_raise ArgumentError, ~r/cannot be lowered whole.*remainder/, fn ->
         jit(&Fns.host_remainder/2).(mlx(x), mlx(w))
       end
+    end
+
+    test "host steps keep later loops, gradients and vectorized inputs right" do
+      x = random({2, 3})
+      y = Nx.tensor([0.7, 1.1, 2.0])
+      run = fn f, args -> apply(Nx.Defn.jit(f, compiler: NxMlx), Enum.map(args, &mlx/1)) end
+      assert_same(run.(&Fns.host_then_loop/2, [x, y]), Fns.host_then_loop(x, y), atol: 1.0e-4)
+      assert_same(run.(&Fns.host_grad/2, [x, y]), Fns.host_grad(x, y), atol: 1.0e-4)
+
+      xv = Nx.vectorize(x, :rows)
+      out = Nx.Defn.jit(&Fns.host_then_loop/2, compiler: NxMlx).(mlx(xv), mlx(y))
+      assert out.vectorized_axes == [rows: 2]
+      expected = Fns.host_then_loop(xv, y)
+      assert_same(Nx.devectorize(out), Nx.devectorize(expected), atol: 1.0e-4)
     end
 
     test "runs through the Evaluator with a telemetry event, or raises when asked" do
