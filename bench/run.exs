@@ -32,7 +32,7 @@ alias Bench.{Harness, Plot, Suites}
 :telemetry.attach(
   "bench-unfused",
   [:nx_mlx, :compiler, :unfused],
-  fn _, _, %{reason: reason}, agent -> Agent.update(agent, &[reason | &1]) end,
+  &Bench.Suites.collect_unfused/4,
   unfused
 )
 
@@ -356,7 +356,6 @@ lane_refs = [
   {"fused", ["raw_mlx_compiled", "pytorch", "pytorch_sdpa", "defn"]}
 ]
 
-# What replay adds per op to MLX's own cost of the same chain (the per-op target).
 defn_lines =
   for {lane, refs} <- lane_refs,
       %{impl: ^lane, case: c} = d <- all_rows,

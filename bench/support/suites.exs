@@ -176,6 +176,11 @@ defmodule Bench.Suites do
   end
 
   @doc false
+  # bench/run.exs's handler of [:nx_mlx, :compiler, :unfused]: the reasons, in an Agent.
+  def collect_unfused(_event, _measurements, %{reason: reason}, agent),
+    do: Agent.update(agent, &[reason | &1])
+
+  @doc false
   def forward_compile(_, %{duration: d}, %{hit: hit}, pid) do
     if self() == pid,
       do: send(pid, {:bench_compile, hit, System.convert_time_unit(d, :native, :nanosecond)})
