@@ -38,15 +38,14 @@ defmodule NxMlx.Compiler do
       inside a `while` or `cond`, a value needed on the host there, or `Nx.runtime_call/4`
       inside one, make the whole function run through `Nx.Defn.Evaluator` on NxMlx tensors.
       Both emit a `[:nx_mlx, :compiler, :fallback]` telemetry event with
-      `%{op: op, reason: text}` when the function is compiled.
+      `%{op: op, reason: text, mode: :host_op | :evaluator}` when the function is compiled.
     * `:fuse` - the fusion lane (default `true` on the GPU, `false` on the CPU, chosen from
       bench/RESULTS.md: on an H200 fusion made the transformer block 1.1-2.0x and exact GELU
       4.1-4.6x faster than replay in two runs; on a 2-vCPU machine it won on GELU (1.23x)
       and lost on softmax (0.83x) and a batch-128 MLP (0.81x)): straight-line parts of the
-      program (the
-      whole function, a loop's body, a branch) run through `mx::compile`, which traces each
-      once per worker and fuses element-wise chains into generated kernels (NVRTC on CUDA,
-      `g++` at run time on the CPU). Where MLX cannot fuse (no `g++` on PATH, or SIGCHLD
+      program (the whole function, a loop's body, a branch) run through `mx::compile`,
+      which traces each once per worker and fuses element-wise chains into generated
+      kernels (NVRTC on CUDA, `g++` at run time on the CPU). Where MLX cannot fuse (no `g++` on PATH, or SIGCHLD
       ignored, as the BEAM leaves it: call `:os.set_signal(:sigchld, :default)` to allow it;
       `MLX_DISABLE_COMPILE` set; a part that cannot be traced; a fused evaluation that fails
       where the unfused one succeeds) the program runs unfused and a
