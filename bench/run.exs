@@ -260,6 +260,10 @@ reference_rows = fn keys, prefix, impl, ours ->
   end
 end
 
+# A reference's own keys, without those of its `<prefix>.` variants (openblas., compiled.,
+# sdpa.).
+unprefixed = fn keys -> Map.reject(keys, fn {key, _} -> String.contains?(key, ".") end) end
+
 all_rows =
   for suite <- suites do
     IO.puts(:stderr, "running #{suite}")
@@ -275,20 +279,10 @@ all_rows =
 
     refs =
       [
-        reference_rows.(
-          Map.drop(raw_keys, Enum.filter(Map.keys(raw_keys), &String.contains?(&1, "."))),
-          "",
-          "raw_mlx",
-          ours
-        ),
+        reference_rows.(unprefixed.(raw_keys), "", "raw_mlx", ours),
         reference_rows.(raw_keys, "openblas.", "openblas", ours),
         reference_rows.(raw_keys, "compiled.", "raw_mlx_compiled", ours),
-        reference_rows.(
-          Map.drop(torch_keys, Enum.filter(Map.keys(torch_keys), &String.contains?(&1, "."))),
-          "",
-          "pytorch",
-          ours
-        ),
+        reference_rows.(unprefixed.(torch_keys), "", "pytorch", ours),
         reference_rows.(torch_keys, "sdpa.", "pytorch_sdpa", ours)
       ]
       |> List.flatten()

@@ -337,6 +337,16 @@ defmodule NxMlx.Compiler do
       outputs = Enum.map(Composite.flatten_list([result]), &reg!/1)
       {const_code, code, _n_regs, hooks} = Recorder.stop()
 
+      # Lowered: the ops that run on the host between native parts say so.
+      for {:fallback, op, _out, _args} <- hooks do
+        :telemetry.execute([:nx_mlx, :compiler, :fallback], %{}, %{
+          op: op,
+          reason:
+            Recorder.fallback_message(op) <> ": that op runs on the host between native parts",
+          mode: :host_op
+        })
+      end
+
       Enum.each(const_code, fn {:const, _r, ref} ->
         Runtime.call(:eval, [ref], fn -> "NxMlx compiler: constant" end)
       end)

@@ -126,7 +126,9 @@ defmodule NxMlx.CompilerTest.Fns do
     r
   end
 
-  defn(host_grad(x, y), do: grad(x, fn x -> Nx.sum(Nx.remainder(x * x, y)) end))
+  defn host_grad(x, y) do
+    grad(x, fn x -> Nx.sum(Nx.remainder(x * x, y)) end)
+  end
 
   defn remainder_in_loop(x) do
     {_, x} =

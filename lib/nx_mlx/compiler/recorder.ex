@@ -14,6 +14,8 @@ defmodule NxMlx.Compiler.Recorder do
     defexception [:op, :message]
   end
 
+  alias Nx.Defn.Composite
+
   @key :nx_mlx_recorder
   @ops Map.new(NxMlx.Native.ops(), fn {name, _} -> {name, true} end)
 
@@ -161,63 +163,36 @@ defmodule NxMlx.Compiler.Recorder do
   Called by NxMlx.Fallback while recording `op` (a callback with no MLX implementation for
   these operands, run on Nx.BinaryBackend): `:eager` when it reads constants only (it runs
   now, folded), else `{:recorded, value}`: at the top level of the function, and unless the
-  policy is `:raise`, the call becomes a host step between two native parts (its operands
-  are copied out, the callback runs on Nx.BinaryBackend, its results are copied back), with
-  a `[:nx_mlx, :compiler, :fallback]` event; inside a loop or branch, or under `:raise`, the
-  function cannot be lowered (`NotLowerable`).
+  policy is `:raise`, the call becomes a host step `{:fallback, op, out, args}` between two
+  native parts (its operands are copied out, the callback runs on Nx.BinaryBackend, its
+  results are copied back); inside a loop or branch, or under `:raise`, the function cannot
+  be lowered (`NotLowerable`).
   """
   def fallback(op, out, args, device) do
     in_regs = for {:reg, r} <- List.flatten(Enum.map(args, &tensors/1)), do: r
-    message = "NxMlx.Backend.#{op} runs on Nx.BinaryBackend (no MLX implementation here)"
 
     cond do
       in_regs == [] ->
         :eager
 
       nested?() or Process.get(@key).policy == :raise ->
-        raise NotLowerable, op: op, message: message
+        raise NotLowerable, op: op, message: fallback_message(op)
 
       true ->
-        :telemetry.execute([:nx_mlx, :compiler, :fallback], %{}, %{
-          op: op,
-          reason: message <> ": that op runs on the host between native parts",
-          mode: :host_op
-        })
+        outs = host(in_regs, length(Composite.flatten_list([out])), {:fallback, op, out, args})
 
-        leaves = leaves(out)
-        outs = host(in_regs, length(leaves), {:fallback, op, out, args})
-        regs = Map.new(Enum.zip(Enum.map(leaves, &elem(&1, 0)), outs))
+        {value, []} =
+          Composite.traverse(out, outs, fn t, [r | rest] ->
+            {%{t | data: %NxMlx.Backend{ref: {:reg, r}, device: device}}, rest}
+          end)
 
-        {:recorded,
-         map_leaves(out, fn path, t ->
-           %{t | data: %NxMlx.Backend{ref: {:reg, Map.fetch!(regs, path)}, device: device}}
-         end)}
+        {:recorded, value}
     end
   end
 
-  # The tensors of an output template (a tensor, or tuples and lists of them), each with
-  # its path, in order.
-  defp leaves(out), do: out |> collect_leaves([], []) |> Enum.reverse()
-
-  defp collect_leaves(%Nx.Tensor{} = t, path, acc), do: [{Enum.reverse(path), t} | acc]
-
-  defp collect_leaves(tuple, path, acc) when is_tuple(tuple),
-    do: collect_leaves(Tuple.to_list(tuple), path, acc)
-
-  defp collect_leaves(list, path, acc) when is_list(list) do
-    list
-    |> Enum.with_index()
-    |> Enum.reduce(acc, fn {x, i}, acc -> collect_leaves(x, [i | path], acc) end)
-  end
-
-  defp map_leaves(out, fun), do: map_leaves(out, [], fun)
-  defp map_leaves(%Nx.Tensor{} = t, path, fun), do: fun.(Enum.reverse(path), t)
-
-  defp map_leaves(tuple, path, fun) when is_tuple(tuple),
-    do: tuple |> Tuple.to_list() |> map_leaves(path, fun) |> List.to_tuple()
-
-  defp map_leaves(list, path, fun) when is_list(list),
-    do: list |> Enum.with_index() |> Enum.map(fn {x, i} -> map_leaves(x, [i | path], fun) end)
+  @doc "Why `op` cannot run natively: it runs on Nx.BinaryBackend."
+  def fallback_message(op),
+    do: "NxMlx.Backend.#{op} runs on Nx.BinaryBackend (no MLX implementation here)"
 
   @doc """
   The operands of a recorded host fallback with its registers' values put in: `args` with
@@ -241,9 +216,9 @@ defmodule NxMlx.Compiler.Recorder do
 
   defp fill(other, arrays, _device), do: {other, arrays}
 
-  @doc "The arrays of a host fallback's result, in the order of `leaves/1` of its template."
+  @doc "The arrays of a host fallback's result, in the order of its registers."
   def result_arrays(result) do
-    for {_path, %Nx.Tensor{data: %NxMlx.Backend{ref: ref}}} <- leaves(result), do: ref
+    for %Nx.Tensor{data: %NxMlx.Backend{ref: ref}} <- Composite.flatten_list([result]), do: ref
   end
 
   defp tensors(%Nx.Tensor{data: %NxMlx.Backend{ref: ref}}), do: [ref]
