@@ -1,13 +1,15 @@
 defmodule NxMlx.Compiler.Recorder do
   @moduledoc false
-  # The second builder of the op table. `NxMlx.Backend` writes each op's Nx semantics once,
-  # as calls of NIF ops on MLX arrays (`NxMlx.Runtime.call/3`). Eagerly those calls build
+  # The second builder of the op table. `NxMlx.Backend`'s concern modules
+  # (lib/nx_mlx/backend/) write each op's Nx semantics once, as calls of NIF ops on MLX
+  # arrays (`NxMlx.Runtime.call/3`). Eagerly those calls build
   # arrays; while the compiler lowers an expression, this recorder is active in the calling
   # process and a call whose operands include a register (`{:reg, n}`, a value the program
   # computes) is appended to the program instead, returning fresh registers. Calls on arrays
   # only (constants, folded at lowering time) still run eagerly, and their arrays become the
-  # program's captured constants. Anything that would need a value on the host (a read-back,
-  # a fallback to Nx.BinaryBackend) raises `NotLowerable`, naming the op.
+  # program's captured constants. A fallback to Nx.BinaryBackend at the top level becomes a
+  # host step (`fallback/4`); anything else that would need a value on the host (a
+  # read-back, a fallback inside a loop or branch) raises `NotLowerable`, naming the op.
 
   defmodule NotLowerable do
     @moduledoc false
