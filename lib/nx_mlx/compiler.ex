@@ -13,7 +13,10 @@ defmodule NxMlx.Compiler do
   where the backend has them and their lowered default expression otherwise, constants
   folded (small constants are made once, at compile time, so their casts fold too). The NIF
   validates the program once; each call replays it on the command queue's worker in one
-  native call and returns its outputs with their evaluation started, not waited for: reading
+  native call (a small straight-line program that fusion would not change, up to 64 ops with
+  no loop, branch or hook, is replayed in the calling process instead, as eager ops are
+  built, saving a round trip to the worker) and returns its outputs with their evaluation
+  started, not waited for: reading
   them (or `NxMlx.wait/1` on `NxMlx.submit/1`) waits, and a failure MLX reports only at
   completion is raised there. The next jitted call on the same worker waits for the previous
   one to finish before dispatching its own work, so a loop that never reads its results

@@ -775,8 +775,15 @@ defmodule NxMlx.CompilerTest do
                  NxMlx.Native.program_new(code, n_in, n_regs, outs, false)
       end
 
+      # A small straight-line program is replayed on the calling thread: its error comes back
+      # at once. One the fusion lane runs is replayed on the worker: its error is the reply.
       {:ok, p} = NxMlx.Native.program_new([{:op, [2], :unary, [:exp, 1], "x"}], 1, 3, [2], false)
       assert {:error, {:argument, _}} = NxMlx.Native.program_run(w, p, [], 1)
+      assert {:error, {:argument, message}} = NxMlx.Native.program_run(w, p, [a], 1)
+      assert message =~ "read before it is set"
+
+      two = [{:op, [2], :unary, [:exp, 1], "x"}, {:op, [3], :unary, [:exp, 2], "x"}]
+      {:ok, p} = NxMlx.Native.program_new(two, 1, 4, [3], true)
       assert {:async, ref} = NxMlx.Native.program_run(w, p, [a], 1)
       assert_receive {^ref, {:error, {:argument, message}}}
       assert message =~ "read before it is set"

@@ -1,7 +1,8 @@
 //! Programs: a whole `defn` graph, lowered by Elixir into a flat list of instructions over
 //! numbered registers, decoded and validated once (`program_new`) and replayed per call
 //! (`program_run`) on the worker in one job: the MLX graph is built without a BEAM round trip
-//! per op, loops and branches run natively, and the outputs come back dispatched.
+//! per op, loops and branches run natively, and the outputs come back dispatched. A small
+//! straight-line program is replayed on the calling thread instead (see `caller_replay`).
 //!
 //! Instructions (terms):
 //!
@@ -28,9 +29,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::build::{check_inputs, dispatch_outputs, ready_arrays};
+use crate::build::{check_inputs, check_size, dispatch_outputs, ready_arrays};
 use crate::error::{NifError, NifResult};
-use crate::op::{decode, Op};
+use crate::op::{decode, Op, Placement};
 use crate::resources::{ArrayRes, WorkerRes};
 use crate::submit::submit;
 
@@ -110,6 +111,28 @@ pub struct ProgramRes {
     fallback: Mutex<Option<String>>,
     /// Set after a fused evaluation failed: the program replays unfused from then on.
     unfused: AtomicBool,
+    /// Replayed on the calling thread (see `caller_replay`).
+    caller: bool,
+}
+
+/// The most ops a program replayed on the calling thread may have: building a node costs
+/// about a microsecond, and a normal scheduler should not be held much longer than that.
+const CALLER_REPLAY_OPS: usize = 64;
+
+/// Whether a program is replayed on the calling thread, as an eager op is built, instead of
+/// in a job on the worker: a small straight-line program of ops that may be built anywhere
+/// (see `build.rs`), with no loop, branch or hook, and not one the fusion lane could fuse
+/// (a single op has nothing to fuse). Its outputs' evaluation is still started on the
+/// worker, without a reply, so a call costs no round trip and a read-back one, as an eager
+/// op does.
+fn caller_replay(main: &Block, ops: usize, fuse: bool) -> bool {
+    ops <= CALLER_REPLAY_OPS
+        && !(fuse && ops > 1)
+        && main.code.iter().all(|instr| match instr {
+            Instr::Op { op, .. } => op.placement() == Placement::Caller,
+            Instr::Const { .. } => true,
+            _ => false,
+        })
 }
 
 #[rustler::resource_impl]
@@ -420,6 +443,7 @@ fn program_new<'a>(
         // Inputs belong to the main block: they are dropped after their last read too.
         let inputs: Vec<usize> = (0..n_inputs).collect();
         let main = Arc::new(with_frees(code, &outputs, &inputs));
+        let caller = caller_replay(&main, d.ops, fuse);
         Ok(ResourceArc::new(ProgramRes {
             n_inputs,
             n_regs,
@@ -430,6 +454,7 @@ fn program_new<'a>(
             fused: Mutex::new(HashMap::new()),
             fallback: Mutex::new(None),
             unfused: AtomicBool::new(false),
+            caller,
         }))
     })();
     crate::submit::reply(env, result.map(|p| p.encode(env)))
@@ -477,7 +502,8 @@ impl ProgramRes {
 
 /// `program_run(worker, program, inputs, tag)`: replays the program on `worker` with `inputs`,
 /// replying `{:async, ref}` then `{ref, {:ok, [array, ...]}}` with the outputs, their
-/// evaluation dispatched (hook messages, tagged `tag`, come before the reply).
+/// evaluation dispatched (hook messages, tagged `tag`, come before the reply). A program
+/// replayed on the calling thread (see `caller_replay`) replies `{:ok, [array, ...]}` at once.
 #[rustler::nif]
 fn program_run<'a>(
     env: Env<'a>,
@@ -500,8 +526,12 @@ fn program_run<'a>(
         return reply;
     }
     let born = w.epoch();
-    let w_job = w.clone();
     let pid = env.pid();
+    if program.caller {
+        let result = run_on_caller(&w, &program, &inputs, pid, tag, born);
+        return crate::submit::reply(env, result.map(|arrays| arrays.encode(env)));
+    }
+    let w_job = w.clone();
     submit(env, &w, move |env, ctx| {
         let fuse = program.fuse && !program.unfused.load(Ordering::Relaxed);
         let arrays: Vec<Array> = inputs.iter().map(|a| a.array().clone()).collect();
@@ -547,6 +577,50 @@ fn program_run<'a>(
         };
         Ok(arrays.encode(env))
     })
+}
+
+/// Replays a program on the calling thread (see `caller_replay`) and queues the start of its
+/// outputs' evaluation on the worker, as `program_run`'s job does it (after the previous
+/// run dispatched there), without a reply: reading an output waits for it, and reports a
+/// failure of the dispatch.
+fn run_on_caller(
+    w: &Arc<crate::worker::Worker>,
+    program: &ProgramRes,
+    inputs: &[ResourceArc<ArrayRes>],
+    pid: rustler::LocalPid,
+    tag: u64,
+    born: u64,
+) -> NifResult<Vec<ResourceArc<ArrayRes>>> {
+    let arrays: Vec<Array> = inputs.iter().map(|a| a.array().clone()).collect();
+    let run = Run {
+        pid,
+        tag,
+        worker: w,
+        worker_id: 0,
+        program,
+        fuse: false,
+        fused_any: std::cell::Cell::new(false),
+    };
+    let outputs = replay(program, arrays, w.stream(), &run)?;
+    outputs.iter().try_for_each(check_size)?;
+    let results: Vec<ResourceArc<ArrayRes>> = outputs
+        .iter()
+        .map(|a| ArrayRes::lazy(a.clone(), w.clone(), 0))
+        .collect();
+    let held = results.clone();
+    let job_worker = w.clone();
+    // A full queue skips the dispatch: the outputs are then evaluated when read.
+    let _ = w.post(Box::new(move |ctx| {
+        if let Some(previous) = ctx.in_flight.borrow_mut().take() {
+            let _ = mlx_bind::wait_all(&[&previous]);
+        }
+        let refs: Vec<&Array> = outputs.iter().collect();
+        match job_worker.dispatch(&refs, born) {
+            Ok(()) => *ctx.in_flight.borrow_mut() = outputs.first().cloned(),
+            Err(message) => held.iter().for_each(|r| r.mark_failed(&message)),
+        }
+    }));
+    Ok(results)
 }
 
 /// Runs the program's main block on `inputs`: its (lazy) outputs.
