@@ -9,7 +9,8 @@
 # (bench/reference/torch_bench.py) when python3 can import torch. Prints a table per suite,
 # then `key: value` lines: NxMlx's figures under their case names, the references' as
 # `<impl>.<key>`, and `<case>_vs_<impl>` = reference time / NxMlx time (above 1: NxMlx is
-# faster). Writes bench/results/<device>/<suite>.csv, a plot per suite (<suite>.png and
+# faster); the transformer and mlp lanes also get `_paired` ratios, timed in alternation
+# with the raw bench serving the same cases (`mlx_raw_bench --serve`, see bench/README.md). Writes bench/results/<device>/<suite>.csv, a plot per suite (<suite>.png and
 # .svg, drawn by bench/support/plot.exs) and keys.txt. See bench/README.md.
 #
 # Environment: NX_MLX_RAW_BENCH=<path> uses a prebuilt mlx_raw_bench (else it is built with
@@ -190,6 +191,18 @@ raw_suites = suites
 if raw_status != 0, do: raise("mlx_raw_bench failed (#{raw_status}):\n#{raw_out}")
 raw_keys = Harness.parse_keys(raw_out)
 
+# The raw bench again, serving the transformer and mlp cases for paired measurement.
+settings =
+  case Enum.filter(suites, &(&1 in ~w(transformer mlp))) do
+    [] ->
+      settings
+
+    paired_suites ->
+      port = Harness.open_paired(raw_bin, device, paired_suites, [{"MLX_ENABLE_TF32", tf32}])
+      if port == nil, do: IO.puts(:stderr, "mlx_raw_bench --serve did not start: no paired keys")
+      %{settings | paired: port}
+  end
+
 torch_keys =
   cond do
     path = System.get_env("NX_MLX_TORCH_KEYS") ->
@@ -351,32 +364,41 @@ lane_refs = [
 ]
 
 defn_lines =
-  for {lane, refs} <- lane_refs,
-      %{impl: ^lane, case: c} = d <- all_rows,
-      impl <- refs,
-      ref = by_impl.(impl, c),
-      ref != nil do
-    "#{c}_#{lane}_vs_#{impl}: #{:erlang.float_to_binary(ref.median / d.median, decimals: 3)}"
-  end ++
-    Enum.flat_map(
-      [
-        {"jit_call", "nx_mlx", "readback", "jit_call_vs_eager"},
-        {"while_iter", "raw_mlx", "while_iter", "while_iter_vs_raw_mlx"}
-      ],
-      fn {ours_case, ref_impl, ref_case, key} ->
-        case {by_impl.("nx_mlx", ours_case), by_impl.(ref_impl, ref_case)} do
-          {%{median: o}, %{median: r}} when r > 0 ->
-            ["#{key}: #{:erlang.float_to_binary(o / r, decimals: 3)}"]
+  (for {lane, refs} <- lane_refs,
+       %{impl: ^lane, case: c} = d <- all_rows,
+       impl <- refs,
+       ref = by_impl.(impl, c),
+       ref != nil do
+     "#{c}_#{lane}_vs_#{impl}: #{:erlang.float_to_binary(ref.median / d.median, decimals: 3)}"
+   end ++
+     Enum.flat_map(
+       [
+         {"jit_call", "nx_mlx", "readback", "jit_call_vs_eager"},
+         {"while_iter", "raw_mlx", "while_iter", "while_iter_vs_raw_mlx"}
+       ],
+       fn {ours_case, ref_impl, ref_case, key} ->
+         case {by_impl.("nx_mlx", ours_case), by_impl.(ref_impl, ref_case)} do
+           {%{median: o}, %{median: r}} when r > 0 ->
+             ["#{key}: #{:erlang.float_to_binary(o / r, decimals: 3)}"]
 
-          _ ->
-            []
-        end
-      end
-    ) ++
-    case {by_impl.("nx_mlx", "replay_op"), by_impl.("raw_mlx", "replay_op")} do
-      {%{median: o}, %{median: r}} -> ["replay_op_overhead_us: #{Harness.fmt(o - r)}"]
-      _ -> []
-    end
+           _ ->
+             []
+         end
+       end
+     ) ++
+     case {by_impl.("nx_mlx", "replay_op"), by_impl.("raw_mlx", "replay_op")} do
+       {%{median: o}, %{median: r}} -> ["replay_op_overhead_us: #{Harness.fmt(o - r)}"]
+       _ -> []
+     end ++
+     for %{impl: lane, case: c, paired: p} <- all_rows do
+       base = "#{c}_#{lane}_vs_#{p.ref}_paired"
+
+       [
+         "#{base}: #{:erlang.float_to_binary(p.ratio, decimals: 3)}",
+         "#{base}_ms: #{Harness.fmt(p.ours)} vs #{Harness.fmt(p.raw)}"
+       ]
+     end)
+  |> List.flatten()
 
 unfused_lines =
   case Agent.get(unfused, & &1) do

@@ -6,7 +6,13 @@ defmodule Bench.Harness do
   # `max_reps`, or until `budget_s` has passed); the median and the 10th and 90th percentiles,
   # in milliseconds. mlx_raw_bench and bench/reference/torch_bench.py use the same method.
 
-  defstruct warmup: 3, min_reps: 5, max_reps: 20, budget_s: 3.0
+  #
+  # Paired measurement (`measure_paired/4`): NxMlx and mlx_raw_bench's same case (the raw
+  # bench in `--serve` mode, `paired` below) timed in alternation, so that both see the same
+  # machine: on a small shared machine the speed drifts by tens of percent within seconds,
+  # which separate runs turn into ratios that mean little.
+
+  defstruct warmup: 3, min_reps: 5, max_reps: 20, budget_s: 3.0, paired: nil
 
   def settings(quick?) do
     if quick?,
@@ -40,6 +46,94 @@ defmodule Bench.Harness do
       fun.()
       ms = System.convert_time_unit(System.monotonic_time() - t0, :native, :nanosecond) / 1.0e6
       timed(s, fun, start, [ms | acc])
+    end
+  end
+
+  @doc """
+  Starts mlx_raw_bench in `--serve` mode with the cases of `suites` set up: the port, or nil
+  when it fails to start.
+  """
+  def open_paired(raw_bin, device, suites, env) do
+    port =
+      Port.open({:spawn_executable, raw_bin}, [
+        :binary,
+        :exit_status,
+        {:line, 4096},
+        args: ["--device", Atom.to_string(device), "--serve" | suites],
+        env: for({k, v} <- env, do: {String.to_charlist(k), String.to_charlist(v)})
+      ])
+
+    receive do
+      {^port, {:data, {:eol, "ready"}}} -> port
+      {^port, {:exit_status, _}} -> nil
+    after
+      600_000 -> nil
+    end
+  end
+
+  # One run of the raw bench's case `key`, in milliseconds (timed by the raw bench).
+  defp raw_run(port, key) do
+    Port.command(port, key <> "\n")
+
+    receive do
+      {^port, {:data, {:eol, "error: " <> message}}} ->
+        raise "mlx_raw_bench --serve: #{message}"
+
+      {^port, {:data, {:eol, ms}}} ->
+        String.to_float(ms)
+
+      {^port, {:exit_status, status}} ->
+        raise "mlx_raw_bench --serve exited (#{status})"
+    end
+  end
+
+  @doc """
+  Times `fun` and the raw bench's case `key` in alternation (see the module's head):
+  warm-up runs of both, then pairs (which one runs first alternates), at least `min_reps`,
+  at most twice `max_reps`, or until twice `budget_s` has passed. Returns `{ours, raw,
+  ratio}`: summaries of our times, the raw times and the per-pair ratios raw / ours (above
+  1: NxMlx is faster).
+  """
+  def measure_paired(%__MODULE__{} = s, fun, port, key) do
+    settle()
+
+    for _ <- 1..s.warmup//1 do
+      fun.()
+      raw_run(port, key)
+    end
+
+    start = System.monotonic_time()
+    pairs = pairs(s, fun, port, key, start, [])
+    ours = Enum.map(pairs, &elem(&1, 0))
+    raw = Enum.map(pairs, &elem(&1, 1))
+    {summary(ours), summary(raw), summary(Enum.map(pairs, fn {o, r} -> r / o end))}
+  end
+
+  defp pairs(s, fun, port, key, start, acc) do
+    elapsed_s =
+      System.convert_time_unit(System.monotonic_time() - start, :native, :microsecond) / 1.0e6
+
+    n = length(acc)
+
+    if n >= s.min_reps and (n >= 2 * s.max_reps or elapsed_s >= 2 * s.budget_s) do
+      acc
+    else
+      ours = fn ->
+        t0 = System.monotonic_time()
+        fun.()
+        System.convert_time_unit(System.monotonic_time() - t0, :native, :nanosecond) / 1.0e6
+      end
+
+      pair =
+        if rem(n, 2) == 0 do
+          o = ours.()
+          {o, raw_run(port, key)}
+        else
+          r = raw_run(port, key)
+          {ours.(), r}
+        end
+
+      pairs(s, fun, port, key, start, [pair | acc])
     end
   end
 

@@ -232,10 +232,23 @@ defmodule Bench.Suites do
   # The compiler's lanes of a case: `fun` jitted with `compiler: NxMlx` and lowered whole
   # (`on_unsupported: :raise`), as "defn" (replayed op by op) and "fused" (`fuse: true`, under
   # mx::compile), on the same inputs as the eager row.
+  # With the raw bench serving (settings.paired), the transformer and mlp lanes are also timed
+  # in alternation with raw MLX's same case: the row's `:paired` (see Harness.measure_paired).
   defp compiled_rows(settings, suite, name, device, fun, args, work \\ nil) do
     for {impl, fuse} <- [{"defn", false}, {"fused", true}] do
       f = Nx.Defn.jit(fun, compiler: NxMlx, device: device, on_unsupported: :raise, fuse: fuse)
-      row(suite, name, impl, Harness.measure(settings, fn -> sync(apply(f, args)) end), work)
+      run = fn -> sync(apply(f, args)) end
+      r = row(suite, name, impl, Harness.measure(settings, run), work)
+
+      if settings.paired && suite in ["transformer", "mlp"] do
+        {key, ref} =
+          if fuse, do: {"compiled." <> name, "raw_mlx_compiled"}, else: {name, "raw_mlx"}
+
+        {ours, raw, ratio} = Harness.measure_paired(settings, run, settings.paired, key)
+        Map.put(r, :paired, %{ref: ref, ours: ours.median, raw: raw.median, ratio: ratio.median})
+      else
+        r
+      end
     end
   end
 

@@ -6,11 +6,18 @@
 //! `mx::compile` (its inputs the same arrays, weights included), prefixed `compiled.`:
 //! the reference of NxMlx's fusion lane.
 //!
-//!     mlx_raw_bench [--device cpu|gpu] [--quick] [dispatch|matmul|elementwise|transformer|mlp]...
+//!     mlx_raw_bench [--device cpu|gpu] [--quick] [--serve] [dispatch|matmul|elementwise|transformer|mlp]...
 //!
 //! Method (as in `bench/run.exs`): warm-up runs, then timed runs (at least 5, at most 20, or
 //! until 3 s have passed), each building the graph and evaluating it; median and the 10th and
 //! 90th percentiles in milliseconds.
+//!
+//! `--serve` sets up the transformer and mlp cases named by the suites instead of timing
+//! them, prints `ready`, then for each line read from stdin naming a case's key (as printed,
+//! without `_ms`: `transformer_1x128x768_f32`, `compiled.mlp4_b128_f32`) runs it once and
+//! prints its time in milliseconds (`error: ...` for an unknown key), until stdin closes:
+//! `bench/run.exs` times NxMlx and this process in alternation, so that both see the same
+//! machine (paired samples, for the `_paired` ratios).
 
 use std::ffi::{c_char, c_void, CString};
 use std::time::Instant;
@@ -20,11 +27,78 @@ use mlx_bind::{
     Compiled, DeviceKind, Dtype, ReduceOp, Result, Stream, UnaryOp,
 };
 
+/// A case set up for `--serve`: its key and one run.
+type Served = (String, Box<dyn FnMut() -> Result<()>>);
+
 struct Settings {
     warmup: usize,
     min_reps: usize,
     max_reps: usize,
     budget_s: f64,
+    /// Set with `--serve`: the cases are collected here instead of timed.
+    serve: Option<std::cell::RefCell<Vec<Served>>>,
+}
+
+/// Times the case `prefix`+`key` and prints its keys, or keeps it for `--serve`.
+fn case(
+    set: &Settings,
+    prefix: &str,
+    key: &str,
+    mut f: impl FnMut() -> Result<()> + 'static,
+) -> Result<()> {
+    match &set.serve {
+        Some(cases) => {
+            cases
+                .borrow_mut()
+                .push((format!("{prefix}{key}"), Box::new(f)));
+            Ok(())
+        }
+        None => {
+            let t = measure(set, &mut f)?;
+            emit(prefix, key, &t);
+            Ok(())
+        }
+    }
+}
+
+/// `f` under `mx::compile` on `inputs`, its first output evaluated per run, as a case (see
+/// [`measure_compiled`]).
+fn case_compiled(
+    set: &Settings,
+    key: &str,
+    inputs: Vec<Array>,
+    f: impl Fn(&[Array]) -> Result<Vec<Array>> + Send + Sync + 'static,
+) -> Result<()> {
+    let compiled = Compiled::new(f);
+    case(set, "compiled.", key, move || {
+        let refs: Vec<&Array> = inputs.iter().collect();
+        compiled.call(&refs)?[0].eval()
+    })
+}
+
+/// The `--serve` loop (see the module doc).
+fn serve(cases: Vec<Served>) {
+    use std::io::{BufRead, Write};
+    let mut cases: std::collections::HashMap<String, Box<dyn FnMut() -> Result<()>>> =
+        cases.into_iter().collect();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "ready");
+    let _ = out.flush();
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let reply = match cases.get_mut(line.trim()) {
+            Some(f) => {
+                let t0 = Instant::now();
+                match f() {
+                    Ok(()) => format!("{:.4}", t0.elapsed().as_secs_f64() * 1e3),
+                    Err(e) => format!("error: {}", e.message),
+                }
+            }
+            None => format!("error: unknown case {:?}", line.trim()),
+        };
+        let _ = writeln!(out, "{reply}");
+        let _ = out.flush();
+    }
 }
 
 struct Timing {
@@ -543,16 +617,14 @@ fn transformer_suite(set: &Settings, device: DeviceKind, s: &Stream) -> Result<(
     for (d, bsz, seq) in cases {
         let block = Block::new(d, s)?;
         let x = uniform(&[bsz, seq, HIDDEN], d, 30, 1.0, s)?;
-        let t = measure(set, || block.forward(&x, s)?.eval())?;
         let key = format!("transformer_{bsz}x{seq}x{HIDDEN}_{}", dtype_name(d));
-        emit("", &key, &t);
-        let mut inputs = vec![&x];
-        inputs.extend(block.params());
+        let mut inputs = vec![x.clone()];
+        inputs.extend(block.params().into_iter().cloned());
         let s1 = *s;
-        let t = measure_compiled(set, &inputs, move |a| {
+        case(set, "", &key, move || block.forward(&x, &s1)?.eval())?;
+        case_compiled(set, &key, inputs, move |a| {
             Ok(vec![Block::from_params(d, &a[1..]).forward(&a[0], &s1)?])
         })?;
-        emit("compiled.", &key, &t);
     }
     Ok(())
 }
@@ -611,13 +683,11 @@ fn mlp_suite(set: &Settings, device: DeviceKind, s: &Stream) -> Result<()> {
         for (w, b) in &layers {
             inputs.extend([w.clone(), b.clone()]);
         }
-        let t = measure(set, || forward(&inputs, s)?.eval())?;
         let key = format!("{name}_{}", dtype_name(d));
-        emit("", &key, &t);
-        let refs: Vec<&Array> = inputs.iter().collect();
         let s1 = *s;
-        let t = measure_compiled(set, &refs, move |a| Ok(vec![forward(a, &s1)?]))?;
-        emit("compiled.", &key, &t);
+        let plain = inputs.clone();
+        case(set, "", &key, move || forward(&plain, &s1)?.eval())?;
+        case_compiled(set, &key, inputs, move |a| Ok(vec![forward(a, &s1)?]))?;
     }
     Ok(())
 }
@@ -625,6 +695,7 @@ fn mlp_suite(set: &Settings, device: DeviceKind, s: &Stream) -> Result<()> {
 fn main() {
     let mut device = DeviceKind::Cpu;
     let mut quick = false;
+    let mut serve_mode = false;
     let mut suites = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -635,6 +706,7 @@ fn main() {
                 other => fail(&format!("--device takes cpu or gpu, got {other:?}")),
             },
             "--quick" => quick = true,
+            "--serve" => serve_mode = true,
             "dispatch" | "matmul" | "elementwise" | "transformer" | "mlp" => suites.push(arg),
             other => fail(&format!("unknown argument {other:?}")),
         }
@@ -650,6 +722,7 @@ fn main() {
             min_reps: 3,
             max_reps: 5,
             budget_s: 0.5,
+            serve: None,
         }
     } else {
         Settings {
@@ -657,13 +730,32 @@ fn main() {
             min_reps: 5,
             max_reps: 20,
             budget_s: 3.0,
+            serve: None,
         }
+    };
+    let set = Settings {
+        serve: serve_mode.then(Default::default),
+        ..set
     };
     if !mlx_bind::is_available(device) {
         fail("the requested device is not available in this libmlx");
     }
     let s = Stream::new(device).unwrap_or_else(|e| fail(&e.message));
     s.make_default().unwrap_or_else(|e| fail(&e.message));
+    if set.serve.is_some() {
+        for suite in &suites {
+            let r = match suite.as_str() {
+                "transformer" => transformer_suite(&set, device, &s),
+                "mlp" => mlp_suite(&set, device, &s),
+                _ => Ok(()),
+            };
+            if let Err(e) = r {
+                fail(&format!("{suite}: {}", e.message));
+            }
+        }
+        serve(set.serve.map(|c| c.into_inner()).unwrap_or_default());
+        return;
+    }
     println!("impl: raw_mlx");
     println!("mlx_version: {}", mlx_bind::version());
     println!(
