@@ -1,6 +1,20 @@
 defmodule NxMlx.CompilerTest.Fns do
   import Nx.Defn
 
+  # An intermediate of 4 * 10^12 bytes, more than any machine's memory limit.
+  defn huge_sum(x) do
+    x |> Nx.broadcast({100_000, 100_000, 100}) |> Nx.add(1) |> Nx.sum()
+  end
+
+  defn huge_loop(x) do
+    {_, acc, _} =
+      while {i = 0, acc = x, x}, i < 2 do
+        {i + 1, acc + huge_sum(x), x}
+      end
+
+    acc
+  end
+
   defn fused_chain(x, y) do
     z = Nx.sin(Nx.exp(x * 0.5) + y)
 
@@ -752,6 +766,19 @@ defmodule NxMlx.CompilerTest do
       q = NxMlx.CommandQueue.new!(@device)
       out = jit(&Fns.softmax/1, command_queue: q).(mlx(Nx.tensor([[0.0, 0.0]])))
       assert Nx.to_flat_list(out) == [0.5, 0.5]
+    end
+  end
+
+  describe "intermediates larger than the memory limit" do
+    test "are refused like eager ops, in straight code, fused or not, and in loops" do
+      x = mlx(Nx.tensor([1.0]))
+      assert_raise ArgumentError, ~r/memory limit/, fn -> Fns.huge_sum(x) end
+
+      for f <- [&Fns.huge_sum/1, &Fns.huge_loop/1], fuse <- [false, true] do
+        assert_raise ArgumentError, ~r/memory limit/, fn ->
+          Nx.to_number(Nx.sum(jit(f, fuse: fuse).(x)))
+        end
+      end
     end
   end
 

@@ -685,6 +685,11 @@ fn step(instr: &Instr, regs: &mut [Option<Array>], s: &Stream) -> NifResult<bool
                     .collect::<NifResult<Vec<&Array>>>()?;
                 op.apply(&x, s).map_err(|e| label_error(e, label))?
             };
+            // As an eager op is refused (see `check_size`): an intermediate larger than the
+            // memory limit would crash MLX's CPU allocator at evaluation time.
+            for a in &results {
+                check_size(a).map_err(|e| label_error(e, label))?;
+            }
             set(regs, outs, results);
             Ok(true)
         }
