@@ -79,7 +79,8 @@ defmodule NxMlx.Backend do
       it where the two add in different orders. The error does not grow with the number of
       elements (10^8 f32 values within 5.4e-9 of the exact sum).
     * `atan2(y, -Inf)` is -pi for negative `y` (IEEE 754, as EXLA); `Nx.BinaryBackend`
-      returns pi. `all` of a complex tensor holding 0+0i is 0; `Nx.BinaryBackend` counts
+      returns pi. `pow(NaN, 0)` is 1 (IEEE 754, C's `pow`, EXLA); `Nx.BinaryBackend`
+      returns NaN. `all` of a complex tensor holding 0+0i is 0; `Nx.BinaryBackend` counts
       every complex number as true.
     * Element-wise ops read their inputs exactly, as `Nx.BinaryBackend` does: inputs the
       result type cannot hold (an s32 past 2^24 for an f32 result, a u16 past 65504 or a

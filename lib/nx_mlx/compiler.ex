@@ -542,6 +542,14 @@ defmodule NxMlx.Compiler do
         {value, scope}
 
       %{} ->
+        # A value of a type MLX lacks (8-bit floats, 2- and 4-bit integers, complex128):
+        # eagerly it lives on Nx.BinaryBackend (or is refused), so the function does too.
+        if not match?({:tuple, _}, t.type) and not NxMlx.Types.mlx?(t.type) do
+          raise NotLowerable,
+            op: op,
+            message: "a #{inspect(t.type)} value (MLX has no such type)"
+        end
+
         {value, scope} = lower_op(op, args, t, scope)
         {value, %{scope | memo: Map.put(scope.memo, id, value)}}
     end

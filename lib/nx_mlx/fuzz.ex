@@ -16,6 +16,7 @@ defmodule NxMlx.Fuzz do
     seed: 1,
     first: 0,
     device: :cpu,
+    lane: :eager,
     batch: 250,
     timeout: 30_000,
     memory_limit: 4 * 1024 * 1024 * 1024,
@@ -129,7 +130,7 @@ defmodule NxMlx.Fuzz do
     {class, detail, child} =
       try do
         {class, detail} =
-          :peer.call(child.peer, Exec, :run, [spec, opts[:device]], opts[:timeout])
+          :peer.call(child.peer, Exec, :run, [spec, opts[:device], opts[:lane]], opts[:timeout])
 
         {class, detail, %{child | count: child.count + 1}}
       catch
@@ -172,6 +173,7 @@ defmodule NxMlx.Fuzz do
 
     header =
       "nx_mlx fuzz: seed #{opts[:seed]}, #{length(results)} calls, device #{opts[:device]}, " <>
+        "lane #{opts[:lane]}, " <>
         "#{Float.round(elapsed, 1)} s"
 
     cols = ["calls", "ok", "expected", "documented", "disagree", "other_exc", "crash", "hang"]

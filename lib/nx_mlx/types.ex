@@ -21,7 +21,11 @@ defmodule NxMlx.Types do
   for {nx, mlx} <- @table do
     def to_mlx(unquote(nx)), do: unquote(mlx)
     def to_nx(unquote(mlx)), do: unquote(nx)
+    def mlx?(unquote(nx)), do: true
   end
+
+  @doc "Whether MLX has a dtype for the Nx type."
+  def mlx?(_type), do: false
 
   def to_mlx(type) do
     raise ArgumentError,

@@ -7,6 +7,18 @@ defmodule NxMlx.BackendTest do
   defp ref(data, opts \\ []), do: Nx.tensor(data, Keyword.put(opts, :backend, Nx.BinaryBackend))
 
   describe "semantics matched to Nx" do
+    test "an integer constant out of its type's range wraps as in Nx (defn makes such ones)" do
+      for {type, n} <- [{{:s, 32}, 4_294_967_295}, {{:u, 8}, 300}, {{:s, 8}, -129}] do
+        out = %Nx.Tensor{shape: {2}, type: type, names: [nil]}
+        ours = NxMlx.Backend.constant(out, n, [])
+        assert Nx.to_flat_list(ours) == Nx.to_flat_list(Nx.BinaryBackend.constant(out, n, []))
+      end
+
+      # And casts to a type MLX lacks run on Nx.BinaryBackend, where such tensors live.
+      x = Nx.tensor([0.5, -2.0, 448.0], backend: NxMlx.Backend)
+      assert Nx.as_type(x, {:f, 8}) |> Nx.to_flat_list() == [0.5, -2.0, 448.0]
+    end
+
     test "as_type from float to integer maps NaN to 0 and the infinities to the extremes" do
       t = mlx([:infinity, :nan, :neg_infinity, 3.7, -2.5])
 

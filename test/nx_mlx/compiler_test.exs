@@ -769,6 +769,28 @@ defmodule NxMlx.CompilerTest do
     end
   end
 
+  describe "types MLX lacks" do
+    test "a function on them runs through the Evaluator, as eager ops run on Nx.BinaryBackend" do
+      forward_telemetry([:nx_mlx, :compiler, :fallback])
+      s4 = Nx.tensor([-7, 5, -2, 3], type: {:s, 4}, backend: NxMlx.Backend)
+      out = Nx.Defn.jit(&Nx.add/2, compiler: NxMlx, device: @device).(s4, s4)
+      assert out.type == {:s, 4}
+      assert Nx.to_flat_list(out) == Nx.to_flat_list(Nx.add(bin(s4), bin(s4)))
+      assert_receive {:telemetry, _, _, %{mode: :evaluator, reason: reason}}
+      assert reason =~ "{:s, 4}"
+
+      # A cast to one inside the function.
+      x = mlx(Nx.tensor([0.5, -2.0, 448.0]))
+      f8 = Nx.Defn.jit(&Nx.as_type(&1, {:f, 8}), compiler: NxMlx, device: @device).(x)
+      assert f8.type == {:f, 8}
+      assert Nx.to_flat_list(f8) == Nx.to_flat_list(Nx.as_type(bin(x), {:f, 8}))
+
+      assert_raise ArgumentError, ~r/MLX has no such type/, fn ->
+        jit(&Nx.add/2).(s4, s4)
+      end
+    end
+  end
+
   describe "intermediates larger than the memory limit" do
     test "are refused like eager ops, in straight code, fused or not, and in loops" do
       x = mlx(Nx.tensor([1.0]))

@@ -23,6 +23,20 @@ defmodule NxMlx.FuzzTest do
            "#{totals.crash} crashes and #{totals.hang} hangs in child VMs:\n\n#{report}"
   end
 
+  # The compiler lane: each Nx call jitted with compiler: NxMlx against the same function
+  # under Nx.Defn.Evaluator on Nx.BinaryBackend. Indices 614 and 875 of seed 31 once found
+  # bugs (an integer constant out of its type's range, a divergence missing from the table).
+  test "jitted calls (compiler: NxMlx) neither crash nor disagree with the Evaluator" do
+    only = [614, 875 | Enum.to_list(0..149)]
+    outcome = NxMlx.Fuzz.run(only: only, seed: 31, lane: :jit, timeout: 30_000)
+    totals = NxMlx.Fuzz.totals(outcome.results)
+    report = NxMlx.Fuzz.report(outcome, seed: 31, lane: :jit)
+
+    assert length(outcome.results) == length(only)
+    bad = totals.crash + totals.hang + totals.other_exception + totals.disagreement
+    assert bad == 0, report
+  end
+
   test "a child VM that dies is counted as a crash, one that stalls as a hang" do
     # Cases the generator does not make: the runner must see the child die or stall and go
     # on with a fresh child for the next case.

@@ -22,7 +22,9 @@ defmodule Mix.Tasks.NxMlx.Fuzz do
 
   Options: `--calls N` (default 1000, 200 with `--quick`), `--seed S` (default 1),
   `--first I` (first case index, default 0), `--only I,J` (just these indices),
-  `--device cpu|gpu`, `--batch N` (cases per child VM, default 250), `--timeout MS` (per
+  `--device cpu|gpu`, `--lane eager|jit` (`jit`: the NxMlx side of each Nx call runs as a
+  function jitted with `compiler: NxMlx`, its tensor arguments the function's parameters;
+  default `eager`), `--batch N` (cases per child VM, default 250), `--timeout MS` (per
   case, default 30000), `--memory-limit BYTES` (`NxMlx.set_memory_limit/1` in the child,
   default 4 GiB), `--jobs N` (N child VMs at a time, each running every N-th case; default
   1: the report does not depend on it), `--no-compile` and `--no-deps-check` (as for
@@ -41,6 +43,7 @@ defmodule Mix.Tasks.NxMlx.Fuzz do
     first: :integer,
     only: :string,
     device: :string,
+    lane: :string,
     quick: :boolean,
     batch: :integer,
     timeout: :integer,
@@ -65,6 +68,13 @@ defmodule Mix.Tasks.NxMlx.Fuzz do
         other -> Mix.raise("--device takes cpu or gpu, got #{inspect(other)}")
       end
 
+    lane =
+      case Keyword.get(opts, :lane, "eager") do
+        "eager" -> :eager
+        "jit" -> :jit
+        other -> Mix.raise("--lane takes eager or jit, got #{inspect(other)}")
+      end
+
     only =
       case opts[:only] do
         nil -> nil
@@ -74,7 +84,13 @@ defmodule Mix.Tasks.NxMlx.Fuzz do
     calls = opts[:calls] || if(opts[:quick], do: 200, else: 1000)
 
     run_opts =
-      [calls: calls, device: device, only: only, progress: if(only, do: nil, else: :stderr)] ++
+      [
+        calls: calls,
+        device: device,
+        lane: lane,
+        only: only,
+        progress: if(only, do: nil, else: :stderr)
+      ] ++
         Keyword.take(opts, [:seed, :first, :batch, :timeout, :memory_limit, :jobs])
 
     outcome = NxMlx.Fuzz.run(run_opts)

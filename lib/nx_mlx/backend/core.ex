@@ -7,6 +7,11 @@ defmodule NxMlx.Backend.Core do
   alias Nx.Tensor, as: T
   alias NxMlx.{CommandQueue, Runtime, Types}
 
+  # Nx types MLX has no dtype for, whose tensors are created on (and stay on)
+  # Nx.BinaryBackend: 8-bit floats and 2- and 4-bit integers. (complex128 raises instead.)
+  defguard binary_only(type)
+           when type in [{:f, 8}, {:f8_e4m3fn, 8}, {:s, 2}, {:s, 4}, {:u, 2}, {:u, 4}]
+
   @debug_detect_nan_inf Application.compile_env(:nx_mlx, :debug_detect_nan_inf, false)
   @debug_key :nx_mlx_debug_last_op
 

@@ -7,16 +7,9 @@ defmodule NxMlx.Backend.Creation do
   alias Nx.Tensor, as: T
   alias NxMlx.{Runtime, Types}
 
-  # Nx types MLX has no dtype for, whose tensors are created on (and stay on)
-  # Nx.BinaryBackend: 8-bit floats and 2- and 4-bit integers. (complex128 raises instead.)
-  @binary_only Map.new(
-                 [{:f, 8}, {:f8_e4m3fn, 8}, {:s, 2}, {:s, 4}, {:u, 2}, {:u, 4}],
-                 &{&1, true}
-               )
-
   ## Creation
 
-  def constant(%T{type: type} = out, number, _opts) when is_map_key(@binary_only, type) do
+  def constant(%T{type: type} = out, number, _opts) when binary_only(type) do
     NxMlx.Fallback.keep_on_binary_backend(:constant, fn ->
       Nx.BinaryBackend.constant(out, number, [])
     end)
@@ -45,14 +38,22 @@ defmodule NxMlx.Backend.Creation do
 
   defp with_value(t, _number), do: t
 
-  # Numbers that survive the trip through a double exactly (MLX's `full` takes a double).
-  defp exact_float?(n, {kind, _}) when is_integer(n) and kind in [:s, :u],
-    do: abs(n) <= 9_007_199_254_740_992
+  # Numbers that survive the trip through a double exactly (MLX's `full` takes a double) and
+  # that the type holds: MLX's cast saturates an integer out of range (4294967295 as s32 is
+  # -2147483648), where Nx wraps it (-1), so those go through Nx.BinaryBackend's encoding.
+  defp exact_float?(n, {kind, bits}) when is_integer(n) and kind in [:s, :u] do
+    {min, max} =
+      if kind == :s,
+        do: {-Bitwise.bsl(1, bits - 1), Bitwise.bsl(1, bits - 1) - 1},
+        else: {0, Bitwise.bsl(1, bits) - 1}
+
+    n >= min and n <= max and abs(n) <= 9_007_199_254_740_992
+  end
 
   defp exact_float?(n, {kind, _}) when is_number(n) and kind in [:f, :bf], do: true
   defp exact_float?(_, _), do: false
 
-  def from_binary(%T{type: type} = out, binary, _opts) when is_map_key(@binary_only, type) do
+  def from_binary(%T{type: type} = out, binary, _opts) when binary_only(type) do
     NxMlx.Fallback.keep_on_binary_backend(:from_binary, fn ->
       Nx.BinaryBackend.from_binary(out, binary, [])
     end)

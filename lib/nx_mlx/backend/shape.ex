@@ -7,6 +7,15 @@ defmodule NxMlx.Backend.Shape do
   alias Nx.Tensor, as: T
   alias NxMlx.Types
 
+  # A cast to a type MLX lacks: on Nx.BinaryBackend, where tensors of that type live.
+  def as_type(%T{type: type} = out, %T{} = t) when binary_only(type) do
+    check_template!(:as_type, out, t.shape)
+
+    NxMlx.Fallback.keep_on_binary_backend(:as_type, fn ->
+      Nx.BinaryBackend.as_type(out, Nx.backend_copy(t, Nx.BinaryBackend))
+    end)
+  end
+
   def as_type(%T{type: {out_kind, _} = type} = out, %T{type: {in_kind, _}} = t)
       when in_kind in [:f, :bf, :c] and out_kind in [:s, :u] do
     check_template!(:as_type, out, t.shape)

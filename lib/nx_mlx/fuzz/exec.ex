@@ -87,6 +87,7 @@ defmodule NxMlx.Fuzz.Exec do
       "Nx.BinaryBackend itself fails (Erlang's :math outside its domain, e.g. asin(34.0), " <>
         "sqrt(-1.0), exp(1000.0), floor(Inf), 0/0; a MatchError inside it); element-wise " <>
         "ops are compared at the positions it can compute, other ops are not checked",
+    pow_nan_zero: "pow(NaN, 0) is 1, as IEEE 754, C's pow and EXLA; Nx.BinaryBackend returns NaN",
     atan2_neg_infinity:
       "atan2(y, -Inf) is -pi for negative y, as IEEE 754 and EXLA; Nx.BinaryBackend returns pi",
     complex_all_zero:
@@ -119,9 +120,13 @@ defmodule NxMlx.Fuzz.Exec do
     List.to_string(:os.getpid())
   end
 
-  @doc "Runs `spec` on `device`: {class, detail}."
-  def run(spec, device) do
+  @doc """
+  Runs `spec` on `device`: {class, detail}. With `lane` :jit, the NxMlx side of a call of
+  kind :nx runs jitted with `compiler: NxMlx` (see `call_lane/4`).
+  """
+  def run(spec, device, lane \\ :eager) do
     Process.put(:nx_mlx_fuzz_device, device)
+    Process.put(:nx_mlx_fuzz_lane, lane)
 
     try do
       case spec.kind do
@@ -141,8 +146,19 @@ defmodule NxMlx.Fuzz.Exec do
 
   defp run_nx(spec, device) do
     {mod, fun, args} = spec.call
-    mlx = attempt(fn -> apply(mod, fun, materialize(args, backend(device))) |> to_host() end)
-    bin = attempt(fn -> apply(mod, fun, materialize(args, Nx.BinaryBackend)) |> to_host() end)
+    lane = Process.get(:nx_mlx_fuzz_lane, :eager)
+
+    mlx =
+      attempt(fn ->
+        call_lane(mod, fun, materialize(args, backend(device)), lane) |> to_host()
+      end)
+
+    bin =
+      attempt(fn ->
+        call_lane(mod, fun, materialize(args, Nx.BinaryBackend), reference(lane))
+        |> to_host()
+      end)
+
     ctx = %{spec: spec, args: args, device: device, mlx: mlx, bin: bin}
 
     case {mlx, bin} do
@@ -179,6 +195,37 @@ defmodule NxMlx.Fuzz.Exec do
         )
     end
   end
+
+  # The compiler lane: the call as a function jitted with `compiler: NxMlx` (the reference:
+  # with Nx.Defn.Evaluator), its tensor arguments (top level, and inside lists) the
+  # function's parameters, the rest constants of the trace.
+  # The reference of the jit lane is the same function jitted by Nx.Defn.Evaluator on
+  # Nx.BinaryBackend: Nx's front end treats a number inside defn (a constant of the merged
+  # type) differently from an eager call (a tensor of the default type, then cast).
+  defp reference(:eager), do: :eager
+  defp reference(:jit), do: :evaluator
+
+  defp call_lane(mod, fun, args, :eager), do: apply(mod, fun, args)
+
+  defp call_lane(mod, fun, args, lane) do
+    {shape, tensors} = lift(args, [])
+    params = tensors |> Enum.reverse() |> List.to_tuple()
+
+    compiler = if lane == :jit, do: [compiler: NxMlx], else: [compiler: Nx.Defn.Evaluator]
+    jitted = Nx.Defn.jit(fn params -> apply(mod, fun, lower(shape, params)) end, compiler)
+
+    jitted.(params)
+  end
+
+  defp lift(%Nx.Tensor{} = t, acc), do: {{:"$param", length(acc)}, [t | acc]}
+
+  defp lift(list, acc) when is_list(list), do: Enum.map_reduce(list, acc, &lift/2)
+
+  defp lift(other, acc), do: {other, acc}
+
+  defp lower({:"$param", i}, params), do: elem(params, i)
+  defp lower(list, params) when is_list(list), do: Enum.map(list, &lower(&1, params))
+  defp lower(other, _params), do: other
 
   # The moduledoc's "Types": complex128 raises ArgumentError, and a tensor of a type MLX
   # lacks (kept on Nx.BinaryBackend) raises ArgumentError when it meets an MLX tensor.
@@ -384,7 +431,10 @@ defmodule NxMlx.Fuzz.Exec do
       |> Enum.map(&abs/1)
       |> Enum.max(fn -> 1.0 end)
 
-    :math.pow(max(maxabs, 1.0), accum) * max(n, 1)
+    # Beyond 1e300 (inputs near the top of f64) the bound no longer constrains anything, and
+    # computing it would overflow.
+    log_scale = accum * :math.log10(max(maxabs, 1.0)) + :math.log10(max(n, 1))
+    if log_scale > 300, do: 1.0e300, else: :math.pow(max(maxabs, 1.0), accum) * max(n, 1)
   end
 
   defp input_scale(_args, _accum), do: 1.0
@@ -652,6 +702,19 @@ defmodule NxMlx.Fuzz.Exec do
       x = input(ctx, 0)
       far = Nx.greater(Nx.abs(Nx.as_type(x, :f64)), 16_777_216)
       flat_mask(far, result_shape(ctx))
+    else
+      _ -> nil
+    end
+  end
+
+  defp explain(:pow_nan_zero, %{spec: %{op: :pow}, args: [a, _]} = ctx) do
+    with true <- float_input?(a), {:ok, [m]} <- ctx.mlx do
+      x = ctx |> input(0) |> Nx.broadcast(m.shape) |> Nx.to_flat_list()
+      y = ctx |> input(1) |> Nx.broadcast(m.shape) |> Nx.to_flat_list()
+
+      Enum.zip_with([x, y, Nx.to_flat_list(m)], fn [xv, yv, mv] ->
+        xv == :nan and yv == 0 and mv == 1.0
+      end)
     else
       _ -> nil
     end
