@@ -553,10 +553,7 @@ fn program_run<'a>(
         // call) waits. The previous run dispatched here finishes before this one starts, so
         // one run computes while the next is built, and no more.
         let dispatch = |outputs: Vec<Array>| {
-            if let Some(previous) = ctx.in_flight.borrow_mut().take() {
-                // Its failure, if any, is its reader's to report.
-                let _ = mlx_bind::wait_all(&[&previous]);
-            }
+            wait_in_flight(ctx);
             let first = outputs.first().cloned();
             let arrays = dispatch_outputs(&w_job, outputs, born)?;
             *ctx.in_flight.borrow_mut() = first;
@@ -611,9 +608,7 @@ fn run_on_caller(
     let job_worker = w.clone();
     // A full queue skips the dispatch: the outputs are then evaluated when read.
     let _ = w.post(Box::new(move |ctx| {
-        if let Some(previous) = ctx.in_flight.borrow_mut().take() {
-            let _ = mlx_bind::wait_all(&[&previous]);
-        }
+        wait_in_flight(ctx);
         let refs: Vec<&Array> = outputs.iter().collect();
         match job_worker.dispatch(&refs, born) {
             Ok(()) => *ctx.in_flight.borrow_mut() = outputs.first().cloned(),
@@ -621,6 +616,14 @@ fn run_on_caller(
         }
     }));
     Ok(results)
+}
+
+/// Waits for the run last dispatched on this worker (see `Ctx::in_flight`); its failure, if
+/// any, is its reader's to report.
+fn wait_in_flight(ctx: &crate::worker::Ctx) {
+    if let Some(previous) = ctx.in_flight.borrow_mut().take() {
+        let _ = mlx_bind::wait_all(&[&previous]);
+    }
 }
 
 /// Runs the program's main block on `inputs`: its (lazy) outputs.
