@@ -8,15 +8,26 @@ defmodule Bench.Harness do
 
   #
   # Paired measurement (`measure_paired/4`): NxMlx and mlx_raw_bench's same case (the raw
-  # bench in `--serve` mode, `paired` below) timed in alternation, so that both see the same
-  # machine: on a small shared machine the speed drifts by tens of percent within seconds,
-  # which separate runs turn into ratios that mean little.
+  # bench in `--serve` mode, `paired` below) timed in alternating blocks, so that both see the
+  # same machine: on a small shared machine the speed drifts by tens of percent within
+  # seconds, which separate runs turn into ratios that mean little. Each block waits
+  # `pair_gap_ms` first: OpenBLAS's threads spin for about 0.1 s after a matmul, so one side's
+  # idle threads would otherwise take a core from the other side's next runs (measured on
+  # 2 vCPUs with back-to-back alternation: a 4-layer MLP took 28 ms here and 34 in the raw
+  # bench, against 17 and 17 timed separately).
 
-  defstruct warmup: 3, min_reps: 5, max_reps: 20, budget_s: 3.0, paired: nil
+  defstruct warmup: 3,
+            min_reps: 5,
+            max_reps: 20,
+            budget_s: 3.0,
+            paired: nil,
+            pair_blocks: 6,
+            pair_block_ms: 60,
+            pair_gap_ms: 150
 
   def settings(quick?) do
     if quick?,
-      do: %__MODULE__{warmup: 1, min_reps: 3, max_reps: 5, budget_s: 0.5},
+      do: %__MODULE__{warmup: 1, min_reps: 3, max_reps: 5, budget_s: 0.5, pair_blocks: 3},
       else: %__MODULE__{}
   end
 
@@ -88,11 +99,11 @@ defmodule Bench.Harness do
   end
 
   @doc """
-  Times `fun` and the raw bench's case `key` in alternation (see the module's head):
-  warm-up runs of both, then pairs (which one runs first alternates), at least `min_reps`,
-  at most twice `max_reps`, or until twice `budget_s` has passed. Returns `{ours, raw,
-  ratio}`: summaries of our times, the raw times and the per-pair ratios raw / ours (above
-  1: NxMlx is faster).
+  Times `fun` and the raw bench's case `key` in alternating blocks (see the module's head):
+  warm-up runs of both, then `pair_blocks` pairs of blocks (which side runs first
+  alternates); a block waits `pair_gap_ms`, then runs its side at least 3 times and for at
+  least `pair_block_ms`. Returns `{ours, raw, ratio}`: summaries of our block medians, the
+  raw block medians and the per-pair ratios raw / ours (above 1: NxMlx is faster).
   """
   def measure_paired(%__MODULE__{} = s, fun, port, key) do
     settle()
@@ -102,39 +113,44 @@ defmodule Bench.Harness do
       raw_run(port, key)
     end
 
-    start = System.monotonic_time()
-    pairs = pairs(s, fun, port, key, start, [])
-    ours = Enum.map(pairs, &elem(&1, 0))
-    raw = Enum.map(pairs, &elem(&1, 1))
-    {summary(ours), summary(raw), summary(Enum.map(pairs, fn {o, r} -> r / o end))}
-  end
+    ours = fn ->
+      t0 = System.monotonic_time()
+      fun.()
+      System.convert_time_unit(System.monotonic_time() - t0, :native, :nanosecond) / 1.0e6
+    end
 
-  defp pairs(s, fun, port, key, start, acc) do
-    elapsed_s =
-      System.convert_time_unit(System.monotonic_time() - start, :native, :microsecond) / 1.0e6
+    raw = fn -> raw_run(port, key) end
 
-    n = length(acc)
-
-    if n >= s.min_reps and (n >= 2 * s.max_reps or elapsed_s >= 2 * s.budget_s) do
-      acc
-    else
-      ours = fn ->
-        t0 = System.monotonic_time()
-        fun.()
-        System.convert_time_unit(System.monotonic_time() - t0, :native, :nanosecond) / 1.0e6
+    pairs =
+      for n <- 1..s.pair_blocks do
+        if rem(n, 2) == 0 do
+          o = block(s, ours)
+          {o, block(s, raw)}
+        else
+          r = block(s, raw)
+          {block(s, ours), r}
+        end
       end
 
-      pair =
-        if rem(n, 2) == 0 do
-          o = ours.()
-          {o, raw_run(port, key)}
-        else
-          r = raw_run(port, key)
-          {ours.(), r}
-        end
+    {summary(Enum.map(pairs, &elem(&1, 0))), summary(Enum.map(pairs, &elem(&1, 1))),
+     summary(Enum.map(pairs, fn {o, r} -> r / o end))}
+  end
 
-      pairs(s, fun, port, key, start, [pair | acc])
-    end
+  # The median of one block's runs of `run` (each returning its milliseconds).
+  defp block(s, run) do
+    Process.sleep(s.pair_gap_ms)
+    start = System.monotonic_time(:millisecond)
+
+    Stream.repeatedly(run)
+    |> Enum.reduce_while([], fn ms, acc ->
+      acc = [ms | acc]
+
+      if length(acc) >= 3 and System.monotonic_time(:millisecond) - start >= s.pair_block_ms,
+        do: {:halt, acc},
+        else: {:cont, acc}
+    end)
+    |> summary()
+    |> Map.fetch!(:median)
   end
 
   @doc "Collects this process and waits until the workers have freed what it released."
