@@ -100,6 +100,7 @@ defmodule NxMlx.Native do
     take_along_axis: 4,
     put_along_axis: 5,
     topk: 4,
+    softmax: 4,
     arg_reduce: 5,
     sort: 4,
     gather: 5,

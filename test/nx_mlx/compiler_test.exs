@@ -169,6 +169,29 @@ defmodule NxMlx.CompilerTest.Fns do
     e / Nx.sum(e, axes: [-1], keep_axes: true)
   end
 
+  # As Axon.Activations.softmax writes it: stop_grad on the max, 1 / sum times the exps.
+  defn axon_softmax(x, opts \\ []) do
+    opts = keyword!(opts, axes: [-1])
+    m = stop_grad(Nx.reduce_max(x, axes: opts[:axes], keep_axes: true))
+    e = Nx.exp(x - m)
+    1 / Nx.sum(e, axes: opts[:axes], keep_axes: true) * e
+  end
+
+  # Not softmax: the max and the sum run over different axes.
+  defn mixed_axes_softmax(x) do
+    e = Nx.exp(x - Nx.reduce_max(x, axes: [0], keep_axes: true))
+    e / Nx.sum(e, axes: [1], keep_axes: true)
+  end
+
+  # The exps are also an output: they are computed once, and the softmax still rewritten.
+  defn softmax_and_exps(x) do
+    e = Nx.exp(x - Nx.reduce_max(x, axes: [1], keep_axes: true))
+    {e / Nx.sum(e, axes: [1], keep_axes: true), e}
+  end
+
+  defn(softmax_loss(x), do: Nx.sum(softmax(x) * Nx.iota(Nx.shape(x), type: Nx.type(x))))
+  defn(softmax_grad(x), do: grad(x, &softmax_loss/1))
+
   defn layer_norm(x, g, b) do
     mean = Nx.mean(x, axes: [-1], keep_axes: true)
     xc = x - mean
@@ -840,6 +863,84 @@ defmodule NxMlx.CompilerTest do
 
       assert {:error, {:argument, _}} =
                NxMlx.Native.program_new([{:hook, -1, [0]}], 1, 1, [0], false)
+    end
+  end
+
+  describe "rewrites (rewrites: true)" do
+    setup do
+      forward_telemetry([:nx_mlx, :compiler, :compile])
+    end
+
+    # The result and the program's op count (from the compile event).
+    defp rewritten(fun, args, opts) do
+      out = apply(jit(fun, [fuse: false] ++ opts), args)
+      assert_receive {:telemetry, [:nx_mlx, :compiler, :compile], _, %{hit: false, ops: ops}}
+      {out, ops}
+    end
+
+    test "softmax written by hand or as Axon writes it becomes one op, with the same values" do
+      x =
+        Nx.tensor(
+          [
+            [1.0, 2.0, 3.0, -1.0],
+            [0.0, :neg_infinity, 1.0, 2.0],
+            [:neg_infinity, :neg_infinity, :neg_infinity, :neg_infinity],
+            [:nan, 1.0, 2.0, 3.0],
+            [:infinity, 1.0, 2.0, 3.0],
+            [88.0, 89.0, -1.0e30, 0.0]
+          ],
+          backend: Nx.BinaryBackend
+        )
+
+      for fun <- [&Fns.softmax/1, &Fns.axon_softmax/1],
+          input <- [x, random({3, 5, 33}, {:f, 32}, 7)] do
+        expected = apply(Nx.Defn.jit(fun, compiler: Nx.Defn.Evaluator), [input])
+        {out, ops} = rewritten(fun, [mlx(input)], rewrites: true)
+        {plain, plain_ops} = rewritten(fun, [mlx(input)], rewrites: false)
+        assert ops == 1 and plain_ops > 1
+        assert_same(out, expected, atol: 1.0e-6)
+        assert_same(plain, expected, atol: 1.0e-6)
+      end
+    end
+
+    test "over other axes and in half precision" do
+      x = random({4, 6, 10}, {:f, 32}, 3)
+      f = &Fns.axon_softmax(&1, axes: [0, 2])
+      {out, 1} = rewritten(f, [mlx(x)], rewrites: true)
+      assert_same(out, Fns.axon_softmax(x, axes: [0, 2]), atol: 1.0e-6)
+
+      for type <- [{:bf, 16}, {:f, 16}] do
+        xh = Nx.as_type(Nx.multiply(x, 8), type)
+        {out, 1} = rewritten(&Fns.softmax/1, [mlx(xh)], rewrites: true)
+        # Accumulated in f32 and rounded once: within the type's rounding of the f32 result.
+        expected = Fns.softmax(Nx.as_type(xh, {:f, 32}))
+        assert out.type == type
+        assert_same(Nx.as_type(out, {:f, 32}), expected, atol: 1.0e-2, rtol: 1.0e-2)
+      end
+    end
+
+    test "what only looks like softmax is left as written" do
+      x = random({5, 7}, {:f, 32}, 4)
+      {out, ops} = rewritten(&Fns.mixed_axes_softmax/1, [mlx(x)], rewrites: true)
+      assert ops > 1
+      assert_same(out, Fns.mixed_axes_softmax(x), atol: 1.0e-6)
+
+      {{p, e}, _ops} = rewritten(&Fns.softmax_and_exps/1, [mlx(x)], rewrites: true)
+      {p0, e0} = Fns.softmax_and_exps(x)
+      assert_same(p, p0, atol: 1.0e-6)
+      assert_same(e, e0, atol: 1.0e-6)
+    end
+
+    test "gradients through a rewritten softmax equal the composed one's" do
+      x = random({3, 9}, {:f, 32}, 5)
+      {g, _ops} = rewritten(&Fns.softmax_grad/1, [mlx(x)], rewrites: true)
+      assert_same(g, Fns.softmax_grad(x), atol: 1.0e-5)
+    end
+
+    test "the option is checked" do
+      assert_raise ArgumentError, ~r/:rewrites must be a boolean/, fn ->
+        jit(&Fns.softmax/1, rewrites: :yes).(mlx(random({2, 3})))
+      end
     end
   end
 

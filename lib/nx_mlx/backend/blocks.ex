@@ -45,6 +45,16 @@ defmodule NxMlx.Backend.Blocks do
     Nx.Block.CumulativeMin => :min
   }
 
+  @doc false
+  # exp(t - max) / sum(exp(t - max)) over `axes` (normalized) as MLX's one softmax op: a
+  # fused kernel over the last axis, f16/bf16 accumulated in f32 and rounded once. The
+  # compiler's rewrite of the composed form (NxMlx.Compiler.Patterns) emits it.
+  def softmax(%T{type: type} = out, %T{type: type} = t, axes) when is_list(axes) do
+    device = op_device([t])
+    op = op_fn(device, :softmax, [t])
+    wrap(out, op.(:softmax, [ref!(t, device), axes, true]), device)
+  end
+
   def block(%mod{axis: axis, reverse: reverse}, %T{type: {kind, _}} = out, [t], _fun)
       when is_map_key(@scans, mod) and kind != :c do
     device = op_device([t])

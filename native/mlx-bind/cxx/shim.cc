@@ -726,6 +726,11 @@ std::unique_ptr<array> topk(const array& a, int32_t k, int32_t axis, StreamRef s
   return boxed(mx::topk(a, k, ax, to_mx(s)));
 }
 
+std::unique_ptr<array> softmax(
+    const array& a, rust::Slice<const int32_t> axes, bool precise, StreamRef s) {
+  return boxed(mx::softmax(a, to_ints(axes), precise, to_mx(s)));
+}
+
 std::unique_ptr<array> arg_reduce(bool max, const array& a, int32_t axis, bool keep_dims, StreamRef s) {
   return boxed(
       max ? mx::argmax(a, axis, keep_dims, to_mx(s)) : mx::argmin(a, axis, keep_dims, to_mx(s)));

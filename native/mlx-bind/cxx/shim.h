@@ -86,6 +86,10 @@ std::unique_ptr<array> unary(UnaryOp op, const array& a, StreamRef s);
 std::unique_ptr<array> binary(BinaryOp op, const array& a, const array& b, StreamRef s);
 std::unique_ptr<array> reduce(
     ReduceOp op, const array& a, rust::Slice<const int32_t> axes, bool keep_dims, StreamRef s);
+// exp(a - max(a)) / sum(exp(a - max(a))) over `axes` as one MLX op (its fused kernel when the
+// axes are the last one); `precise` accumulates half types in f32.
+std::unique_ptr<array> softmax(
+    const array& a, rust::Slice<const int32_t> axes, bool precise, StreamRef s);
 std::unique_ptr<array> astype(const array& a, Dtype dtype, StreamRef s);
 std::unique_ptr<array> reshape(const array& a, rust::Slice<const int32_t> shape, StreamRef s);
 std::unique_ptr<array> transpose(const array& a, rust::Slice<const int32_t> axes, StreamRef s);

@@ -345,6 +345,12 @@ pub(crate) mod bridge {
             slice_sizes: &[i32],
             s: StreamRef,
         ) -> Result<UniquePtr<Array>>;
+        fn softmax(
+            a: &Array,
+            axes: &[i32],
+            precise: bool,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
         fn arg_reduce(
             max: bool,
             a: &Array,

@@ -382,6 +382,13 @@ pub fn reduce(op: ReduceOp, a: &Array, axes: &[i64], keep_dims: bool, s: &Stream
     wrap(bridge::reduce(op, a.inner(), &axes, keep_dims, s.0))
 }
 
+/// exp(a - max) / sum(exp(a - max)) over `axes` as one MLX op (a fused kernel for the last
+/// axis); `precise` accumulates f16/bf16 in f32.
+pub fn softmax(a: &Array, axes: &[i64], precise: bool, s: &Stream) -> Result<Array> {
+    let axes = check_axes(axes)?;
+    wrap(bridge::softmax(a.inner(), &axes, precise, s.0))
+}
+
 pub fn astype(a: &Array, dtype: Dtype, s: &Stream) -> Result<Array> {
     wrap(bridge::astype(a.inner(), dtype, s.0))
 }

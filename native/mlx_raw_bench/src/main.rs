@@ -6,7 +6,7 @@
 //! `mx::compile` (its inputs the same arrays, weights included), prefixed `compiled.`:
 //! the reference of NxMlx's fusion lane.
 //!
-//!     mlx_raw_bench [--device cpu|gpu] [--quick] [--serve] [dispatch|matmul|elementwise|transformer|mlp]...
+//!     mlx_raw_bench [--device cpu|gpu] [--quick] [--serve] [dispatch|matmul|elementwise|transformer|mlp|stages]...
 //!
 //! Method (as in `bench/run.exs`): warm-up runs, then timed runs (at least 5, at most 20, or
 //! until 3 s have passed), each building the graph and evaluating it; median and the 10th and
@@ -559,6 +559,11 @@ impl Block {
 
     /// Pre-LN block: x + attn(ln1(x)), then + mlp(ln2(.)) with exact GELU.
     fn forward(&self, x: &Array, s: &Stream) -> Result<Array> {
+        self.forward_with(x, s, false)
+    }
+
+    /// [`forward`](Block::forward), with MLX's softmax op when `mx_softmax`.
+    fn forward_with(&self, x: &Array, s: &Stream, mx_softmax: bool) -> Result<Array> {
         let shape = x.shape();
         let (bsz, seq) = (shape[0], shape[1]);
         let hd = HIDDEN / HEADS;
@@ -572,7 +577,12 @@ impl Block {
         let kt = transpose(&k, &[0, 1, 3, 2], s)?;
         let scale = scalar(1.0 / (hd as f64).sqrt(), self.d, s)?;
         let scores = binary(BinaryOp::Multiply, &matmul(&q, &kt, s)?, &scale, s)?;
-        let ctx = matmul(&softmax(&scores, s)?, &v, s)?;
+        let probs = if mx_softmax {
+            mlx_bind::softmax(&scores, &[3], true, s)?
+        } else {
+            softmax(&scores, s)?
+        };
+        let ctx = matmul(&probs, &v, s)?;
         let ctx = reshape(&transpose(&ctx, &[0, 2, 1, 3], s)?, &[bsz, seq, HIDDEN], s)?;
         let x1 = binary(
             BinaryOp::Add,
@@ -625,6 +635,89 @@ fn transformer_suite(set: &Settings, device: DeviceKind, s: &Stream) -> Result<(
         case_compiled(set, &key, inputs, move |a| {
             Ok(vec![Block::from_params(d, &a[1..]).forward(&a[0], &s1)?])
         })?;
+    }
+    Ok(())
+}
+
+/// The transformer block's parts, each timed alone from evaluated inputs (`stages.<case>.<part>`),
+/// to show where a block's time goes; and the block with MLX's softmax op in place of the
+/// composed one (`mx_softmax.<case>`, plain and under `mx::compile`). Only when named.
+fn stages_suite(set: &Settings, device: DeviceKind, s: &Stream) -> Result<()> {
+    let cases: Vec<(Dtype, i64, i64)> = match device {
+        DeviceKind::Cpu => vec![(Dtype::F32, 1, 128)],
+        _ => vec![(Dtype::BF16, 1, 128), (Dtype::BF16, 8, 512)],
+    };
+    for (d, bsz, seq) in cases {
+        let b = Block::new(d, s)?;
+        let x = uniform(&[bsz, seq, HIDDEN], d, 30, 1.0, s)?;
+        let key = format!("transformer_{bsz}x{seq}x{HIDDEN}_{}", dtype_name(d));
+        let hd = HIDDEN / HEADS;
+        let ev = |a: Array| -> Result<Array> {
+            a.eval()?;
+            Ok(a)
+        };
+        let heads = move |a: &Array, s: &Stream| -> Result<Array> {
+            transpose(&reshape(a, &[bsz, seq, HEADS, hd], s)?, &[0, 2, 1, 3], s)
+        };
+        let h = ev(b.layer_norm(&x, &b.g1, &b.beta1, s)?)?;
+        let q = ev(heads(&b.linear(&h, &b.wq, &b.bq, s)?, s)?)?;
+        let k = ev(heads(&b.linear(&h, &b.wk, &b.bk, s)?, s)?)?;
+        let v = ev(heads(&b.linear(&h, &b.wv, &b.bv, s)?, s)?)?;
+        let scale = scalar(1.0 / (hd as f64).sqrt(), d, s)?;
+        let scores = |q: &Array, k: &Array, s: &Stream| -> Result<Array> {
+            let kt = transpose(k, &[0, 1, 3, 2], s)?;
+            binary(BinaryOp::Multiply, &matmul(q, &kt, s)?, &scale, s)
+        };
+        let sc = ev(scores(&q, &k, s)?)?;
+        let p = ev(softmax(&sc, s)?)?;
+        let ctx = ev(reshape(
+            &transpose(&matmul(&p, &v, s)?, &[0, 2, 1, 3], s)?,
+            &[bsz, seq, HIDDEN],
+            s,
+        )?)?;
+        let f = ev(b.linear(&h, &b.w1, &b.b1, s)?)?;
+        let prefix = format!("stages.{key}.");
+        let st = *s;
+        let one = |name: &str, f: &mut dyn FnMut() -> Result<Array>| -> Result<()> {
+            let t = measure(set, || f()?.eval())?;
+            emit(&prefix, name, &t);
+            Ok(())
+        };
+        one("layer_norm", &mut || b.layer_norm(&x, &b.g1, &b.beta1, &st))?;
+        one("qkv", &mut || {
+            let q = b.linear(&h, &b.wq, &b.bq, &st)?;
+            let k = b.linear(&h, &b.wk, &b.bk, &st)?;
+            let v = b.linear(&h, &b.wv, &b.bv, &st)?;
+            mlx_bind::concatenate(&[&q, &k, &v], 2, &st)
+        })?;
+        one("scores", &mut || scores(&q, &k, &st))?;
+        one("softmax_composed", &mut || softmax(&sc, &st))?;
+        one("softmax_mx", &mut || {
+            mlx_bind::softmax(&sc, &[3], true, &st)
+        })?;
+        one("context", &mut || {
+            reshape(
+                &transpose(&matmul(&p, &v, &st)?, &[0, 2, 1, 3], &st)?,
+                &[bsz, seq, HIDDEN],
+                &st,
+            )
+        })?;
+        one("out_proj", &mut || b.linear(&ctx, &b.wo, &b.bo, &st))?;
+        one("ffn_up", &mut || b.linear(&h, &b.w1, &b.b1, &st))?;
+        one("gelu", &mut || gelu(&f, &st))?;
+        one("ffn_down", &mut || b.linear(&f, &b.w2, &b.b2, &st))?;
+        let mut inputs = vec![x.clone()];
+        inputs.extend(b.params().into_iter().cloned());
+        let t = measure(set, || b.forward_with(&x, &st, true)?.eval())?;
+        emit("mx_softmax.", &key, &t);
+        let compiled = Compiled::new(move |a: &[Array]| {
+            Ok(vec![
+                Block::from_params(d, &a[1..]).forward_with(&a[0], &st, true)?
+            ])
+        });
+        let refs: Vec<&Array> = inputs.iter().collect();
+        let t = measure(set, || compiled.call(&refs)?[0].eval())?;
+        emit("mx_softmax.compiled.", &key, &t);
     }
     Ok(())
 }
@@ -707,7 +800,9 @@ fn main() {
             },
             "--quick" => quick = true,
             "--serve" => serve_mode = true,
-            "dispatch" | "matmul" | "elementwise" | "transformer" | "mlp" => suites.push(arg),
+            "dispatch" | "matmul" | "elementwise" | "transformer" | "mlp" | "stages" => {
+                suites.push(arg)
+            }
             other => fail(&format!("unknown argument {other:?}")),
         }
     }
@@ -774,6 +869,7 @@ fn main() {
             "matmul" => matmul_suite(&set, device, &s),
             "elementwise" => elementwise_suite(&set, device, &s),
             "transformer" => transformer_suite(&set, device, &s),
+            "stages" => stages_suite(&set, device, &s),
             _ => mlp_suite(&set, device, &s),
         };
         if let Err(e) = r {

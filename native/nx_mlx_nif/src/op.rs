@@ -69,6 +69,10 @@ pub enum Op {
         k: i64,
         axis: i64,
     },
+    Softmax {
+        axes: Vec<i64>,
+        precise: bool,
+    },
     ArgReduce {
         max: bool,
         axis: i64,
@@ -286,6 +290,14 @@ pub fn decode<'a>(name: &str, args: &[Term<'a>]) -> NifResult<Decoded<'a>> {
             Op::Topk {
                 k: a.get(1, "k")?,
                 axis: a.get(2, "axis")?,
+            },
+            one(0)?,
+            3,
+        ),
+        "softmax" => (
+            Op::Softmax {
+                axes: a.get(1, "axes")?,
+                precise: a.get(2, "precise")?,
             },
             one(0)?,
             3,
@@ -524,6 +536,7 @@ impl Op {
             Op::TakeAlongAxis(axis) => m::take_along_axis(x[0], x[1], *axis, s),
             Op::PutAlongAxis(axis) => m::put_along_axis(x[0], x[1], x[2], *axis, s),
             Op::Topk { k, axis } => m::topk(x[0], *k, *axis, s),
+            Op::Softmax { axes, precise } => m::softmax(x[0], axes, *precise, s),
             Op::ArgReduce {
                 max,
                 axis,
