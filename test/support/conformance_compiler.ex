@@ -27,7 +27,18 @@ defmodule NxMlx.ConformanceCompiler do
   @impl true
   def __to_backend__(_opts), do: {Nx.BinaryBackend, []}
 
+  # NX_MLX_CONFORMANCE_OPTS adds compiler options to every call (e.g. "rewrites: true, fuse:
+  # true" runs the CPU conformance through the GPU's defaults).
+  defp extra_opts do
+    case System.get_env("NX_MLX_CONFORMANCE_OPTS") do
+      nil -> []
+      text -> elem(Code.eval_string("[" <> text <> "]"), 0)
+    end
+  end
+
   defp wrap_hooks(opts) do
+    opts = Keyword.merge(opts, extra_opts())
+
     case Keyword.get(opts, :hooks) do
       hooks when is_map(hooks) and map_size(hooks) > 0 ->
         wrapped = Map.new(hooks, fn {name, f} -> {name, fn v -> f.(to_binary_backend(v)) end} end)
