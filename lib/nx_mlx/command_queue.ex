@@ -21,9 +21,10 @@ defmodule NxMlx.CommandQueue do
   on MLX. A full channel makes the caller back off and retry (back-pressure).
 
   On Linux, CPU worker threads (and the stream threads MLX starts from them) run at the nice
-  value of `config :nx_mlx, worker_nice: 19` (read when the NIF loads): when the machine is
-  busy, the BEAM's schedulers get the CPU first, which keeps the VM responsive; idle cores
-  still go to MLX.
+  value of `config :nx_mlx, worker_nice: 19` (read when the NIF loads), under SCHED_BATCH:
+  when the machine is busy, the BEAM's schedulers get the CPU first, which keeps the VM
+  responsive, idle cores still go to MLX, and handing an op to the stream thread does not
+  make the two threads preempt each other.
 
   A default queue exists for every available device (`default/1`). A queue lives as long as
   the queue struct or any tensor built on it is referenced; then its thread finishes the jobs
