@@ -241,23 +241,22 @@ defmodule NxMlx.Compiler do
      Keyword.get(opts, :rewrites)}
   end
 
-  # The fusion lane's switch: `:fuse` when given, else on for the GPU and off for the CPU
-  # (see the moduledoc).
-  defp fuse?(opts) do
-    case Keyword.get(opts, :fuse) do
-      nil -> device(opts) == :gpu
-      fuse when is_boolean(fuse) -> fuse
-      other -> raise ArgumentError, "NxMlx: :fuse must be a boolean, got #{inspect(other)}"
-    end
-  end
+  # The fusion lane's switch (`:fuse`) and the rewrites of composed forms onto one MLX op
+  # (`:rewrites`, NxMlx.Compiler.Patterns): the option when given, else on for the GPU and
+  # off for the CPU (see the moduledoc).
+  defp fuse?(opts), do: device_switch(opts, :fuse)
+  defp rewrites?(opts), do: device_switch(opts, :rewrites)
 
-  # Rewrites of composed forms onto one MLX op (NxMlx.Compiler.Patterns): `:rewrites` when
-  # given, else on for the GPU and off for the CPU (see the moduledoc).
-  defp rewrites?(opts) do
-    case Keyword.get(opts, :rewrites) do
-      nil -> device(opts) == :gpu
-      rewrites when is_boolean(rewrites) -> rewrites
-      other -> raise ArgumentError, "NxMlx: :rewrites must be a boolean, got #{inspect(other)}"
+  defp device_switch(opts, key) do
+    case Keyword.get(opts, key) do
+      nil ->
+        device(opts) == :gpu
+
+      value when is_boolean(value) ->
+        value
+
+      other ->
+        raise ArgumentError, "NxMlx: #{inspect(key)} must be a boolean, got #{inspect(other)}"
     end
   end
 
