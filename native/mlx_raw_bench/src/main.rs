@@ -6,7 +6,7 @@
 //! `mx::compile` (its inputs the same arrays, weights included), prefixed `compiled.`:
 //! the reference of NxMlx's fusion lane.
 //!
-//!     mlx_raw_bench [--device cpu|gpu] [--quick] [--serve] [dispatch|matmul|elementwise|transformer|mlp|stages]...
+//!     mlx_raw_bench [--device cpu|gpu] [--quick] [--serve] [dispatch|matmul|elementwise|transformer|mlp|stages|hop]...
 //!
 //! Method (as in `bench/run.exs`): warm-up runs, then timed runs (at least 5, at most 20, or
 //! until 3 s have passed), each building the graph and evaluating it; median and the 10th and
@@ -800,7 +800,7 @@ fn main() {
             },
             "--quick" => quick = true,
             "--serve" => serve_mode = true,
-            "dispatch" | "matmul" | "elementwise" | "transformer" | "mlp" | "stages" => {
+            "dispatch" | "matmul" | "elementwise" | "transformer" | "mlp" | "stages" | "hop" => {
                 suites.push(arg)
             }
             other => fail(&format!("unknown argument {other:?}")),
@@ -870,6 +870,7 @@ fn main() {
             "elementwise" => elementwise_suite(&set, device, &s),
             "transformer" => transformer_suite(&set, device, &s),
             "stages" => stages_suite(&set, device, &s),
+            "hop" => hop_suite(&set, device),
             _ => mlp_suite(&set, device, &s),
         };
         if let Err(e) = r {
@@ -881,4 +882,160 @@ fn main() {
 fn fail(message: &str) -> ! {
     eprintln!("mlx_raw_bench: {message}");
     std::process::exit(2)
+}
+
+/// A job for the `hop` suite's worker thread, given the worker's stream.
+type Job = Box<dyn FnOnce(&Stream) + Send>;
+
+/// `hop` (only when named): the MLP cases with the thread structure varied, to see what a
+/// hand-off between threads costs MLX, with no BEAM involved. `hop.<case>_` keys:
+/// `v0_eval` the plain graph evaluated where it was built (the `mlp` suite's case); `v1_eval`
+/// with `tensordot` for the matmuls; `v2_eval` ReLU against an evaluated int32 zero (MLX casts
+/// it per call); `v3_eval` against an evaluated zero of the case's type; `async_wait`
+/// `async_eval` then a wait on the same thread; `v0_caller_build` / `v2_caller_build` built
+/// here on a worker thread's stream, evaluation started by the worker, waited for here;
+/// `worker_wait` built here, started and waited for on the worker, told through a channel;
+/// `kept64` as `v0_eval` with the last 64 outputs kept alive; `worker_eval` built and
+/// evaluated on the worker, told through a channel.
+fn hop_suite(set: &Settings, device: DeviceKind) -> Result<()> {
+    use std::sync::mpsc;
+    // A worker thread owning its own stream, as the NIF's worker does.
+    let (jtx, jrx) = mpsc::channel::<Job>();
+    let (stx, srx) = mpsc::channel::<Stream>();
+    std::thread::spawn(move || {
+        let ws = Stream::new(device).unwrap();
+        stx.send(ws).unwrap();
+        while let Ok(job) = jrx.recv() {
+            job(&ws);
+        }
+    });
+    let ws = srx.recv().unwrap();
+    let main_s = Stream::new(device)?;
+    main_s.make_default()?;
+    let cases: Vec<(&str, Dtype, i64, Vec<i64>)> = vec![
+        ("mlp4_b8_small", Dtype::F32, 8, vec![64, 128, 128, 128, 10]),
+        (
+            "mlp4_b128",
+            Dtype::F32,
+            128,
+            vec![784, 2048, 2048, 2048, 10],
+        ),
+        (
+            "mlp4_b128",
+            Dtype::BF16,
+            128,
+            vec![784, 2048, 2048, 2048, 10],
+        ),
+    ];
+    for (name, d, batch, widths) in cases {
+        let mut inputs = vec![uniform(&[batch, widths[0]], d, 60, 1.0, &main_s)?];
+        for (i, pair) in widths.windows(2).enumerate() {
+            inputs.push(uniform(
+                &[pair[0], pair[1]],
+                d,
+                40 + i as u64,
+                0.05,
+                &main_s,
+            )?);
+            inputs.push(uniform(&[pair[1]], d, 50 + i as u64, 0.05, &main_s)?);
+        }
+        let izero = full(&[], 0.0, Dtype::I32, &main_s)?;
+        izero.eval()?;
+        let fzero = full(&[], 0.0, d, &main_s)?;
+        fzero.eval()?;
+        // variant: 0 plain, 1 tensordot, 2 int zero const, 3 evaluated float zero const
+        let fwd = move |a: &[Array], s: &Stream, v: u8, iz: &Array, fz: &Array| -> Result<Array> {
+            let zero = match v {
+                2 => iz.clone(),
+                3 => fz.clone(),
+                _ => scalar(0.0, d, s)?,
+            };
+            let n = (a.len() - 1) / 2;
+            let mut h = a[0].clone();
+            for i in 0..n {
+                let m = if v == 1 {
+                    mlx_bind::tensordot(&h, &a[1 + 2 * i], &[1], &[0], s)?
+                } else {
+                    matmul(&h, &a[1 + 2 * i], s)?
+                };
+                h = binary(BinaryOp::Add, &m, &a[2 + 2 * i], s)?;
+                if i + 1 < n {
+                    h = binary(BinaryOp::Maximum, &h, &zero, s)?;
+                }
+            }
+            Ok(h)
+        };
+        let key = format!("hop.{name}_{}", dtype_name(d));
+        for v in 0..4u8 {
+            let t = measure(set, || fwd(&inputs, &main_s, v, &izero, &fzero)?.eval())?;
+            emit("", &format!("{key}_v{v}_eval"), &t);
+        }
+        let t = measure(set, || {
+            let o = fwd(&inputs, &main_s, 0, &izero, &fzero)?;
+            mlx_bind::async_eval_all(&[&o])?;
+            mlx_bind::wait_all(&[&o])
+        })?;
+        emit("", &format!("{key}_async_wait"), &t);
+        for v in [0u8, 2] {
+            // Built here on the worker's stream, evaluation started on the worker, waited here.
+            let t = measure(set, || {
+                let o = fwd(&inputs, &ws, v, &izero, &fzero)?;
+                let o2 = o.clone();
+                let (tx, rx) = mpsc::channel();
+                jtx.send(Box::new(move |_s: &Stream| {
+                    let _ = tx.send(mlx_bind::async_eval_all(&[&o2]));
+                }))
+                .unwrap();
+                rx.recv().unwrap()?;
+                mlx_bind::wait_all(&[&o])
+            })?;
+            emit("", &format!("{key}_v{v}_caller_build"), &t);
+        }
+        // Built here, dispatched then waited for on the worker, told through a channel.
+        let t = measure(set, || {
+            let o = fwd(&inputs, &ws, 0, &izero, &fzero)?;
+            let o2 = o.clone();
+            jtx.send(Box::new(move |_s: &Stream| {
+                let _ = mlx_bind::async_eval_all(&[&o2]);
+            }))
+            .unwrap();
+            let (tx, rx) = mpsc::channel();
+            jtx.send(Box::new(move |_s: &Stream| {
+                let _ = tx.send(o.eval());
+            }))
+            .unwrap();
+            rx.recv().unwrap()
+        })?;
+        emit("", &format!("{key}_worker_wait"), &t);
+        // As plain eval, keeping the last 64 outputs alive (as a garbage-collected caller does).
+        let mut kept = std::collections::VecDeque::new();
+        let t = measure(set, || {
+            let o = fwd(&inputs, &main_s, 0, &izero, &fzero)?;
+            o.eval()?;
+            kept.push_back(o);
+            if kept.len() > 64 {
+                kept.pop_front();
+            }
+            Ok(())
+        })?;
+        drop(kept);
+        emit("", &format!("{key}_kept64"), &t);
+        // Built and evaluated on the worker, replied through a channel.
+        let ins = inputs.clone();
+        let iz = izero.clone();
+        let fz = fzero.clone();
+        let shared = std::sync::Arc::new((ins, iz, fz));
+        let t = measure(set, || {
+            let (tx, rx) = mpsc::channel();
+            let sh = shared.clone();
+            jtx.send(Box::new(move |s: &Stream| {
+                let r = fwd(&sh.0, s, 0, &sh.1, &sh.2).and_then(|o| o.eval());
+                let _ = tx.send(r);
+            }))
+            .unwrap();
+            rx.recv().unwrap()
+        })?;
+        emit("", &format!("{key}_worker_eval"), &t);
+    }
+    Ok(())
 }

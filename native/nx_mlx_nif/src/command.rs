@@ -107,7 +107,11 @@ impl<T: Target + Clone> Command<T> {
                 let outcome = catch_unwind(AssertUnwindSafe(|| {
                     let arrays: Vec<&Array> = group.iter().map(|t| t.array()).collect();
                     let born = group.iter().map(|t| t.born()).min().unwrap_or(0);
-                    let error = group[0].worker().evaluate(&arrays, born, 0).err();
+                    // Polls for completion for a while (with a token) instead of sleeping
+                    // at once: a waiting thread's wake-up costs more than small graphs.
+                    let (spin, token) = crate::worker::completion_spin(group[0].worker().device());
+                    let error = group[0].worker().evaluate(&arrays, born, spin).err();
+                    drop(token);
                     for t in &group {
                         t.done(ctx.worker_id, error.as_deref().map_or(Ok(()), Err));
                     }
