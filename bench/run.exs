@@ -5,8 +5,9 @@
 # 10,000; its key lines are soak_*, printed last; no references). Runs each on
 # NxMlx.Backend, with references measured in the same run: Nx.BinaryBackend at small sizes,
 # the raw-MLX Rust bench (native/mlx_raw_bench: the same computations against the MLX binding,
-# with no BEAM in the loop; it also times OpenBLAS sgemm), and on the GPU PyTorch
-# (bench/reference/torch_bench.py) when python3 can import torch. Prints a table per suite,
+# with no BEAM in the loop; it also times OpenBLAS sgemm), and PyTorch on the same device
+# (bench/reference/torch_bench.py; on the CPU with a thread per core) when python3 can
+# import torch. Prints a table per suite,
 # then `key: value` lines: NxMlx's figures under their case names, the references' as
 # `<impl>.<key>`, and `<case>_vs_<impl>` = reference time / NxMlx time (above 1: NxMlx is
 # faster); the transformer and mlp lanes also get `_paired` ratios, timed in alternation
@@ -14,8 +15,9 @@
 # .svg, drawn by bench/support/plot.exs) and keys.txt. See bench/README.md.
 #
 # Environment: NX_MLX_RAW_BENCH=<path> uses a prebuilt mlx_raw_bench (else it is built with
-# cargo); NX_MLX_TORCH_KEYS=<file> reads the PyTorch keys from a file instead of running
-# python3.
+# cargo); NX_MLX_TORCH_PYTHON=<python> names the Python that has torch (default python3, e.g.
+# a virtual environment's bin/python); NX_MLX_TORCH_KEYS=<file> reads the PyTorch keys from a
+# file instead of running it.
 
 Code.require_file("support/harness.exs", __DIR__)
 Code.require_file("support/suites.exs", __DIR__)
@@ -208,11 +210,12 @@ torch_keys =
     path = System.get_env("NX_MLX_TORCH_KEYS") ->
       Harness.parse_keys(File.read!(path))
 
-    device == :gpu and System.find_executable("python3") ->
+    python = System.find_executable(System.get_env("NX_MLX_TORCH_PYTHON", "python3")) ->
       script = Path.join(root, "bench/reference/torch_bench.py")
-      args = [script, "--device", "cuda"] ++ if(quick?, do: ["--quick"], else: []) ++ suites
+      torch_device = if device == :gpu, do: "cuda", else: "cpu"
+      args = [script, "--device", torch_device] ++ if(quick?, do: ["--quick"], else: []) ++ suites
 
-      case System.cmd("python3", args, stderr_to_stdout: true) do
+      case System.cmd(python, args, stderr_to_stdout: true) do
         {out, 0} ->
           Harness.parse_keys(out)
 

@@ -3,6 +3,7 @@
     python3 bench/reference/torch_bench.py [--device cuda|cpu] [--quick] [suite ...]
 
 Suites: dispatch, matmul, elementwise, transformer, mlp (bench/README.md defines the cases).
+On the CPU, PyTorch runs with as many threads as the machine has cores.
 Each case is timed as in bench/run.exs: warm-up runs, then timed runs (at least 5, at most
 20, or until 3 s have passed), each ending with torch.cuda.synchronize(); the median and the
 10th and 90th percentiles in milliseconds. PyTorch runs eagerly, with its own fused kernels
@@ -13,6 +14,7 @@ attention as F.scaled_dot_product_attention, keyed `sdpa.<case>`.
 
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -108,7 +110,7 @@ def matmul(s, device):
 
 
 def elementwise(s, device):
-    n, label = (64 << 20, "64m") if device.type == "cuda" else (4 << 20, "4m")
+    n, label = (64 << 20, "64m") if device.type == "cuda" else (16 << 20, "16m")
     a = uniform((n,), torch.float32, 3, 1.0, device)
     b = uniform((n,), torch.float32, 4, 1.0, device)
     rows = a.reshape(n // 4096, 4096)
@@ -215,6 +217,12 @@ def main():
     if device.type == "cuda":
         print(f"torch_gpu: {torch.cuda.get_device_name(0)}")
         print(f"torch_cuda: {torch.version.cuda}")
+    else:
+        # As many threads as the machine has cores (PyTorch's default may count only
+        # physical ones); NxMlx's OpenBLAS uses them all too.
+        torch.set_num_threads(os.cpu_count())
+        print(f"torch_threads: {torch.get_num_threads()}")
+        print(f"torch_cpu_capability: {torch.backends.cpu.get_cpu_capability()}")
     for name in args.suites or list(SUITES):
         SUITES[name](s, device)
 

@@ -301,7 +301,7 @@ defmodule Bench.Suites do
   ## sum 1x, softmax and gelu 2x the tensor's size)
 
   def elementwise(settings, backend, device) do
-    {n, label} = if device == :cpu, do: {4 * 1_048_576, "4m"}, else: {64 * 1_048_576, "64m"}
+    {n, label} = if device == :cpu, do: {16 * 1_048_576, "16m"}, else: {64 * 1_048_576, "64m"}
 
     large = elementwise_cases(settings, backend, "nx_mlx", n, label, device)
 

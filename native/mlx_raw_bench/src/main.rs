@@ -374,7 +374,7 @@ fn openblas_sgemm(set: &Settings, n: usize) -> Result<()> {
 
 fn elementwise_suite(set: &Settings, device: DeviceKind, s: &Stream) -> Result<()> {
     let (n, label): (i64, &str) = match device {
-        DeviceKind::Cpu => (4 << 20, "4m"),
+        DeviceKind::Cpu => (16 << 20, "16m"),
         _ => (64 << 20, "64m"),
     };
     let d = Dtype::F32;
