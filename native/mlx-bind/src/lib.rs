@@ -305,6 +305,21 @@ pub fn wait_all(arrays: &[&Array]) -> Result<()> {
     Ok(bridge::wait_list(&list_of(arrays))?)
 }
 
+/// [`wait_all`], polling for completion (yielding the CPU) for up to `spin_us` microseconds
+/// in all before sleeping until MLX signals it (see [`Array::eval_spin`]); with 0, exactly
+/// [`wait_all`].
+pub fn wait_all_spin(arrays: &[&Array], spin_us: u32) -> Result<()> {
+    if spin_us == 0 {
+        return wait_all(arrays);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_micros(spin_us.into());
+    for a in arrays {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        a.eval_spin(left.as_micros() as u32)?;
+    }
+    wait_all(arrays)
+}
+
 /// MLX's allocator: active, peak and cached bytes, and its limits. Process-wide.
 pub mod memory {
     use super::bridge;

@@ -90,6 +90,27 @@ fn a_failing_task_surfaces_when_waited_on_and_the_stream_recovers() {
 }
 
 #[test]
+fn wait_all_spin_waits_for_every_array_and_reports_failures() {
+    let s = Stream::new(DeviceKind::Cpu).unwrap();
+    let a = random_uniform(&[256, 256], Dtype::F32, 5, &s).unwrap();
+    let x = matmul(&a, &a, &s).unwrap();
+    let y = binary(BinaryOp::Add, &x, &a, &s).unwrap();
+    async_eval_all(&[&x, &y]).unwrap();
+    // A budget too short for the work: the rest is waited for, not skipped.
+    wait_all_spin(&[&x, &y], 1).unwrap();
+    let mut out = vec![0u8; y.nbytes()];
+    assert!(
+        y.try_copy_to(&mut out).unwrap(),
+        "y is computed once waited for"
+    );
+    let z = full(&[3, 3], 0.0, Dtype::F32, &s).unwrap();
+    let i = inv(&z, &s).unwrap();
+    async_eval_all(&[&i]).unwrap();
+    let err = wait_all_spin(&[&i], 1000).unwrap_err();
+    assert!(err.message.contains("Inverse"), "{}", err.message);
+}
+
+#[test]
 fn memory_counters_move() {
     let s = Stream::new(DeviceKind::Cpu).unwrap();
     memory::reset_peak();

@@ -864,8 +864,8 @@ fn run_block(
                 let hooked = values(regs, hooked)?;
                 let refs: Vec<&Array> = hooked.iter().collect();
                 mlx_bind::async_eval_all(&refs)?;
-                refs.iter().for_each(|a| spin_wait(a, run));
-                mlx_bind::wait_all(&refs)?;
+                let (spin, _token) = crate::worker::completion_spin(run.worker.device());
+                mlx_bind::wait_all_spin(&refs, spin)?;
                 let arrays = ready_arrays(run.worker, hooked, run.worker_id);
                 let mut owned = rustler::env::OwnedEnv::new();
                 let _ = owned.send_and_clear(&run.pid, |env| {
@@ -883,18 +883,12 @@ fn run_block(
 /// Evaluates `arrays` together and tells whether the first (a scalar) is non-zero.
 fn truth(arrays: &[&Array], s: &Stream, run: &Run) -> NifResult<bool> {
     mlx_bind::async_eval_all(arrays)?;
-    spin_wait(arrays[0], run);
-    let bytes = arrays[0].to_bytes(s)?;
-    Ok(bytes.iter().any(|&b| b != 0))
-}
-
-/// Polls for `a` (already scheduled) on a GPU worker for a while before the caller's
-/// blocking wait (see `worker::completion_spin`); errors are the wait's to report.
-fn spin_wait(a: &Array, run: &Run) {
     let (spin, _token) = crate::worker::completion_spin(run.worker.device());
     if spin > 0 {
-        let _ = a.eval_spin(spin);
+        mlx_bind::wait_all_spin(&arrays[..1], spin)?;
     }
+    let bytes = arrays[0].to_bytes(s)?;
+    Ok(bytes.iter().any(|&b| b != 0))
 }
 
 fn label_error(e: NifError, label: &str) -> NifError {

@@ -250,15 +250,11 @@ impl Worker {
         let result = match arrays {
             [one] => one.eval_spin(spin_us),
             _ => mlx_bind::async_eval_all(arrays).and_then(|_| {
-                if spin_us > 0 && self.device == DeviceKind::Gpu {
-                    // Polls until all are done (or the time is up); the wait reports errors.
-                    let deadline = Instant::now() + Duration::from_micros(spin_us.into());
-                    for a in arrays {
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        a.eval_spin(left.as_micros() as u32)?;
-                    }
+                if self.device == DeviceKind::Gpu {
+                    mlx_bind::wait_all_spin(arrays, spin_us)
+                } else {
+                    mlx_bind::wait_all(arrays)
                 }
-                mlx_bind::wait_all(arrays)
             }),
         };
         result.map_err(|e| {
@@ -506,13 +502,13 @@ impl Drop for SpinToken {
     }
 }
 
-/// Microseconds a GPU worker may poll MLX for completion of work it waits for without a
+/// The microseconds a worker may poll MLX for completion of work it waits for without a
 /// caller's read-back behind it (a command's evaluation, a loop's predicate, a hook's
-/// values): `GPU_EVAL_SPIN_US` with a token, 0 (sleep on MLX's event at once) on the CPU
-/// device, whose stream thread needs the cores. Sleeping costs a wake-up per wait: a
-/// submitted and waited 4-layer bf16 MLP (batch 128) took 0.19-0.25 ms sleeping and
-/// 0.12-0.16 ms polling (two runs, on two H200 hosts).
-/// Returns the budget and the token that allows it (held while polling).
+/// values), and the token that allows it (hold it while polling): `GPU_EVAL_SPIN_US` on a
+/// GPU worker that gets a token, else 0 (sleep on MLX's event at once; on the CPU device the
+/// stream thread needs the cores). Sleeping costs a wake-up per wait: a submitted and waited
+/// 4-layer bf16 MLP (batch 128) took 0.19-0.25 ms sleeping and 0.12-0.16 ms polling (two
+/// runs, on two H200 hosts).
 pub fn completion_spin(device: DeviceKind) -> (u32, Option<SpinToken>) {
     if device != DeviceKind::Gpu {
         return (0, None);
@@ -568,9 +564,9 @@ fn next_job(receiver: &Receiver<Job>, idle_spin: Duration, ctx: &Ctx) -> Option<
 static NICE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 /// Sets the nice value (0..=19) that CPU workers started from now on give their thread, and,
-/// by inheritance, the stream thread MLX starts from it (both also run under SCHED_BATCH). A positive value lets the BEAM's
-/// schedulers win the CPU when a small machine is oversubscribed; MLX still uses every idle
-/// core.
+/// by inheritance, the stream thread MLX starts from it (both also run under SCHED_BATCH).
+/// A positive value lets the BEAM's schedulers win the CPU when a small machine is
+/// oversubscribed; MLX still uses every idle core.
 pub fn set_nice(nice: i32) {
     NICE.store(nice.clamp(0, 19), Ordering::Relaxed);
 }
