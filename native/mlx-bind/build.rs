@@ -22,6 +22,8 @@ fn main() {
         "cxx/shim.cc",
         "cxx/kernels.h",
         "cxx/kernels.cc",
+        "cxx/simd.h",
+        "cxx/simd.cc",
     ] {
         println!("cargo:rerun-if-changed={file}");
     }
@@ -41,6 +43,18 @@ fn main() {
 
     let target_os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     let blas = choose_blas(&target_os);
+
+    // The vectorised loops: their clamps become vector selects only when comparisons may
+    // not trap (we never read the floating-point exception flags).
+    cc::Build::new()
+        .cpp(true)
+        .file("cxx/simd.cc")
+        .include(env::var("CARGO_MANIFEST_DIR").unwrap() + "/..")
+        .std("c++20")
+        .flag_if_supported("-fno-trapping-math")
+        // GCC 12's own AVX-512 headers trip it (_mm512_undefined_ps).
+        .flag_if_supported("-Wno-maybe-uninitialized")
+        .compile("mlx_bind_simd");
 
     cxx_build::bridge("src/ffi.rs")
         .file("cxx/shim.cc")

@@ -937,6 +937,39 @@ defmodule NxMlx.CompilerTest do
       assert_same(g, Fns.softmax_grad(x), atol: 1.0e-5)
     end
 
+    test "unset, softmax is rewritten where the one op is the faster" do
+      x = random({4, 6, 10}, {:f, 32}, 3)
+      trailing = &Fns.axon_softmax(&1, axes: [1, 2])
+      leading = &Fns.axon_softmax(&1, axes: [0, 2])
+      xh = Nx.as_type(x, {:bf, 16})
+      rewritten? = fn fun, input -> elem(rewritten(fun, [mlx(input)], []), 1) == 1 end
+
+      # The GPU's fused softmax for every type and axis; on the CPU our kernel's case only
+      # (f32 over trailing axes), not MLX's CPU softmax.
+      gpu = NxMlx.TestHelpers.oracle_device() == :gpu
+      assert {out, 1} = rewritten(trailing, [mlx(x)], [])
+      assert_same(out, trailing.(x), atol: 1.0e-6)
+      assert rewritten?.(leading, x) == gpu
+      assert rewritten?.(&Fns.softmax/1, xh) == gpu
+    end
+
+    test "one long row, split over the cores, with NaN and infinities" do
+      x = random({1, 140_001}, {:f, 32}, 9) |> Nx.multiply(30)
+      f = jit(&Fns.softmax/1, fuse: false, rewrites: true)
+
+      for special <- [nil, :nan, :infinity, :neg_infinity] do
+        x = if special, do: Nx.put_slice(x, [0, 100_000], Nx.tensor([[special]])), else: x
+        out = f.(mlx(x))
+        assert_same(out, Fns.softmax(x), atol: 1.0e-7)
+
+        if special in [nil, :neg_infinity] do
+          assert abs(Nx.to_number(Nx.sum(out)) - 1.0) < 1.0e-5
+        end
+      end
+
+      assert_receive {:telemetry, [:nx_mlx, :compiler, :compile], _, %{hit: false, ops: 1}}
+    end
+
     test "the option is checked" do
       assert_raise ArgumentError, ~r/:rewrites must be a boolean/, fn ->
         jit(&Fns.softmax/1, rewrites: :yes).(mlx(random({2, 3})))

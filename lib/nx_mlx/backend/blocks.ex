@@ -46,14 +46,30 @@ defmodule NxMlx.Backend.Blocks do
   }
 
   @doc false
-  # exp(t - max) / sum(exp(t - max)) over `axes` (normalized) as MLX's one softmax op: a
-  # fused kernel over the last axis, f16/bf16 accumulated in f32 and rounded once. The
-  # compiler's rewrite of the composed form (NxMlx.Compiler.Patterns) emits it.
+  # exp(t - max) / sum(exp(t - max)) over `axes` (normalized) as one softmax op: MLX's fused
+  # kernel over the last axis (f16/bf16 accumulated in f32 and rounded once), or on the CPU,
+  # for f32 over the trailing axes, ours (threaded, exp and sum in double). The compiler's
+  # rewrite of the composed form (NxMlx.Compiler.Patterns) emits it.
   def softmax(%T{type: type} = out, %T{type: type} = t, axes) when is_list(axes) do
     device = op_device([t])
     op = op_fn(device, :softmax, [t])
     wrap(out, op.(:softmax, [ref!(t, device), axes, true]), device)
   end
+
+  @doc false
+  # Whether the one softmax op beats the five composed ones on `device` (the compiler's
+  # rewrite asks): on the GPU MLX's fused kernel (0.089 against 0.263 ms over 8x12x512x512
+  # bf16 on an H200); on the CPU our kernel for f32 over the trailing axes (native/mlx-bind
+  # kernels.cc: 16M f32 in 4096-wide rows, 2 vCPUs: see bench/RESULTS.md), not MLX's CPU
+  # softmax, about 3x slower than the composed form.
+  def softmax_faster?(:gpu, _t, _axes), do: true
+
+  def softmax_faster?(:cpu, %T{type: {:f, 32}, shape: shape}, axes) do
+    rank = tuple_size(shape)
+    Enum.sort(axes) == Enum.to_list((rank - length(axes))..(rank - 1)//1)
+  end
+
+  def softmax_faster?(_device, _t, _axes), do: false
 
   def block(%mod{axis: axis, reverse: reverse}, %T{type: {kind, _}} = out, [t], _fun)
       when is_map_key(@scans, mod) and kind != :c do

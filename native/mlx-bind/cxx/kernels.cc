@@ -1,5 +1,7 @@
 #include "mlx-bind/cxx/kernels.h"
 
+#include "mlx-bind/cxx/simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <complex>
@@ -137,8 +139,29 @@ void map_contiguous(const mx::array& in, mx::array& out, Op op) {
   });
 }
 
+// The vectorised f32 loops of simd.h, split over the machine's cores; false when `fn` has
+// none.
+bool run_vectorised(AccurateFn fn, const mx::array& in, mx::array& out) {
+  void (*loop)(const float*, float*, size_t) = nullptr;
+  switch (fn) {
+    case AccurateFn::Exp: loop = simd::exp_f32; break;
+    case AccurateFn::Sigmoid: loop = simd::sigmoid_f32; break;
+    default: return false;
+  }
+  const float* src = in.data<float>();
+  float* dst = out.data<float>();
+  parallel_for(in.data_size(), kParallelGrain,
+               [src, dst, loop](size_t begin, size_t end) { loop(src + begin, dst + begin, end - begin); });
+  return true;
+}
+
 template <typename T>
 void run(AccurateFn fn, const mx::array& in, mx::array& out) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (run_vectorised(fn, in, out)) {
+      return;
+    }
+  }
   switch (fn) {
     case AccurateFn::Exp:
       return map_contiguous<T>(in, out, [](double x) { return std::exp(x); });
@@ -261,6 +284,12 @@ inline T narrow_acc(typename Accumulator<T>::type x) {
 // acc[0..width) = sum over rows [0, rows) of src[row * stride + j].
 template <typename T, typename A>
 void sum_slab(const T* src, size_t rows, size_t stride, size_t width, A* acc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (width == 1 && stride == 1) {
+      acc[0] = simd::sum_f32(src, rows);
+      return;
+    }
+  }
   if (width == 1 && stride == 1) {
     A a0{}, a1{}, a2{}, a3{};
     size_t i = 0;
@@ -415,6 +444,181 @@ class AccurateSum : public mx::UnaryPrimitive {
   int axis_;
 };
 
+// best, or b when b beats it or is NaN (a NaN, once in, stays).
+inline float pick_extremum(bool max, float best, float b) {
+  return ((max ? b > best : b < best) || b != b) ? b : best;
+}
+
+// The max or min of each row of a row-contiguous [rows, k] float32 array, k >= 1, as
+// [rows, 1]: rows split over the cores, or, when there are fewer rows than cores, each row
+// split into one piece per core and the pieces' results combined.
+class FastExtremum : public mx::UnaryPrimitive {
+ public:
+  FastExtremum(mx::Stream stream, bool max) : mx::UnaryPrimitive(stream), max_(max) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& in = inputs[0];
+    if (!in.flags().row_contiguous || in.ndim() != 2 || in.shape(1) < 1 ||
+        in.dtype() != mx::float32) {
+      throw std::runtime_error("[nx_mlx max/min] takes a row-contiguous float32 matrix");
+    }
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    size_t rows = static_cast<size_t>(in.shape(0));
+    size_t k = static_cast<size_t>(in.shape(1));
+    encoder.dispatch([in = mx::array::unsafe_weak_copy(in),
+                      out = mx::array::unsafe_weak_copy(out), rows, k, max = max_]() mutable {
+      const float* src = in.data<float>();
+      float* dst = out.data<float>();
+      auto extremum = max ? simd::max_f32 : simd::min_f32;
+      const size_t workers = std::max<size_t>(1, std::thread::hardware_concurrency());
+      const size_t splits = (rows < workers && k >= 2 * kParallelGrain) ? workers : 1;
+      if (splits == 1) {
+        parallel_for(rows, std::max<size_t>(1, kParallelGrain / k), [&](size_t begin, size_t end) {
+          for (size_t r = begin; r < end; ++r) {
+            dst[r] = extremum(src + r * k, k);
+          }
+        });
+        return;
+      }
+      const size_t step = (k + splits - 1) / splits;
+      std::vector<float> partial(rows * splits);
+      parallel_for(rows * splits, 1, [&](size_t begin, size_t end) {
+        for (size_t p = begin; p < end; ++p) {
+          size_t from = std::min(k, (p % splits) * step);
+          size_t to = std::min(k, from + step);
+          // An empty piece repeats the row's first element, which changes nothing.
+          partial[p] = to > from ? extremum(src + (p / splits) * k + from, to - from)
+                                 : src[(p / splits) * k];
+        }
+      });
+      for (size_t r = 0; r < rows; ++r) {
+        float best = partial[r * splits];
+        for (size_t c = 1; c < splits; ++c) {
+          best = pick_extremum(max, best, partial[r * splits + c]);
+        }
+        dst[r] = best;
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("[nx_mlx max/min] has no GPU kernel");
+  }
+
+  const char* name() const override { return max_ ? "NxMlxFastMax" : "NxMlxFastMin"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const FastExtremum*>(&other);
+    return o != nullptr && o->max_ == max_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {{inputs[0].shape(0), 1}};
+  }
+
+ private:
+  bool max_;
+};
+
+// Softmax along the rows of a row-contiguous [rows, k] float32 array, k >= 1: per row the
+// max, exp(x - max) with its sum in double, and the scaling by 1 / sum, while the row is
+// in cache (MLX's CPU softmax runs on one thread and its composed form reads and writes the
+// array five times). Within about 1 ulp of the exact value; a row holding NaN or +inf is
+// NaN, as the composed form.
+class FastSoftmax : public mx::UnaryPrimitive {
+ public:
+  explicit FastSoftmax(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& in = inputs[0];
+    if (!in.flags().row_contiguous || in.ndim() != 2 || in.shape(1) < 1 ||
+        in.dtype() != mx::float32) {
+      throw std::runtime_error("[nx_mlx softmax] takes a row-contiguous float32 matrix");
+    }
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    size_t rows = static_cast<size_t>(in.shape(0));
+    size_t k = static_cast<size_t>(in.shape(1));
+    encoder.dispatch([in = mx::array::unsafe_weak_copy(in),
+                      out = mx::array::unsafe_weak_copy(out), rows, k]() mutable {
+      const float* src = in.data<float>();
+      float* dst = out.data<float>();
+      const size_t workers = std::max<size_t>(1, std::thread::hardware_concurrency());
+      const size_t splits = (rows < workers && k >= 2 * kParallelGrain) ? workers : 1;
+      if (splits == 1) {
+        parallel_for(rows, std::max<size_t>(1, kParallelGrain / k), [&](size_t begin, size_t end) {
+          for (size_t r = begin; r < end; ++r) {
+            double m = simd::max_f32(src + r * k, k);
+            double sum = simd::exp_shifted_f32(src + r * k, dst + r * k, k, m);
+            simd::scale_f32(dst + r * k, k, 1.0 / sum);
+          }
+        });
+        return;
+      }
+      // Few long rows: each pass split over the cores.
+      const size_t step = (k + splits - 1) / splits;
+      auto piece = [&](size_t p) {
+        size_t from = std::min(k, (p % splits) * step);
+        return std::pair<size_t, size_t>{(p / splits) * k + from, std::min(k, from + step) - from};
+      };
+      std::vector<float> maxes(rows * splits);
+      parallel_for(rows * splits, 1, [&](size_t begin, size_t end) {
+        for (size_t p = begin; p < end; ++p) {
+          auto [at, len] = piece(p);
+          maxes[p] = len > 0 ? simd::max_f32(src + at, len) : src[(p / splits) * k];
+        }
+      });
+      std::vector<double> row_max(rows), sums(rows * splits);
+      for (size_t r = 0; r < rows; ++r) {
+        float best = maxes[r * splits];
+        for (size_t c = 1; c < splits; ++c) {
+          best = pick_extremum(true, best, maxes[r * splits + c]);
+        }
+        row_max[r] = best;
+      }
+      parallel_for(rows * splits, 1, [&](size_t begin, size_t end) {
+        for (size_t p = begin; p < end; ++p) {
+          auto [at, len] = piece(p);
+          sums[p] = simd::exp_shifted_f32(src + at, dst + at, len, row_max[p / splits]);
+        }
+      });
+      std::vector<double> inverse(rows);
+      for (size_t r = 0; r < rows; ++r) {
+        double sum = 0.0;
+        for (size_t c = 0; c < splits; ++c) {
+          sum += sums[r * splits + c];
+        }
+        inverse[r] = 1.0 / sum;
+      }
+      parallel_for(rows * splits, 1, [&](size_t begin, size_t end) {
+        for (size_t p = begin; p < end; ++p) {
+          auto [at, len] = piece(p);
+          simd::scale_f32(dst + at, len, inverse[p / splits]);
+        }
+      });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("[nx_mlx softmax] has no GPU kernel");
+  }
+
+  const char* name() const override { return "NxMlxFastSoftmax"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return dynamic_cast<const FastSoftmax*>(&other) != nullptr;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+};
+
 }  // namespace
 
 bool has_accurate_sum(const mx::Stream& stream, mx::Dtype dtype) {
@@ -433,6 +637,29 @@ mx::array accurate_sum(const mx::array& a, int axis, const mx::Stream& stream) {
   auto shape = input.shape();
   shape[axis] = 1;
   return mx::array(shape, input.dtype(), std::make_shared<AccurateSum>(stream, axis), {input});
+}
+
+bool has_fast_extremum(const mx::Stream& stream, mx::Dtype dtype) {
+  return stream.device.type == mx::Device::cpu && dtype == mx::float32;
+}
+
+mx::array fast_extremum(bool max, const mx::array& a, const mx::Stream& stream) {
+  if (!has_fast_extremum(stream, a.dtype()) || a.ndim() != 2 || a.shape(1) < 1) {
+    throw std::invalid_argument(
+        "[nx_mlx max/min] takes a float32 matrix with at least one column on a CPU stream");
+  }
+  auto input = mx::contiguous(a, false, stream);
+  return mx::array({input.shape(0), 1}, mx::float32,
+                   std::make_shared<FastExtremum>(stream, max), {input});
+}
+
+mx::array fast_softmax(const mx::array& a, const mx::Stream& stream) {
+  if (!has_fast_extremum(stream, a.dtype()) || a.ndim() != 2 || a.shape(1) < 1) {
+    throw std::invalid_argument(
+        "[nx_mlx softmax] takes a float32 matrix with at least one column on a CPU stream");
+  }
+  auto input = mx::contiguous(a, false, stream);
+  return mx::array(input.shape(), mx::float32, std::make_shared<FastSoftmax>(stream), {input});
 }
 
 bool has_accurate_unary(const mx::Stream& stream, mx::Dtype dtype) {

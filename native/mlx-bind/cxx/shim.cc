@@ -537,6 +537,54 @@ std::unique_ptr<array> binary(BinaryOp op, const array& a, const array& b, Strea
   throw std::invalid_argument("unknown binary op code");
 }
 
+// `axes` as [rows, count] when they are the array's last ones (as softmax and attention
+// reduce), so that the array is read as a row-contiguous matrix with no copy; nullopt for
+// other axes, duplicates, empty extents and extents past MLX's 32-bit dimensions.
+static std::optional<std::pair<int32_t, int32_t>> trailing_matrix(
+    const char* op, const array& a, const std::vector<int>& axes) {
+  int ndim = static_cast<int>(a.ndim());
+  std::vector<int> normalized;
+  for (int axis : axes) {
+    normalized.push_back(checked_axis(op, a, axis));
+  }
+  std::sort(normalized.begin(), normalized.end());
+  if (normalized.empty() ||
+      std::adjacent_find(normalized.begin(), normalized.end()) != normalized.end() ||
+      normalized.front() != ndim - static_cast<int>(normalized.size())) {
+    return std::nullopt;
+  }
+  int64_t rows = 1, count = 1;
+  for (int d = 0; d < ndim; ++d) {
+    (d < normalized.front() ? rows : count) *= a.shape(d);
+  }
+  if (rows < 1 || count < 1 || rows > std::numeric_limits<int32_t>::max() ||
+      count > std::numeric_limits<int32_t>::max()) {
+    return std::nullopt;
+  }
+  return std::pair<int32_t, int32_t>{static_cast<int32_t>(rows), static_cast<int32_t>(count)};
+}
+
+// Max or min over the trailing axes through our threaded kernel; nullopt elsewhere (MLX's
+// reduction reads other axes in place).
+static std::optional<array> trailing_extremum(
+    bool max, const array& a, const std::vector<int>& axes, bool keep_dims, const mx::Stream& st) {
+  auto matrix = trailing_matrix(max ? "max" : "min", a, axes);
+  if (!matrix) {
+    return std::nullopt;
+  }
+  int first = static_cast<int>(a.ndim()) - static_cast<int>(axes.size());
+  mx::Shape kept_shape, kept_dims_shape = a.shape();
+  for (int d = 0; d < static_cast<int>(a.ndim()); ++d) {
+    if (d < first) {
+      kept_shape.push_back(a.shape(d));
+    } else {
+      kept_dims_shape[d] = 1;
+    }
+  }
+  auto r = kernels::fast_extremum(max, mx::reshape(a, {matrix->first, matrix->second}, st), st);
+  return mx::reshape(r, keep_dims ? kept_dims_shape : kept_shape, st);
+}
+
 std::unique_ptr<array> reduce(
     ReduceOp op, const array& a, rust::Slice<const int32_t> axes, bool keep_dims, StreamRef s) {
   auto st = to_mx(s);
@@ -591,6 +639,11 @@ std::unique_ptr<array> reduce(
       }
     }
     return boxed(mx::reshape(r, keep_dims ? kept_dims_shape : kept_shape, st));
+  }
+  if ((op == ReduceOp::Max || op == ReduceOp::Min) && kernels::has_fast_extremum(st, a.dtype())) {
+    if (auto r = trailing_extremum(op == ReduceOp::Max, a, ax, keep_dims, st)) {
+      return boxed(std::move(*r));
+    }
   }
   switch (op) {
     case ReduceOp::Sum: return boxed(mx::sum(a, ax, keep_dims, st));
@@ -728,7 +781,17 @@ std::unique_ptr<array> topk(const array& a, int32_t k, int32_t axis, StreamRef s
 
 std::unique_ptr<array> softmax(
     const array& a, rust::Slice<const int32_t> axes, bool precise, StreamRef s) {
-  return boxed(mx::softmax(a, to_ints(axes), precise, to_mx(s)));
+  auto st = to_mx(s);
+  auto ax = to_ints(axes);
+  // f32 over the trailing axes on the CPU: our one-pass kernel (MLX's CPU softmax is about
+  // 3x slower than its five composed ops).
+  if (kernels::has_fast_extremum(st, a.dtype())) {
+    if (auto matrix = trailing_matrix("softmax", a, ax)) {
+      auto r = kernels::fast_softmax(mx::reshape(a, {matrix->first, matrix->second}, st), st);
+      return boxed(mx::reshape(r, a.shape(), st));
+    }
+  }
+  return boxed(mx::softmax(a, ax, precise, st));
 }
 
 std::unique_ptr<array> arg_reduce(bool max, const array& a, int32_t axis, bool keep_dims, StreamRef s) {

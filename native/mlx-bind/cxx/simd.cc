@@ -1,0 +1,258 @@
+#include "mlx-bind/cxx/simd.h"
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+// Built with -fno-trapping-math (see build.rs): without it GCC does not turn the clamps
+// below into vector selects and leaves every loop scalar.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define NXMLX_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NXMLX_CLONES
+#endif
+
+namespace nxmlx::simd {
+
+namespace {
+
+// exp(x) for x in [-110, 110] (or NaN): x = k ln2 + r with |r| <= ln2 / 2 (k rounded by
+// the 1.5 * 2^52 shifter, ln 2 split in two so that k ln2 is exact to 2^-60), exp(r) by
+// its Taylor polynomial of degree 8 (relative error below 2.1e-10), times 2^k built from
+// k's bits. f32's ulp is at least 6e-8 relative: the result rounds to within 0.51 ulp.
+inline double exp_reduced(double x) {
+  constexpr double log2e = 1.4426950408889634;
+  constexpr double ln2_hi = 0.6931471805599453;
+  constexpr double ln2_lo = 2.3190468138462996e-17;
+  constexpr double shifter = 6755399441055744.0;
+  double t = x * log2e + shifter;
+  double k = t - shifter;
+  double r = (x - k * ln2_hi) - k * ln2_lo;
+  double p = 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  int64_t bits_k = std::bit_cast<int64_t>(t) - std::bit_cast<int64_t>(shifter);
+  return p * std::bit_cast<double>((bits_k + 1023) << 52);
+}
+
+// Below -110 exp rounds to 0 in f32, above 90 to +inf; std::max/min keep NaN (the
+// comparisons are false).
+inline double clamp_exp_arg(double x) { return std::min(std::max(x, -110.0), 110.0); }
+
+}  // namespace
+
+NXMLX_CLONES
+void exp_f32(const float* src, float* dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    dst[i] = static_cast<float>(exp_reduced(clamp_exp_arg(src[i])));
+  }
+}
+
+NXMLX_CLONES
+void sigmoid_f32(const float* src, float* dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    // exp(-x) is in [2^-159, 2^159]: 1 + e neither overflows nor loses the result's bits.
+    double e = exp_reduced(clamp_exp_arg(-static_cast<double>(src[i])));
+    dst[i] = static_cast<float>(1.0 / (1.0 + e));
+  }
+}
+
+NXMLX_CLONES
+double sum_f32(const float* src, size_t n) {
+  // Sixteen running sums the compiler keeps in vector registers.
+  constexpr size_t lanes = 16;
+  double acc[lanes] = {};
+  size_t i = 0;
+  for (; i + lanes <= n; i += lanes) {
+    for (size_t j = 0; j < lanes; ++j) {
+      acc[j] += static_cast<double>(src[i + j]);
+    }
+  }
+  double tail = 0.0;
+  for (; i < n; ++i) {
+    tail += static_cast<double>(src[i]);
+  }
+  for (size_t width = lanes / 2; width > 0; width /= 2) {
+    for (size_t j = 0; j < width; ++j) {
+      acc[j] += acc[j + width];
+    }
+  }
+  return acc[0] + tail;
+}
+
+namespace {
+
+// The sum of src[0..n) of doubles, in sixteen running sums (as sum_f32).
+inline double sum_f64(const double* src, size_t n) {
+  constexpr size_t lanes = 16;
+  double acc[lanes] = {};
+  size_t i = 0;
+  for (; i + lanes <= n; i += lanes) {
+    for (size_t j = 0; j < lanes; ++j) {
+      acc[j] += src[i + j];
+    }
+  }
+  double tail = 0.0;
+  for (; i < n; ++i) {
+    tail += src[i];
+  }
+  for (size_t width = lanes / 2; width > 0; width /= 2) {
+    for (size_t j = 0; j < width; ++j) {
+      acc[j] += acc[j + width];
+    }
+  }
+  return acc[0] + tail;
+}
+
+}  // namespace
+
+NXMLX_CLONES
+double exp_shifted_f32(const float* src, float* dst, size_t n, double shift) {
+  // In blocks: the exponentials in double go through a buffer that stays in L1, so that
+  // each of the two loops has a form the compiler vectorises.
+  constexpr size_t block = 256;
+  double e[block];
+  double total = 0.0;
+  for (size_t at = 0; at < n; at += block) {
+    size_t m = std::min(block, n - at);
+    for (size_t i = 0; i < m; ++i) {
+      e[i] = exp_reduced(clamp_exp_arg(static_cast<double>(src[at + i]) - shift));
+      dst[at + i] = static_cast<float>(e[i]);
+    }
+    total += sum_f64(e, m);
+  }
+  return total;
+}
+
+NXMLX_CLONES
+void scale_f32(float* dst, size_t n, double factor) {
+  for (size_t i = 0; i < n; ++i) {
+    dst[i] = static_cast<float>(static_cast<double>(dst[i]) * factor);
+  }
+}
+
+namespace {
+
+// a if b does not beat it, else b; a NaN, once in, stays (NaN compares false).
+template <bool Max>
+inline float pick(float a, float b) {
+  bool beats = Max ? b > a : b < a;
+  return (beats | (b != b)) ? b : a;
+}
+
+template <bool Max>
+float extremum_scalar(const float* src, size_t n) {
+  float best = src[0];
+  for (size_t i = 1; i < n; ++i) {
+    best = pick<Max>(best, src[i]);
+  }
+  return best;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// GCC leaves a select-and-compare reduction scalar in every form we tried (loops, generic
+// vectors under target_clones), so these two are written with intrinsics. maxps/minps
+// return their second operand when either is NaN: NaN is tracked on the side.
+template <bool Max>
+__attribute__((target("avx512f"))) float extremum_avx512(const float* src, size_t n) {
+  if (n < 64) {
+    return extremum_scalar<Max>(src, n);
+  }
+  // Four accumulators: one would wait on the previous max every step.
+  __m512 acc[4];
+  // NaN inputs are copied into `nan` (zero elsewhere).
+  __m512 nan[4];
+  for (int u = 0; u < 4; ++u) {
+    acc[u] = _mm512_loadu_ps(src + 16 * u);
+    nan[u] = _mm512_setzero_ps();
+  }
+  size_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    for (int u = 0; u < 4; ++u) {
+      __m512 x = _mm512_loadu_ps(src + i + 16 * u);
+      acc[u] = Max ? _mm512_max_ps(acc[u], x) : _mm512_min_ps(acc[u], x);
+      nan[u] = _mm512_mask_mov_ps(nan[u], _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+    }
+  }
+  __m512 any = _mm512_add_ps(_mm512_add_ps(nan[0], nan[1]), _mm512_add_ps(nan[2], nan[3]));
+  if (_mm512_cmp_ps_mask(any, any, _CMP_UNORD_Q)) {
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  float lanes[16];
+  float best = src[0];
+  for (int u = 0; u < 4; ++u) {
+    _mm512_storeu_ps(lanes, acc[u]);
+    best = pick<Max>(best, extremum_scalar<Max>(lanes, 16));
+  }
+  return n > i ? pick<Max>(best, extremum_scalar<Max>(src + i, n - i)) : best;
+}
+
+template <bool Max>
+__attribute__((target("avx2"))) float extremum_avx2(const float* src, size_t n) {
+  if (n < 32) {
+    return extremum_scalar<Max>(src, n);
+  }
+  __m256 acc[4];
+  __m256 nan[4];
+  for (int u = 0; u < 4; ++u) {
+    acc[u] = _mm256_loadu_ps(src + 8 * u);
+    nan[u] = _mm256_setzero_ps();
+  }
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    for (int u = 0; u < 4; ++u) {
+      __m256 x = _mm256_loadu_ps(src + i + 8 * u);
+      acc[u] = Max ? _mm256_max_ps(acc[u], x) : _mm256_min_ps(acc[u], x);
+      nan[u] = _mm256_or_ps(nan[u], _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    }
+  }
+  __m256 any = _mm256_or_ps(_mm256_or_ps(nan[0], nan[1]), _mm256_or_ps(nan[2], nan[3]));
+  if (_mm256_movemask_ps(any)) {
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  float lanes[8];
+  float best = src[0];
+  for (int u = 0; u < 4; ++u) {
+    _mm256_storeu_ps(lanes, acc[u]);
+    best = pick<Max>(best, extremum_scalar<Max>(lanes, 8));
+  }
+  return n > i ? pick<Max>(best, extremum_scalar<Max>(src + i, n - i)) : best;
+}
+
+template <bool Max>
+float extremum(const float* src, size_t n) {
+  static const int level =
+      __builtin_cpu_supports("avx512f") ? 2 : (__builtin_cpu_supports("avx2") ? 1 : 0);
+  switch (level) {
+    case 2: return extremum_avx512<Max>(src, n);
+    case 1: return extremum_avx2<Max>(src, n);
+    default: return extremum_scalar<Max>(src, n);
+  }
+}
+#else
+template <bool Max>
+float extremum(const float* src, size_t n) {
+  return extremum_scalar<Max>(src, n);
+}
+#endif
+
+}  // namespace
+
+float max_f32(const float* src, size_t n) { return extremum<true>(src, n); }
+
+float min_f32(const float* src, size_t n) { return extremum<false>(src, n); }
+
+}  // namespace nxmlx::simd

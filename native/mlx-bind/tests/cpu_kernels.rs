@@ -1,0 +1,176 @@
+//! Our CPU kernels (cxx/kernels.cc over cxx/simd.cc) through the binding, against values
+//! computed here in f64: exp and sigmoid within 1 ulp of f32 over sampled bit patterns of
+//! every exponent, sums against f64 sums, max/min with NaN and infinities at every position
+//! around the vector widths and the split over cores.
+
+mod common;
+
+use common::{f32s, read_f32};
+use mlx_bind::*;
+
+fn cpu() -> Stream {
+    Stream::new(DeviceKind::Cpu).expect("cpu stream")
+}
+
+fn array(v: &[f32], shape: &[i64]) -> Array {
+    Array::from_bytes(&f32s(v), shape, Dtype::F32).unwrap()
+}
+
+/// Distance in f32 steps between two non-NaN floats (the same sign's ordering on the bits).
+fn ulps(a: f32, b: f32) -> i64 {
+    let key = |x: f32| {
+        let bits = x.to_bits() as i32 as i64;
+        if bits < 0 {
+            i32::MIN as i64 - bits
+        } else {
+            bits
+        }
+    };
+    (key(a) - key(b)).abs()
+}
+
+/// Every 97th f32 bit pattern (both signs, all exponents, NaN and the infinities) and the
+/// boundaries of exp's range.
+fn sampled_floats() -> Vec<f32> {
+    let mut v: Vec<f32> = (0..=u32::MAX).step_by(97).map(f32::from_bits).collect();
+    v.extend([
+        0.0,
+        -0.0,
+        88.72283,
+        88.72284,
+        -87.33654,
+        -103.97208,
+        -103.9721,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ]);
+    v
+}
+
+fn check_unary(op: UnaryOp, name: &str, reference: impl Fn(f64) -> f64) {
+    let s = cpu();
+    let xs = sampled_floats();
+    let out = read_f32(&unary(op, &array(&xs, &[xs.len() as i64]), &s).unwrap(), &s);
+    let mut worst = (0, 0.0f32);
+    for (&x, &got) in xs.iter().zip(&out) {
+        let want = reference(x as f64) as f32;
+        if want.is_nan() || got.is_nan() {
+            assert!(
+                want.is_nan() && got.is_nan(),
+                "{name}({x:e}) = {got:e}, want {want:e}"
+            );
+            continue;
+        }
+        let d = ulps(got, want);
+        if d > worst.0 {
+            worst = (d, x);
+        }
+    }
+    // The reference is rounded once from f64; within 1 ulp of it is within 1.5 of exact.
+    assert!(worst.0 <= 1, "{name}: {} ulp at {:e}", worst.0, worst.1);
+}
+
+#[test]
+fn exp_is_within_one_ulp() {
+    check_unary(UnaryOp::Exp, "exp", f64::exp);
+}
+
+#[test]
+fn sigmoid_is_within_one_ulp() {
+    check_unary(UnaryOp::Sigmoid, "sigmoid", |x| 1.0 / (1.0 + (-x).exp()));
+}
+
+#[test]
+fn sums_match_f64_sums() {
+    let s = cpu();
+    for n in [1usize, 15, 16, 17, 1000, 70_001, 1 << 20] {
+        let xs: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1013) as f32 / 7.0 - 60.0)
+            .collect();
+        let want: f64 = xs.iter().map(|&x| x as f64).sum();
+        let got = read_f32(
+            &reduce(ReduceOp::Sum, &array(&xs, &[n as i64]), &[0], false, &s).unwrap(),
+            &s,
+        )[0];
+        assert!(ulps(got, want as f32) <= 1, "sum of {n}: {got} vs {want}");
+    }
+}
+
+#[test]
+fn max_and_min_over_trailing_axes_propagate_nan() {
+    let s = cpu();
+    // Lengths around the vector widths (8, 16, 32, 64 floats) and past the split over cores.
+    for k in [1usize, 7, 8, 31, 63, 64, 65, 129, 70_001] {
+        let rows = 3usize;
+        let base: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 104_729) % 2003) as f32 - 1000.0)
+            .collect();
+        let mut positions = vec![0, k / 2, k - 1];
+        positions.dedup();
+        for special in [
+            None,
+            Some(f32::NAN),
+            Some(f32::INFINITY),
+            Some(f32::NEG_INFINITY),
+        ] {
+            for &p in &positions {
+                let mut xs = base.clone();
+                if let Some(v) = special {
+                    xs[k + p] = v; // row 1 only
+                }
+                let a = array(&xs, &[rows as i64, k as i64]);
+                let max = read_f32(&reduce(ReduceOp::Max, &a, &[1], false, &s).unwrap(), &s);
+                let min = read_f32(&reduce(ReduceOp::Min, &a, &[-1], false, &s).unwrap(), &s);
+                for r in 0..rows {
+                    let row = &xs[r * k..(r + 1) * k];
+                    let nan = row.iter().any(|x| x.is_nan());
+                    let want_max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let want_min = row.iter().cloned().fold(f32::INFINITY, f32::min);
+                    if nan {
+                        assert!(max[r].is_nan() && min[r].is_nan(), "k={k} p={p}: {max:?}");
+                    } else {
+                        assert_eq!(
+                            max[r], want_max,
+                            "max, k={k} row {r} special {special:?}@{p}"
+                        );
+                        assert_eq!(
+                            min[r], want_min,
+                            "min, k={k} row {r} special {special:?}@{p}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn max_over_all_axes_and_other_axes_agree() {
+    let s = cpu();
+    let xs: Vec<f32> = (0..4 * 5 * 6).map(|i| ((i * 37) % 101) as f32).collect();
+    let a = array(&xs, &[4, 5, 6]);
+    let all = read_f32(
+        &reduce(ReduceOp::Max, &a, &[0, 1, 2], false, &s).unwrap(),
+        &s,
+    );
+    assert_eq!(all, vec![100.0]);
+    // Trailing two axes, kept: shape [4, 1, 1].
+    let kept = reduce(ReduceOp::Max, &a, &[2, 1], true, &s).unwrap();
+    assert_eq!(kept.shape(), vec![4, 1, 1]);
+    let want: Vec<f32> = (0..4)
+        .map(|i| {
+            xs[i * 30..(i + 1) * 30]
+                .iter()
+                .cloned()
+                .fold(f32::MIN, f32::max)
+        })
+        .collect();
+    assert_eq!(read_f32(&kept, &s), want);
+    // A leading axis goes to MLX's own reduction: same answer.
+    let lead = read_f32(&reduce(ReduceOp::Min, &a, &[0], false, &s).unwrap(), &s);
+    for j in 0..30 {
+        let want = (0..4).map(|i| xs[i * 30 + j]).fold(f32::MAX, f32::min);
+        assert_eq!(lead[j], want);
+    }
+}
