@@ -149,10 +149,12 @@ defmodule NxMlx.Backend do
   `erf(1e-7)` = 0, f64 no more accurate than f32) and its `rsqrt` is off by 1.5 ulp, and it
   has no `erfc` or `cbrt`: for these the binding runs kernels of its own on CPU streams,
   which compute in double with the C library, round once, and split large arrays over the
-  cores; f32 `exp` and `sigmoid` use vectorised double-precision polynomials instead (within
-  1 ulp, tested over every 97th f32 bit pattern in native/mlx-bind/tests/cpu_kernels.rs).
+  cores; f32 `exp`, `sigmoid` and `erf` use vectorised double-precision polynomials instead
+  (within 1 ulp, tested over every 97th f32 bit pattern in
+  native/mlx-bind/tests/cpu_kernels.rs; erf's coefficients come from scripts/fit-erf).
   f32 sums over the last axis accumulate in double; f32 max/min over trailing axes and the
-  compiler's f32 softmax run threaded, vectorised kernels with Nx's NaN semantics. On the GPU (an H200, MLX's CUDA kernels) the same functions measured within
+  compiler's f32 softmax run threaded, vectorised kernels with Nx's NaN semantics. On the
+  GPU (an H200, MLX's CUDA kernels) the same functions measured within
   2.6 ulp on f32 and 1 ulp on f16/bf16 (`tan` 2.6, `atanh` 2.3, the others under 2), except
   that f32 `sigmoid` below -87.3 gives 0 where the exact value is below f32's smallest
   normal number; f16 and bf16 `sigmoid` are computed in f32 there (MLX's own overflows in

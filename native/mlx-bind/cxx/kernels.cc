@@ -146,6 +146,7 @@ bool run_vectorised(AccurateFn fn, const mx::array& in, mx::array& out) {
   switch (fn) {
     case AccurateFn::Exp: loop = simd::exp_f32; break;
     case AccurateFn::Sigmoid: loop = simd::sigmoid_f32; break;
+    case AccurateFn::Erf: loop = simd::erf_f32; break;
     default: return false;
   }
   const float* src = in.data<float>();

@@ -1,5 +1,5 @@
 //! Our CPU kernels (cxx/kernels.cc over cxx/simd.cc) through the binding, against values
-//! computed here in f64: exp and sigmoid within 1 ulp of f32 over sampled bit patterns of
+//! computed here in f64: exp, sigmoid and erf within 1 ulp of f32 over sampled bit patterns of
 //! every exponent, sums against f64 sums, max/min with NaN and infinities at every position
 //! around the vector widths and the split over cores.
 
@@ -79,6 +79,35 @@ fn exp_is_within_one_ulp() {
 #[test]
 fn sigmoid_is_within_one_ulp() {
     check_unary(UnaryOp::Sigmoid, "sigmoid", |x| 1.0 / (1.0 + (-x).exp()));
+}
+
+#[test]
+fn erf_is_within_one_ulp() {
+    check_unary(UnaryOp::Erf, "erf", libm::erf);
+    // Around the branch points (1 and 4) and where f32's erf reaches 1.
+    let s = cpu();
+    let xs: Vec<f32> = [0.999f32, 1.0, 3.9, 3.92, 4.0]
+        .iter()
+        .flat_map(|&c| {
+            (-2000..=2000).flat_map(move |i| {
+                let x = f32::from_bits((c.to_bits() as i32 + i) as u32);
+                [x, -x]
+            })
+        })
+        .collect();
+    let out = read_f32(
+        &unary(UnaryOp::Erf, &array(&xs, &[xs.len() as i64]), &s).unwrap(),
+        &s,
+    );
+    for (&x, &got) in xs.iter().zip(&out) {
+        let want = libm::erf(x as f64) as f32;
+        assert!(ulps(got, want) <= 1, "erf({x:e}) = {got:e}, want {want:e}");
+    }
+    let signed = read_f32(
+        &unary(UnaryOp::Erf, &array(&[-0.0, 0.0], &[2]), &s).unwrap(),
+        &s,
+    );
+    assert!(signed[0] == 0.0 && signed[0].is_sign_negative() && signed[1].is_sign_positive());
 }
 
 #[test]
