@@ -2,7 +2,8 @@
 
     python3 bench/reference/torch_bench.py [--device cuda|cpu] [--quick] [suite ...]
 
-Suites: dispatch, matmul, elementwise, transformer, mlp (bench/README.md defines the cases).
+Suites: dispatch, matmul, elementwise, transformer, mlp, blas (bench/README.md defines the
+cases; blas is the raw bench's model-shaped f32 matmuls, for bench/compare-blas).
 On the CPU, PyTorch runs with as many threads as the machine has cores.
 Each case is timed as in bench/run.exs: warm-up runs, then timed runs (at least 5, at most
 20, or until 3 s have passed), each ending with torch.cuda.synchronize(); the median and the
@@ -198,7 +199,29 @@ def mlp(s, device):
             emit(f"{name}_{NAMES[dtype]}", measure(s, device, run))
 
 
-SUITES = {"dispatch": dispatch, "matmul": matmul, "elementwise": elementwise, "transformer": transformer, "mlp": mlp}
+# mlx_raw_bench's `blas` suite: (name, batch, m, k, n) of [batch, m, k] x [batch, k, n].
+BLAS_CASES = [
+    ("square_1024", 1, 1024, 1024, 1024),
+    ("square_2048", 1, 2048, 2048, 2048),
+    ("qkv_128x768x2304", 1, 128, 768, 2304),
+    ("ffn_up_128x768x3072", 1, 128, 768, 3072),
+    ("ffn_down_128x3072x768", 1, 128, 3072, 768),
+    ("ffn_up_4096x768x3072", 1, 4096, 768, 3072),
+    ("decode_1x768x3072", 1, 1, 768, 3072),
+    ("decode_8x768x3072", 1, 8, 768, 3072),
+    ("heads_12x128x64x128", 12, 128, 64, 128),
+]
+
+
+def blas(s, device):
+    for name, batch, m, k, n in BLAS_CASES:
+        lead = (batch,) if batch > 1 else ()
+        a = uniform(lead + (m, k), torch.float32, 1, 1.0, device)
+        b = uniform(lead + (k, n), torch.float32, 2, 1.0, device)
+        emit(f"blas.{name}", measure(s, device, lambda: a @ b), 2 * batch * m * k * n, "gflops")
+
+
+SUITES = {"dispatch": dispatch, "matmul": matmul, "elementwise": elementwise, "transformer": transformer, "mlp": mlp, "blas": blas}
 
 
 def main():

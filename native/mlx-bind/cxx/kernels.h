@@ -47,4 +47,13 @@ mlx::core::array fast_extremum(bool max, const mlx::core::array& a,
 // the pieces of a few long rows) split over the machine's cores.
 mlx::core::array fast_softmax(const mlx::core::array& a, const mlx::core::Stream& stream);
 
+// True when `matvec` runs on `dtype` on the stream's device (CPU streams, float32, and a
+// BLAS with cblas_sgemv loaded).
+bool has_matvec(const mlx::core::Stream& stream, mlx::core::Dtype dtype);
+
+// m [r, c] times v [c], as [r], through the BLAS's sgemv; m may be any strided view (a
+// transpose reads in place).
+mlx::core::array matvec(const mlx::core::array& m, const mlx::core::array& v,
+                        const mlx::core::Stream& stream);
+
 }  // namespace nxmlx::kernels

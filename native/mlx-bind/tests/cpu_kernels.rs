@@ -1,7 +1,8 @@
 //! Our CPU kernels (cxx/kernels.cc over cxx/simd.cc) through the binding, against values
 //! computed here in f64: exp, sigmoid and erf within 1 ulp of f32 over sampled bit patterns of
 //! every exponent, sums against f64 sums, max/min with NaN and infinities at every position
-//! around the vector widths and the split over cores.
+//! around the vector widths and the split over cores, single-row and single-column f32
+//! matmuls (through sgemv) against f64 products in every operand layout.
 
 mod common;
 
@@ -202,4 +203,87 @@ fn max_over_all_axes_and_other_axes_agree() {
         let want = (0..4).map(|i| xs[i * 30 + j]).fold(f32::MAX, f32::min);
         assert_eq!(lead[j], want);
     }
+}
+
+/// `a` [m, k] times `b` [k, n], both row-major, in f64.
+fn matmul_f64(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+    let mut out = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k)
+                .map(|c| a[i * k + c] as f64 * b[c * n + j] as f64)
+                .sum();
+        }
+    }
+    out
+}
+
+fn assert_close(got: &[f32], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+            "{what}[{i}]: {g} vs {w}"
+        );
+    }
+}
+
+#[test]
+fn single_row_and_single_column_matmuls_match_f64() {
+    let s = cpu();
+    let (k, n) = (77usize, 45usize);
+    let x: Vec<f32> = (0..k).map(|i| ((i * 37) % 19) as f32 / 9.0 - 1.0).collect();
+    let w: Vec<f32> = (0..k * n)
+        .map(|i| ((i * 7919) % 1013) as f32 / 500.0 - 1.0)
+        .collect();
+    let want = matmul_f64(&x, &w, 1, k, n);
+    let xa = array(&x, &[1, k as i64]);
+    let wa = array(&w, &[k as i64, n as i64]);
+    // [1, k] x [k, n], and with leading size-1 axes.
+    let got = read_f32(&matmul(&xa, &wa, &s).unwrap(), &s);
+    assert_close(&got, &want, "row x matrix");
+    let x3 = array(&x, &[1, 1, k as i64]);
+    let r3 = matmul(&x3, &wa, &s).unwrap();
+    assert_eq!(r3.shape(), vec![1, 1, n as i64]);
+    assert_close(&read_f32(&r3, &s), &want, "row x matrix, 3-d");
+    // The weights as the transpose of a row-major [n, k] (Nx.dot contracting w's last axis).
+    let wt: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+    let wt_view = transpose(&array(&wt, &[n as i64, k as i64]), &[1, 0], &s).unwrap();
+    assert_close(
+        &read_f32(&matmul(&xa, &wt_view, &s).unwrap(), &s),
+        &want,
+        "row x transposed matrix",
+    );
+    // Every other column of a wider matrix (strides neither layout handles in place).
+    let wide: Vec<f32> = (0..k * 2 * n)
+        .map(|i| w[(i / (2 * n)) * n + (i % (2 * n)) / 2])
+        .collect();
+    let strided = slice(
+        &array(&wide, &[k as i64, 2 * n as i64]),
+        &[0, 0],
+        &[k as i64, 2 * n as i64],
+        &[1, 2],
+        &s,
+    )
+    .unwrap();
+    assert_close(
+        &read_f32(&matmul(&xa, &strided, &s).unwrap(), &s),
+        &want,
+        "row x strided matrix",
+    );
+    // [m, k] x [k, 1].
+    let col = array(&x, &[k as i64, 1]);
+    let wk = array(&w[..n * k], &[n as i64, k as i64]);
+    let r = matmul(&wk, &col, &s).unwrap();
+    assert_eq!(r.shape(), vec![n as i64, 1]);
+    assert_close(
+        &read_f32(&r, &s),
+        &matmul_f64(&w[..n * k], &x, n, k, 1),
+        "matrix x column",
+    );
+    // NaN and infinities propagate as through sgemm.
+    let mut xn = x.clone();
+    xn[3] = f32::NAN;
+    let got = read_f32(&matmul(&array(&xn, &[1, k as i64]), &wa, &s).unwrap(), &s);
+    assert!(got.iter().all(|v| v.is_nan()));
 }

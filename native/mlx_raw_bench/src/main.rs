@@ -6,7 +6,12 @@
 //! `mx::compile` (its inputs the same arrays, weights included), prefixed `compiled.`:
 //! the reference of NxMlx's fusion lane.
 //!
-//!     mlx_raw_bench [--device cpu|gpu] [--quick] [--serve] [dispatch|matmul|elementwise|transformer|mlp|stages|hop]...
+//!     mlx_raw_bench [--device cpu|gpu] [--quick] [--serve] [dispatch|matmul|elementwise|transformer|mlp|stages|hop|blas]...
+//!
+//! `blas` times MLX's f32 matmul on the shapes models use (square, a BERT-base layer's
+//! projections at 128 and 4096 tokens, one decode token, batched attention heads) through
+//! whatever BLAS the process resolved (`openblas.blas_library`): run it under `LD_PRELOAD`
+//! of another BLAS to compare libraries (bench/README.md, "Comparing BLAS libraries").
 //!
 //! Method (as in `bench/run.exs`): warm-up runs, then timed runs (at least 5, at most 20, or
 //! until 3 s have passed), each building the graph and evaluating it; median and the 10th and
@@ -369,6 +374,43 @@ fn openblas_sgemm(set: &Settings, n: usize) -> Result<()> {
     let key = format!("matmul_f32_{n}");
     emit("openblas.", &key, &t);
     emit_rate("openblas.", &key, "gflops", 2.0 * (n * n * n) as f64, &t);
+    Ok(())
+}
+
+/// MLX's f32 matmul, [batch, m, k] x [batch, k, n], on model shapes: `blas.<name>_ms` and
+/// `blas.<name>_gflops`.
+fn blas_suite(set: &Settings, s: &Stream) -> Result<()> {
+    let cases: [(&str, i64, i64, i64, i64); 9] = [
+        ("square_1024", 1, 1024, 1024, 1024),
+        ("square_2048", 1, 2048, 2048, 2048),
+        ("qkv_128x768x2304", 1, 128, 768, 2304),
+        ("ffn_up_128x768x3072", 1, 128, 768, 3072),
+        ("ffn_down_128x3072x768", 1, 128, 3072, 768),
+        ("ffn_up_4096x768x3072", 1, 4096, 768, 3072),
+        ("decode_1x768x3072", 1, 1, 768, 3072),
+        ("decode_8x768x3072", 1, 8, 768, 3072),
+        ("heads_12x128x64x128", 12, 128, 64, 128),
+    ];
+    for (name, batch, m, k, n) in cases {
+        let (a_shape, b_shape) = if batch == 1 {
+            (vec![m, k], vec![k, n])
+        } else {
+            (vec![batch, m, k], vec![batch, k, n])
+        };
+        let a = uniform(&a_shape, Dtype::F32, 1, 1.0, s)?;
+        let b = uniform(&b_shape, Dtype::F32, 2, 1.0, s)?;
+        a.eval()?;
+        b.eval()?;
+        let t = measure(set, || matmul(&a, &b, s)?.eval())?;
+        emit("blas.", name, &t);
+        emit_rate(
+            "blas.",
+            name,
+            "gflops",
+            2.0 * (batch * m * k * n) as f64,
+            &t,
+        );
+    }
     Ok(())
 }
 
@@ -800,9 +842,8 @@ fn main() {
             },
             "--quick" => quick = true,
             "--serve" => serve_mode = true,
-            "dispatch" | "matmul" | "elementwise" | "transformer" | "mlp" | "stages" | "hop" => {
-                suites.push(arg)
-            }
+            "dispatch" | "matmul" | "elementwise" | "transformer" | "mlp" | "stages" | "hop"
+            | "blas" => suites.push(arg),
             other => fail(&format!("unknown argument {other:?}")),
         }
     }
@@ -870,6 +911,7 @@ fn main() {
             "elementwise" => elementwise_suite(&set, device, &s),
             "transformer" => transformer_suite(&set, device, &s),
             "stages" => stages_suite(&set, device, &s),
+            "blas" => blas_suite(&set, &s),
             "hop" => hop_suite(&set, device),
             _ => mlp_suite(&set, device, &s),
         };
