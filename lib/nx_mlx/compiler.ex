@@ -61,7 +61,12 @@ defmodule NxMlx.Compiler do
       8×12×512×512 bf16 against 0.263 ms for the five composed ops); on the CPU, for f32
       over trailing axes, our threaded kernel (16M f32 in rows of 4096 on 2 vCPUs: 12.4 ms
       against 21.1 ms composed); other CPU cases stay composed (MLX's CPU softmax is about
-      3× slower than the composed form).
+      3× slower than the composed form). The exact GELU, `x * 0.5 * (1 + erf(x / sqrt(2)))`
+      in any order and association (as by hand or as `Axon.Activations.gelu` writes it),
+      becomes one op: on the CPU, for f32 by default, one vectorised pass in double
+      (16M f32 on 2 vCPUs: 18 ms against 33 ms composed), within 1 ulp of the exact value,
+      also in the negative tail where the composed f32 form cancels to 0 (from x = -5.6 on);
+      elsewhere, under `rewrites: true`, the same composed ops.
     * `:max_concurrency` - the number of `Nx.Serving` partitions (default 1); each partition
       gets a command queue of its own (the same one every time for partition i of a device).
 
@@ -599,6 +604,12 @@ defmodule NxMlx.Compiler do
         if rewrites == true or NxMlx.Backend.Blocks.softmax_faster?(scope.device, x, axes) do
           {x, scope} = lower_node(x, scope)
           {NxMlx.Backend.Blocks.softmax(t, x, axes), scope}
+        end
+
+      {:gelu, x} ->
+        if rewrites == true or NxMlx.Backend.Blocks.gelu_faster?(scope.device, x) do
+          {x, scope} = lower_node(x, scope)
+          {NxMlx.Backend.Blocks.gelu(t, x), scope}
         end
 
       nil ->

@@ -177,6 +177,22 @@ defmodule NxMlx.CompilerTest.Fns do
     1 / Nx.sum(e, axes: opts[:axes], keep_axes: true) * e
   end
 
+  # Exact GELU as the bench writes it, and as Axon.Activations.gelu does.
+  defn(gelu(x), do: x * 0.5 * (1 + Nx.erf(x * 0.7071067811865476)))
+
+  defn axon_gelu(x) do
+    sqrt2 = Nx.sqrt(Nx.tensor(2, type: Nx.type(x)))
+    x |> Nx.divide(sqrt2) |> Nx.erf() |> Nx.add(1) |> Nx.multiply(x) |> Nx.divide(2)
+  end
+
+  # Not GELU: the coefficient, the erf's scale or its argument differ.
+  defn not_gelu(x, y) do
+    {x * 0.6 * (1 + Nx.erf(x * 0.7071067811865476)), x * 0.5 * (1 + Nx.erf(x * 0.7)),
+     x * 0.5 * (1 + Nx.erf(y * 0.7071067811865476)), x * 0.5 * (2 + Nx.erf(x / Nx.sqrt(2)))}
+  end
+
+  defn(gelu_grad(x), do: grad(x, fn x -> Nx.sum(gelu(x)) end))
+
   # Not softmax: the max and the sum run over different axes.
   defn mixed_axes_softmax(x) do
     e = Nx.exp(x - Nx.reduce_max(x, axes: [0], keep_axes: true))
@@ -968,6 +984,79 @@ defmodule NxMlx.CompilerTest do
       end
 
       assert_receive {:telemetry, [:nx_mlx, :compiler, :compile], _, %{hit: false, ops: 1}}
+    end
+
+    test "exact GELU, by hand or as Axon writes it, becomes one op" do
+      x =
+        Nx.tensor(
+          [-3.0, -1.5, -1.0, -0.25, -0.0, 0.0, 0.3, 1.0, 1.41, 2.0, 5.0, 7.0, :nan, :infinity],
+          backend: Nx.BinaryBackend
+        )
+
+      for fun <- [&Fns.gelu/1, &Fns.axon_gelu/1],
+          input <- [x, Nx.multiply(random({3, 5, 33}, {:f, 32}, 7), 4)] do
+        # Nx's f64 composed result: the kernel computes in double and rounds once.
+        expected = fun.(Nx.as_type(input, {:f, 64})) |> Nx.as_type({:f, 32})
+        {out, ops} = rewritten(fun, [mlx(input)], rewrites: true)
+        {plain, plain_ops} = rewritten(fun, [mlx(input)], rewrites: false)
+        assert ops == 1 and plain_ops > 1
+        assert_same(out, expected, atol: 1.0e-6, rtol: 1.0e-6)
+        assert_same(plain, expected, atol: 1.0e-6)
+      end
+    end
+
+    test "GELU's negative tail keeps its precision, where the composed f32 form cancels" do
+      x = Nx.tensor([-5.0, -6.0, -8.0, -10.0, -14.0] ++ Enum.map(0..200, &(-12.0 + &1 * 0.1)))
+      xs = Nx.to_flat_list(x)
+      out = rewritten(&Fns.gelu/1, [mlx(x)], rewrites: true)
+
+      # x / 2 * erfc(-x / sqrt(2)) of each f32 x, from the C library, in double, rounded to
+      # f32.
+      for {x, got} <- Enum.zip(xs, Nx.to_flat_list(elem(out, 0))) do
+        want = 0.5 * x * :math.erfc(-x / :math.sqrt(2))
+        want = Nx.to_number(Nx.tensor(want, type: :f32))
+        assert abs(got - want) <= 1.2e-7 * abs(want) + 1.0e-45, "gelu(#{x}): #{got} vs #{want}"
+      end
+
+      specials = Nx.tensor([:nan, :infinity, :neg_infinity, -0.0], type: :f32)
+      {out, 1} = rewritten(&Fns.gelu/1, [mlx(specials)], rewrites: true)
+      # -inf * erfc(inf) = -inf * 0, as in the composed form.
+      assert Nx.to_flat_list(out) == [:nan, :infinity, :nan, -0.0]
+      # The composed form in f32: 1 + erf(x / sqrt(2)) is 0 from x = -5.6 on.
+      assert Nx.to_flat_list(Fns.gelu(Nx.tensor([-8.0, -10.0]))) == [-0.0, -0.0]
+    end
+
+    test "what only looks like GELU is left as written, in other types too" do
+      x = random({4, 7}, {:f, 32}, 5)
+      y = random({4, 7}, {:f, 32}, 6)
+      {outs, ops} = rewritten(&Fns.not_gelu/2, [mlx(x), mlx(y)], rewrites: true)
+      assert ops > 4
+
+      for {got, want} <- Enum.zip(Tuple.to_list(outs), Tuple.to_list(Fns.not_gelu(x, y))) do
+        assert_same(got, want, atol: 1.0e-6)
+      end
+
+      for type <- [{:bf, 16}, {:f, 16}, {:f, 64}] do
+        xt = Nx.as_type(Nx.multiply(x, 3), type)
+        {out, 1} = rewritten(&Fns.axon_gelu/1, [mlx(xt)], rewrites: true)
+        assert out.type == type
+        expected = Fns.gelu(Nx.as_type(xt, {:f, 64}))
+        tol = if type == {:f, 64}, do: 1.0e-12, else: 1.0e-2
+        assert_same(Nx.as_type(out, {:f, 64}), expected, atol: tol, rtol: tol)
+      end
+    end
+
+    test "gradients through a rewritten GELU equal the composed one's" do
+      x = random({3, 9}, {:f, 32}, 5) |> Nx.multiply(3)
+      {g, _ops} = rewritten(&Fns.gelu_grad/1, [mlx(x)], rewrites: true)
+      assert_same(g, Fns.gelu_grad(x), atol: 1.0e-5)
+    end
+
+    test "unset, GELU is rewritten on the CPU for f32" do
+      x = random({4, 6, 10}, {:f, 32}, 3)
+      cpu = NxMlx.TestHelpers.oracle_device() == :cpu
+      assert elem(rewritten(&Fns.gelu/1, [mlx(x)], []), 1) == 1 == cpu
+      assert elem(rewritten(&Fns.gelu/1, [mlx(Nx.as_type(x, {:f, 64}))], []), 1) > 1
     end
 
     test "the option is checked" do

@@ -71,6 +71,24 @@ defmodule NxMlx.Backend.Blocks do
 
   def softmax_faster?(_device, _t, _axes), do: false
 
+  @doc false
+  # x / 2 * (1 + erf(x / sqrt(2))) (exact GELU) as one op: on the CPU our kernel (f32
+  # vectorised, the other float types in double; 1 + erf through erfc in the negative tail,
+  # so more accurate than the composed form there), elsewhere MLX's composed ops. The
+  # compiler's rewrite of the composed form (NxMlx.Compiler.Patterns) emits it.
+  def gelu(%T{type: type} = out, %T{type: type} = t) do
+    device = op_device([t])
+    op = op_fn(device, :gelu, [t])
+    wrap(out, op.(:unary, [:gelu, ref!(t, device)]), device)
+  end
+
+  @doc false
+  # Whether the one GELU op beats the composed ones (the compiler's rewrite asks): on the CPU
+  # for f32, where it is one vectorised pass (16M f32 on 2 vCPUs: see bench/RESULTS.md);
+  # elsewhere it is the same composed ops (the GPU's fusion lane fuses either).
+  def gelu_faster?(:cpu, %T{type: {:f, 32}}), do: true
+  def gelu_faster?(_device, _t), do: false
+
   def block(%mod{axis: axis, reverse: reverse}, %T{type: {kind, _}} = out, [t], _fun)
       when is_map_key(@scans, mod) and kind != :c do
     device = op_device([t])

@@ -9,22 +9,33 @@ defmodule NxMlx.Compiler.Patterns do
   # hand) or as the product of the exponentials with 1 / sum (Axon.Activations.softmax).
   # On an H200, MLX's softmax over 8x12x512x512 bf16 took 0.089 ms against 0.263 for the
   # composed five ops; on the CPU MLX's softmax is about 3x slower than the composed form.
+  #
+  # gelu (exact): x * c * (1 + erf(x * k)) with c = 1/2 and k = 1/sqrt(2), the factors in any
+  # order and association, each constant a product or quotient of constants (x / sqrt(2),
+  # / 2, * 0.5: as by hand or as Axon.Activations.gelu writes it), equal to 1/2 and 1/sqrt(2)
+  # within the rounding of the tensor's type.
 
   alias Nx.Defn.Expr
   alias Nx.Tensor, as: T
 
-  @doc "`{:softmax, x, axes}` when `t` computes softmax(x) over `axes`, else nil."
-  def match(%T{data: %Expr{op: :divide, args: [e, s]}} = t), do: softmax(t, e, s)
+  @doc """
+  `{:softmax, x, axes}` when `t` computes softmax(x) over `axes`, `{:gelu, x}` when it
+  computes the exact GELU of x, else nil.
+  """
+  def match(%T{data: %Expr{op: op}} = t) when op in [:divide, :multiply],
+    do: softmax_match(t) || gelu(t)
 
-  def match(%T{data: %Expr{op: :multiply, args: [a, b]}} = t) do
+  def match(_t), do: nil
+
+  defp softmax_match(%T{data: %Expr{op: :divide, args: [e, s]}} = t), do: softmax(t, e, s)
+
+  defp softmax_match(%T{data: %Expr{op: :multiply, args: [a, b]}} = t) do
     case {reciprocal(a), reciprocal(b)} do
       {%T{} = s, _} -> softmax(t, b, s)
       {_, %T{} = s} -> softmax(t, a, s)
       _ -> nil
     end
   end
-
-  def match(_t), do: nil
 
   # `s` when `t` is 1 / s.
   defp reciprocal(%T{data: %Expr{op: :divide, args: [one, s]}}) do
@@ -55,6 +66,97 @@ defmodule NxMlx.Compiler.Patterns do
   end
 
   defp softmax(_t, _e, _s), do: nil
+
+  defp gelu(%T{type: {kind, _} = type, shape: shape, vectorized_axes: []} = t)
+       when kind in [:f, :bf] do
+    with {c, [a, b]} <- factors(t),
+         true <- close?(c, 0.5, type),
+         {x, y} <- erf_term(a, b) || erf_term(b, a),
+         {k, [x2]} <- factors(y),
+         true <- same?(x, x2),
+         true <- close?(k, :math.sqrt(0.5), type),
+         %T{type: ^type, shape: ^shape, vectorized_axes: []} <- unwrap(x),
+         %T{type: ^type, shape: ^shape} <- unwrap(b),
+         %T{type: ^type, shape: ^shape} <- unwrap(a) do
+      {:gelu, unwrap(x)}
+    else
+      _ -> nil
+    end
+  end
+
+  defp gelu(_t), do: nil
+
+  # {x, y} when `s` is 1 + erf(y) (either order), with `x` the other factor.
+  defp erf_term(x, s) do
+    with %T{data: %Expr{op: :add, args: [p, q]}} <- unwrap(s),
+         %T{data: %Expr{op: :erf, args: [y]}} <- erf_of(p, q) || erf_of(q, p) do
+      {x, y}
+    else
+      _ -> nil
+    end
+  end
+
+  defp erf_of(one, e) do
+    if constant?(unwrap(one), 1), do: unwrap(e)
+  end
+
+  # {coefficient, factors}: `t` as the product of a number and of the non-constant factors
+  # of its multiply chain (division by a constant is multiplication by its reciprocal).
+  defp factors(t) do
+    case unwrap(t) do
+      %T{data: %Expr{op: :multiply, args: [a, b]}} ->
+        {ca, fa} = factors(a)
+        {cb, fb} = factors(b)
+        {ca * cb, fa ++ fb}
+
+      %T{data: %Expr{op: :divide, args: [a, b]}} = u ->
+        case number(b) do
+          d when is_number(d) and d != 0 ->
+            {ca, fa} = factors(a)
+            {ca / d, fa}
+
+          _ ->
+            {1.0, [u]}
+        end
+
+      u ->
+        case number(u) do
+          n when is_number(n) -> {n, []}
+          nil -> {1.0, [u]}
+        end
+    end
+  end
+
+  # The value of a constant (or a scalar tensor literal), else nil.
+  defp number(t) do
+    case unwrap(t) do
+      %T{data: %Expr{op: :constant, args: [n]}} when is_number(n) ->
+        n
+
+      %T{shape: {}, data: %Expr{op: :tensor, args: [%T{shape: {}} = literal]}} ->
+        case Nx.to_number(literal) do
+          n when is_number(n) -> n
+          _ -> nil
+        end
+
+      _ ->
+        nil
+    end
+  end
+
+  # Within the rounding of a constant of `type` (the composed form's constants are rounded
+  # to it: Axon's sqrt(2) in bf16 is 1.4140625).
+  defp close?(value, target, type) do
+    tolerance =
+      case type do
+        {:f, 64} -> 1.0e-12
+        {:f, 32} -> 1.0e-6
+        {:f, 16} -> 2.0e-3
+        _ -> 8.0e-3
+      end
+
+    abs(value - target) <= tolerance * abs(target)
+  end
 
   defp kept_axes(opts) do
     case {opts[:axes], opts[:keep_axes]} do

@@ -150,6 +150,7 @@ bool run_vectorised(AccurateFn fn, const mx::array& in, mx::array& out) {
     case AccurateFn::Exp: loop = simd::exp_f32; break;
     case AccurateFn::Sigmoid: loop = simd::sigmoid_f32; break;
     case AccurateFn::Erf: loop = simd::erf_f32; break;
+    case AccurateFn::Gelu: loop = simd::gelu_f32; break;
     default: return false;
   }
   const float* src = in.data<float>();
@@ -185,6 +186,9 @@ void run(AccurateFn fn, const mx::array& in, mx::array& out) {
       return map_contiguous<T>(in, out, [](double x) { return std::erfc(x); });
     case AccurateFn::Cbrt:
       return map_contiguous<T>(in, out, [](double x) { return std::cbrt(x); });
+    case AccurateFn::Gelu:
+      return map_contiguous<T>(in, out,
+                               [](double x) { return 0.5 * x * std::erfc(-x * M_SQRT1_2); });
   }
 }
 
@@ -199,6 +203,7 @@ const char* fn_name(AccurateFn fn) {
     case AccurateFn::Rsqrt: return "rsqrt";
     case AccurateFn::Erfc: return "erfc";
     case AccurateFn::Cbrt: return "cbrt";
+    case AccurateFn::Gelu: return "gelu";
   }
   return "?";
 }

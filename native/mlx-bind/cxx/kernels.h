@@ -1,5 +1,8 @@
 // CPU kernels of our own, run as MLX primitives on the stream's thread.
 //
+// Gelu is the exact GELU, x / 2 * (1 + erf(x / sqrt(2))), as one kernel (the compiler's
+// rewrite of the composed form; MLX has no such op).
+//
 // MLX's CPU backend computes exp, sigmoid, erf, erfinv, sin and cos of every float type with
 // float polynomials (exp 62 ulp near 88, erf(1e-7) = 0, f64 no better than f32), and rsqrt
 // to 1.5 ulp, and has no erfc or cbrt; these
@@ -12,7 +15,7 @@
 
 namespace nxmlx::kernels {
 
-enum class AccurateFn { Exp, Sigmoid, Erf, ErfInv, Sin, Cos, Rsqrt, Erfc, Cbrt };
+enum class AccurateFn { Exp, Sigmoid, Erf, ErfInv, Sin, Cos, Rsqrt, Erfc, Cbrt, Gelu };
 
 // True when `accurate_unary` runs `fn` on `dtype` on the stream's device (CPU streams and
 // real floating-point types).

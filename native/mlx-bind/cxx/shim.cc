@@ -450,6 +450,7 @@ static std::optional<kernels::AccurateFn> accurate_fn(UnaryOp op) {
     case UnaryOp::Rsqrt: return kernels::AccurateFn::Rsqrt;
     case UnaryOp::Erfc: return kernels::AccurateFn::Erfc;
     case UnaryOp::Cbrt: return kernels::AccurateFn::Cbrt;
+    case UnaryOp::Gelu: return kernels::AccurateFn::Gelu;
     default: return std::nullopt;
   }
 }
@@ -503,6 +504,17 @@ std::unique_ptr<array> unary(UnaryOp op, const array& a, StreamRef s) {
     case UnaryOp::Cbrt:
       throw std::invalid_argument(
           "erfc and cbrt take real floating-point arrays on a CPU stream");
+    case UnaryOp::Gelu: {
+      // Elsewhere than our CPU kernel: the composed form in the array's type (one fused
+      // kernel under mx::compile).
+      if (!mx::issubdtype(a.dtype(), mx::floating)) {
+        throw std::invalid_argument("gelu takes real floating-point arrays");
+      }
+      auto half = mx::array(0.5, a.dtype());
+      auto scale = mx::array(M_SQRT1_2, a.dtype());
+      auto q = mx::add(mx::array(1.0, a.dtype()), mx::erf(mx::multiply(a, scale, st), st), st);
+      return boxed(mx::multiply(mx::multiply(a, half, st), q, st));
+    }
   }
   throw std::invalid_argument("unknown unary op code");
 }

@@ -23,6 +23,12 @@ void sigmoid_f32(const float* src, float* dst, size_t n);
 // exact value); erf(-0) = -0, erf(+-inf) = +-1, NaN gives NaN. dst may be src.
 void erf_f32(const float* src, float* dst, size_t n);
 
+// dst[i] = src[i] / 2 * (1 + erf(src[i] / sqrt(2))) (exact GELU), in double and rounded
+// once: 1 + erf is computed as erfc(-x / sqrt(2)) for x < -sqrt(2), so that the negative
+// tail keeps its relative precision (within 1 ulp of the exact value). NaN gives NaN,
+// +inf gives +inf, -inf gives NaN (-inf * 0, as the composed form). dst may be src.
+void gelu_f32(const float* src, float* dst, size_t n);
+
 // The sum of src[0..n), accumulated in double.
 double sum_f32(const float* src, size_t n);
 

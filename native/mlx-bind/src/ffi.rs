@@ -83,6 +83,10 @@ pub(crate) mod bridge {
         /// erfc and cbrt: CPU streams only (MLX has neither; the binding's own kernels).
         Erfc,
         Cbrt,
+        /// The exact GELU, x / 2 * (1 + erf(x / sqrt 2)), of a real float array: one kernel
+        /// on CPU streams (1 + erf through erfc in the negative tail), MLX's composed ops
+        /// elsewhere.
+        Gelu,
     }
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,8 +1,8 @@
 //! Our CPU kernels (cxx/kernels.cc over cxx/simd.cc) through the binding, against values
-//! computed here in f64: exp, sigmoid and erf within 1 ulp of f32 over sampled bit patterns of
-//! every exponent, sums against f64 sums, max/min with NaN and infinities at every position
-//! around the vector widths and the split over cores, single-row and single-column f32
-//! matmuls (through sgemv) against f64 products in every operand layout.
+//! computed here in f64: exp, sigmoid, erf and GELU within 1 ulp of f32 over sampled bit
+//! patterns of every exponent, sums against f64 sums, max/min with NaN and infinities at
+//! every position around the vector widths and the split over cores, single-row and
+//! single-column f32 matmuls (through sgemv) against f64 products in every operand layout.
 
 mod common;
 
@@ -109,6 +109,24 @@ fn erf_is_within_one_ulp() {
         &s,
     );
     assert!(signed[0] == 0.0 && signed[0].is_sign_negative() && signed[1].is_sign_positive());
+}
+
+#[test]
+fn gelu_is_within_one_ulp() {
+    // x / 2 * erfc(-x / sqrt 2): the exact GELU, without 1 + erf's cancellation.
+    let exact = |x: f64| 0.5 * x * libm::erfc(-x * std::f64::consts::FRAC_1_SQRT_2);
+    check_unary(UnaryOp::Gelu, "gelu", exact);
+    // Dense around the branch points (|x / sqrt 2| = 1 and 4) and the far tail's start.
+    let s = cpu();
+    let xs: Vec<f32> = (-12_000..=12_000).map(|i| i as f32 * 1.0e-3).collect();
+    let out = read_f32(
+        &unary(UnaryOp::Gelu, &array(&xs, &[xs.len() as i64]), &s).unwrap(),
+        &s,
+    );
+    for (&x, &got) in xs.iter().zip(&out) {
+        let want = exact(x as f64) as f32;
+        assert!(ulps(got, want) <= 1, "gelu({x:e}) = {got:e}, want {want:e}");
+    }
 }
 
 #[test]

@@ -46,7 +46,7 @@ atom_table!(unary_op, UnaryOp, "unary op", {
     "logical_not" => UnaryOp::LogicalNot, "bitwise_invert" => UnaryOp::BitwiseNot,
     "isnan" => UnaryOp::IsNan, "isinf" => UnaryOp::IsInf, "real" => UnaryOp::Real,
     "imag" => UnaryOp::Imag, "conjugate" => UnaryOp::Conjugate,
-    "erfc" => UnaryOp::Erfc, "cbrt" => UnaryOp::Cbrt,
+    "erfc" => UnaryOp::Erfc, "cbrt" => UnaryOp::Cbrt, "gelu" => UnaryOp::Gelu,
 });
 
 atom_table!(binary_op, BinaryOp, "binary op", {
