@@ -85,6 +85,7 @@ defmodule NxMlx.Native do
     astype: 3,
     reshape: 3,
     transpose: 3,
+    reverse: 3,
     broadcast_to: 3,
     matmul: 3,
     inv: 2,

@@ -199,7 +199,5 @@ defmodule NxMlx.Backend.Core do
     call(device, :from_binary, [Nx.to_binary(scalar), [], Types.to_mlx(type)], :constant, [])
   end
 
-  def reverse_axis(op, ref, axis, n) do
-    op.(:take, [ref, op.(:arange, [(n - 1) / 1, -1.0, -1.0, :s32]), axis])
-  end
+  def reverse_axis(op, ref, axis), do: op.(:reverse, [ref, axis])
 end

@@ -95,11 +95,10 @@ defmodule NxMlx.Backend.LinAlg do
   def linalg_block(%Nx.Block.LinAlg.Eigh{}, {_, _} = out, [t]) do
     # MLX orders eigenvalues ascending; Nx descending.
     rank = tuple_size(t.shape)
-    n = elem(t.shape, rank - 1)
 
     linalg(:eigh, Tuple.to_list(out), [t], fn [a], op ->
       [w, v] = op.(:decompose, [:eigh, a])
-      [reverse_axis(op, w, rank - 2, n), reverse_axis(op, v, rank - 1, n)]
+      [reverse_axis(op, w, rank - 2), reverse_axis(op, v, rank - 1)]
     end)
     |> List.to_tuple()
   end

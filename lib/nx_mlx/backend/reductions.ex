@@ -27,7 +27,7 @@ defmodule NxMlx.Backend.Reductions do
     high? = opts[:tie_break] == :high
     last = scalar_ref(n - 1, out.type, device)
     type = Types.to_mlx(out.type)
-    searched = if high?, do: reverse_axis(op, x, axis, n), else: x
+    searched = if high?, do: reverse_axis(op, x, axis), else: x
     idx = op.(:astype, [op.(:arg_reduce, [nx_op == :argmax, searched, axis, false]), type])
     idx = if high?, do: op.(:binary, [:subtract, last, idx]), else: idx
 
@@ -35,7 +35,7 @@ defmodule NxMlx.Backend.Reductions do
     idx =
       if kind in [:f, :bf] do
         nan = op.(:unary, [:isnan, x])
-        reversed = reverse_axis(op, nan, axis, n)
+        reversed = reverse_axis(op, nan, axis)
         from_end = op.(:astype, [op.(:arg_reduce, [true, reversed, axis, false]), type])
         any_nan = op.(:reduce, [:any, nan, [axis], false])
         op.(:select, [any_nan, op.(:binary, [:subtract, last, from_end]), idx])
@@ -57,7 +57,7 @@ defmodule NxMlx.Backend.Reductions do
 
     r =
       if opts[:direction] == :desc,
-        do: reverse_axis(op, sorted, axis, axis_size!(t, axis, :sort)),
+        do: reverse_axis(op, sorted, axis),
         else: sorted
 
     wrap(out, r, device)
@@ -81,9 +81,9 @@ defmodule NxMlx.Backend.Reductions do
   def argsort_ref(op, ref, axis, n, :desc, type, device) do
     # Stable descending order: sort the reversed axis ascending, reverse the result and map
     # the positions back (ties keep their original order, as in Nx).
-    reversed = reverse_axis(op, ref, axis, n)
+    reversed = reverse_axis(op, ref, axis)
     idx = op.(:astype, [op.(:sort, [true, reversed, axis]), Types.to_mlx(type)])
-    op.(:binary, [:subtract, scalar_ref(n - 1, type, device), reverse_axis(op, idx, axis, n)])
+    op.(:binary, [:subtract, scalar_ref(n - 1, type, device), reverse_axis(op, idx, axis)])
   end
 
   def argsort_ref(op, ref, axis, _n, _asc, type, _device),

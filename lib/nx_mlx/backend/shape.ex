@@ -376,7 +376,8 @@ defmodule NxMlx.Backend.Shape do
 
     r =
       Enum.reduce(axes, ref!(t, device), fn axis, acc ->
-        reverse_axis(op, acc, axis, axis_size!(t, axis, :reverse))
+        axis_size!(t, axis, :reverse)
+        reverse_axis(op, acc, axis)
       end)
 
     wrap(out, r, device)

@@ -130,7 +130,7 @@ defmodule NxMlx.Backend.Windows do
     flat = op.(:reshape, [view, positions ++ [size]])
 
     # The last position of the max (min): MLX's arg-reduce picks the first, so reverse.
-    picked_reversed = op.(:arg_reduce, [max?, reverse_axis(op, flat, rank, size), rank, false])
+    picked_reversed = op.(:arg_reduce, [max?, reverse_axis(op, flat, rank), rank, false])
     index_type = {:s, 32}
     int = &scalar_ref(&1, index_type, device)
     bin = fn name, l, r -> op.(:binary, [name, l, r]) end

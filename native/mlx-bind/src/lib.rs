@@ -418,6 +418,12 @@ pub fn transpose(a: &Array, axes: &[i64], s: &Stream) -> Result<Array> {
     wrap(bridge::transpose(a.inner(), &axes, s.0))
 }
 
+/// `a` with `axis` reversed: a view with a negative stride (no copy, no gather).
+pub fn reverse(a: &Array, axis: i64, s: &Stream) -> Result<Array> {
+    let axis = check_axes(&[axis])?[0];
+    wrap(bridge::reverse(a.inner(), axis, s.0))
+}
+
 pub fn broadcast_to(a: &Array, shape: &[i64], s: &Stream) -> Result<Array> {
     let shape = check_shape(shape)?;
     wrap(bridge::broadcast_to(a.inner(), &shape, s.0))

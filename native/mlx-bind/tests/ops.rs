@@ -77,6 +77,33 @@ fn transposed_views_read_back_row_major() {
 }
 
 #[test]
+fn reversed_views_read_back_and_compute_in_order() {
+    let s = cpu();
+    let a = reshape(&arange(0.0, 6.0, 1.0, Dtype::F32, &s).unwrap(), &[2, 3], &s).unwrap();
+    let r1 = reverse(&a, 1, &s).unwrap();
+    assert_eq!(read_f32(&r1, &s), vec![2.0, 1.0, 0.0, 5.0, 4.0, 3.0]);
+    let r0 = reverse(&a, -2, &s).unwrap();
+    assert_eq!(read_f32(&r0, &s), vec![3.0, 4.0, 5.0, 0.0, 1.0, 2.0]);
+    // Ops read the view in place, twice reversed is the original, and the view can be
+    // reversed along another axis and reduced.
+    let neg = unary(UnaryOp::Negative, &r1, &s).unwrap();
+    assert_eq!(read_f32(&neg, &s), vec![-2.0, -1.0, -0.0, -5.0, -4.0, -3.0]);
+    let back = reverse(&r1, 1, &s).unwrap();
+    assert_eq!(read_f32(&back, &s), read_f32(&a, &s));
+    let both = reverse(&r1, 0, &s).unwrap();
+    assert_eq!(read_f32(&both, &s), vec![5.0, 4.0, 3.0, 2.0, 1.0, 0.0]);
+    let first = reduce(ReduceOp::Sum, &reverse(&a, 1, &s).unwrap(), &[1], false, &s).unwrap();
+    assert_eq!(read_f32(&first, &s), vec![3.0, 12.0]);
+    // Axes of size 1 and 0 are returned as they are; an axis out of range is an error.
+    let one = full(&[1, 4], 2.0, Dtype::F32, &s).unwrap();
+    assert_eq!(read_f32(&reverse(&one, 0, &s).unwrap(), &s), vec![2.0; 4]);
+    let empty = full(&[0, 4], 2.0, Dtype::F32, &s).unwrap();
+    assert_eq!(reverse(&empty, 0, &s).unwrap().shape(), vec![0, 4]);
+    assert!(reverse(&a, 2, &s).is_err());
+    assert!(reverse(&a, -3, &s).is_err());
+}
+
+#[test]
 fn shape_mismatch_is_an_error_not_a_crash() {
     let s = cpu();
     let a = full(&[2, 3], 1.0, Dtype::F32, &s).unwrap();
