@@ -233,7 +233,7 @@ torch_keys =
 suite_of = fn
   "matmul_" <> _ -> "matmul"
   "transformer_" <> _ -> "transformer"
-  "encoder12_compile" -> "transformer"
+  "encoder12_" <> _ -> "transformer"
   "mlp4_" <> _ -> "mlp"
   name when name in ~w(dispatch readback jit_call jit_lookup replay_op while_iter) -> "dispatch"
   name -> if String.match?(name, ~r/^(add|exp|sum|softmax|gelu)_/), do: "elementwise", else: nil

@@ -171,6 +171,19 @@ def transformer(s, device):
             emit(key, measure(s, device, lambda: block(x, p)))
             # The same block with the attention as F.scaled_dot_product_attention.
             emit(f"sdpa.{key}", measure(s, device, lambda: block(x, p, sdpa=True)))
+    if device.type == "cpu":
+        # A BERT-base-shaped forward: the block 12 times (one set of weights), seq 128.
+        p = block_params(torch.float32, device)
+        x = uniform((1, 128, HIDDEN), torch.float32, 30, 1.0, device)
+
+        def encoder12():
+            h = x
+            for _ in range(12):
+                h = block(h, p)
+            return h
+
+        with torch.no_grad():
+            emit(f"encoder12_1x128x{HIDDEN}_f32", measure(s, device, encoder12))
 
 
 def mlp(s, device):

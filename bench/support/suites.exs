@@ -240,7 +240,9 @@ defmodule Bench.Suites do
       run = fn -> sync(apply(f, args)) end
       r = row(suite, name, impl, Harness.measure(settings, run), work)
 
-      if settings.paired && suite in ["transformer", "mlp"] do
+      # The raw bench serves the transformer and mlp cases, not the 12-block encoder.
+      if settings.paired && suite in ["transformer", "mlp"] &&
+           not String.starts_with?(name, "encoder12") do
         {key, ref} =
           if fuse, do: {"compiled." <> name, "raw_mlx_compiled"}, else: {name, "raw_mlx"}
 
@@ -381,7 +383,21 @@ defmodule Bench.Suites do
       ]
     end
     |> Kernel.++([encoder_compile(backend, device)])
+    |> Kernel.++(if device == :cpu, do: encoder12_rows(settings, backend, device), else: [])
     |> List.flatten()
+  end
+
+  # A BERT-base-shaped forward on the CPU: the block 12 times (one set of weights), seq 128.
+  defp encoder12_rows(settings, backend, device) do
+    p = block_params({:f, 32}, backend)
+    x = uniform({1, 128, @hidden}, {:f, 32}, 30, 1.0, backend)
+    name = "encoder12_1x128x768_f32"
+    t = Harness.measure(settings, fn -> sync(encoder12(x, p)) end)
+
+    [
+      row("transformer", name, "nx_mlx", t)
+      | compiled_rows(settings, "transformer", name, device, &encoder12/2, [x, p])
+    ]
   end
 
   # The first call's compile (trace, lowering, program creation) of a 12-layer encoder
