@@ -146,10 +146,12 @@ defmodule NxMlx.Backend do
   whole domain (test/nx_mlx/accuracy_test.exs measures every f16 and bf16 value and sampled
   f32/f64 ones; special values follow C's Annex F). MLX's own CPU kernels for `exp`,
   `sigmoid`, `erf`, `erf_inv`, `sin` and `cos` are float polynomials (exp 62 ulp near 88,
-  `erf(1e-7)` = 0, f64 no more accurate than f32) and its `rsqrt` is off by 1.5 ulp, and it
-  has no `erfc` or `cbrt`: for these the binding runs kernels of its own on CPU streams,
+  `erf(1e-7)` = 0, f64 no more accurate than f32) and its `rsqrt` is off by 1.5 ulp, it
+  has no `erfc` or `cbrt`, and its `tanh` and `log`, though accurate, run on one thread
+  (100 and 72 ms over 16M f32): for these the binding runs kernels of its own on CPU streams,
   which compute in double with the C library, round once, and split large arrays over the
-  cores; f32 `exp`, `sigmoid` and `erf` use vectorised double-precision polynomials instead
+  cores; f32 `exp`, `sigmoid`, `tanh`, `log` and `erf` use vectorised double-precision
+  polynomials instead
   (within 1 ulp, tested over every 97th f32 bit pattern in
   native/mlx-bind/tests/cpu_kernels.rs; erf's coefficients come from scripts/fit-erf).
   f32 sums over the last axis accumulate in double; f32 max/min over trailing axes and the

@@ -151,6 +151,8 @@ bool run_vectorised(AccurateFn fn, const mx::array& in, mx::array& out) {
     case AccurateFn::Sigmoid: loop = simd::sigmoid_f32; break;
     case AccurateFn::Erf: loop = simd::erf_f32; break;
     case AccurateFn::Gelu: loop = simd::gelu_f32; break;
+    case AccurateFn::Tanh: loop = simd::tanh_f32; break;
+    case AccurateFn::Log: loop = simd::log_f32; break;
     default: return false;
   }
   const float* src = in.data<float>();
@@ -189,6 +191,10 @@ void run(AccurateFn fn, const mx::array& in, mx::array& out) {
     case AccurateFn::Gelu:
       return map_contiguous<T>(in, out,
                                [](double x) { return 0.5 * x * std::erfc(-x * M_SQRT1_2); });
+    case AccurateFn::Tanh:
+      return map_contiguous<T>(in, out, [](double x) { return std::tanh(x); });
+    case AccurateFn::Log:
+      return map_contiguous<T>(in, out, [](double x) { return std::log(x); });
   }
 }
 
@@ -204,6 +210,8 @@ const char* fn_name(AccurateFn fn) {
     case AccurateFn::Erfc: return "erfc";
     case AccurateFn::Cbrt: return "cbrt";
     case AccurateFn::Gelu: return "gelu";
+    case AccurateFn::Tanh: return "tanh";
+    case AccurateFn::Log: return "log";
   }
   return "?";
 }

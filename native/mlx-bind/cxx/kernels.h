@@ -15,7 +15,7 @@
 
 namespace nxmlx::kernels {
 
-enum class AccurateFn { Exp, Sigmoid, Erf, ErfInv, Sin, Cos, Rsqrt, Erfc, Cbrt, Gelu };
+enum class AccurateFn { Exp, Sigmoid, Erf, ErfInv, Sin, Cos, Rsqrt, Erfc, Cbrt, Gelu, Tanh, Log };
 
 // True when `accurate_unary` runs `fn` on `dtype` on the stream's device (CPU streams and
 // real floating-point types).

@@ -451,6 +451,8 @@ static std::optional<kernels::AccurateFn> accurate_fn(UnaryOp op) {
     case UnaryOp::Erfc: return kernels::AccurateFn::Erfc;
     case UnaryOp::Cbrt: return kernels::AccurateFn::Cbrt;
     case UnaryOp::Gelu: return kernels::AccurateFn::Gelu;
+    case UnaryOp::Tanh: return kernels::AccurateFn::Tanh;
+    case UnaryOp::Log: return kernels::AccurateFn::Log;
     default: return std::nullopt;
   }
 }

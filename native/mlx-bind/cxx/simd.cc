@@ -133,6 +133,59 @@ void erf_f32(const float* src, float* dst, size_t n) {
 }
 
 NXMLX_CLONES
+void tanh_f32(const float* src, float* dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    double x = static_cast<double>(src[i]);
+    double a = std::fabs(x);
+    // Below 1/16, the series to x^9 (next term under 4e-12 relative); above, 1 - 2 / (e^2a
+    // + 1) with e^2a within 2.1e-10 (cancellation and the exponential's error stay below
+    // 4e-9 relative); from 9 on tanh rounds to 1 in f32, so a is clamped at 20. Both
+    // computed and one selected; NaN passes through the clamp and the arithmetic.
+    double s = x * x;
+    // x times the rest, so that tanh(-0) = -0.
+    double series =
+        x * (1.0 + s * (-1.0 / 3.0 + s * (2.0 / 15.0 + s * (-17.0 / 315.0 + s * (62.0 / 2835.0)))));
+    double e = exp_reduced(2.0 * std::min(a, 20.0));
+    double t = std::copysign(1.0 - 2.0 / (e + 1.0), x);
+    dst[i] = static_cast<float>(a < 0.0625 ? series : t);
+  }
+}
+
+NXMLX_CLONES
+void log_f32(const float* src, float* dst, size_t n) {
+  constexpr double ln2 = 0.6931471805599453;
+  for (size_t i = 0; i < n; ++i) {
+    double x = static_cast<double>(src[i]);
+    // x = m 2^k with m in [sqrt(1/2), sqrt(2)) (f32 subnormals are normal doubles), and
+    // log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172, by its series to s^17
+    // (next term under 2e-14 relative).
+    int64_t bits = std::bit_cast<int64_t>(x);
+    int64_t k = ((bits >> 52) & 0x7ff) - 1023;
+    double m = std::bit_cast<double>((bits & 0x000fffffffffffffLL) | 0x3ff0000000000000LL);
+    bool high = m > 1.4142135623730951;
+    m = high ? m * 0.5 : m;
+    k = high ? k + 1 : k;
+    double q = (m - 1.0) / (m + 1.0);
+    double s = q * q;
+    double p = 1.0 / 17.0;
+    p = p * s + 1.0 / 15.0;
+    p = p * s + 1.0 / 13.0;
+    p = p * s + 1.0 / 11.0;
+    p = p * s + 1.0 / 9.0;
+    p = p * s + 1.0 / 7.0;
+    p = p * s + 1.0 / 5.0;
+    p = p * s + 1.0 / 3.0;
+    p = p * s + 1.0;
+    double y = static_cast<double>(k) * ln2 + 2.0 * q * p;
+    // C's special values: log(+-0) = -inf, log(x < 0) = NaN, log(+inf) = +inf, NaN stays.
+    y = x == 0.0 ? -std::numeric_limits<double>::infinity() : y;
+    y = x < 0.0 ? std::numeric_limits<double>::quiet_NaN() : y;
+    y = x == std::numeric_limits<double>::infinity() || x != x ? x : y;
+    dst[i] = static_cast<float>(y);
+  }
+}
+
+NXMLX_CLONES
 void gelu_f32(const float* src, float* dst, size_t n) {
   constexpr double sqrt1_2 = 0.70710678118654752440;
   // x below -4 sqrt(2): erfc(|z|) below 1.5e-8, which R (fitted up to |z| = 4) does not

@@ -19,6 +19,11 @@ void exp_f32(const float* src, float* dst, size_t n);
 // dst[i] = 1 / (1 + exp(-src[i])), 0 <= i < n. dst may be src.
 void sigmoid_f32(const float* src, float* dst, size_t n);
 
+// dst[i] = tanh(src[i]) and dst[i] = log(src[i]), 0 <= i < n, in double and rounded once
+// (within 1 ulp of the exact value); C's special values. dst may be src.
+void tanh_f32(const float* src, float* dst, size_t n);
+void log_f32(const float* src, float* dst, size_t n);
+
 // dst[i] = erf(src[i]), 0 <= i < n, in double and rounded once (within 0.51 ulp of the
 // exact value); erf(-0) = -0, erf(+-inf) = +-1, NaN gives NaN. dst may be src.
 void erf_f32(const float* src, float* dst, size_t n);

@@ -1,8 +1,9 @@
 //! Our CPU kernels (cxx/kernels.cc over cxx/simd.cc) through the binding, against values
-//! computed here in f64: exp, sigmoid, erf and GELU within 1 ulp of f32 over sampled bit
-//! patterns of every exponent, sums against f64 sums, max/min with NaN and infinities at
-//! every position around the vector widths and the split over cores, single-row and
-//! single-column f32 matmuls (through sgemv) against f64 products in every operand layout.
+//! computed here in f64: exp, sigmoid, tanh, log, erf and GELU within 1 ulp of f32 over
+//! sampled bit patterns of every exponent, sums against f64 sums, max/min with NaN and
+//! infinities at every position around the vector widths and the split over cores,
+//! single-row and single-column f32 matmuls (through sgemv) against f64 products in every
+//! operand layout.
 
 mod common;
 
@@ -80,6 +81,34 @@ fn exp_is_within_one_ulp() {
 #[test]
 fn sigmoid_is_within_one_ulp() {
     check_unary(UnaryOp::Sigmoid, "sigmoid", |x| 1.0 / (1.0 + (-x).exp()));
+}
+
+#[test]
+fn tanh_is_within_one_ulp() {
+    check_unary(UnaryOp::Tanh, "tanh", f64::tanh);
+    let s = cpu();
+    let xs = [-0.0f32, 0.0, f32::INFINITY, f32::NEG_INFINITY];
+    let out = read_f32(&unary(UnaryOp::Tanh, &array(&xs, &[4]), &s).unwrap(), &s);
+    assert!(out[0] == 0.0 && out[0].is_sign_negative() && out[1].is_sign_positive());
+    assert_eq!(&out[2..], &[1.0, -1.0]);
+}
+
+#[test]
+fn log_is_within_one_ulp() {
+    check_unary(UnaryOp::Log, "log", f64::ln);
+    let s = cpu();
+    let xs = [
+        0.0f32,
+        -0.0,
+        1.0,
+        f32::MIN_POSITIVE / 8.0,
+        f32::INFINITY,
+        -1.0,
+    ];
+    let out = read_f32(&unary(UnaryOp::Log, &array(&xs, &[6]), &s).unwrap(), &s);
+    assert_eq!(&out[..3], &[f32::NEG_INFINITY, f32::NEG_INFINITY, 0.0]);
+    assert_eq!(out[3], ((f32::MIN_POSITIVE / 8.0) as f64).ln() as f32);
+    assert!(out[4] == f32::INFINITY && out[5].is_nan());
 }
 
 #[test]
