@@ -211,6 +211,13 @@ defmodule NxMlx.CommandsTest do
       old = NxMlx.set_cache_limit(0)
       assert is_integer(old)
       assert NxMlx.set_cache_limit(old) == 0
+
+      # The CPU-only build starts with an eighth of the memory limit cached, at least 256 MiB
+      # (NxMlx.Application), unless the application's config says otherwise.
+      if NxMlx.devices() == [:cpu] and Application.get_env(:nx_mlx, :cache_limit, :auto) == :auto do
+        assert old >= max(256 * 1024 * 1024, div(m.limit, 8))
+      end
+
       assert :ok = NxMlx.clear_cache()
       assert NxMlx.memory().cache == 0
     end

@@ -1011,8 +1011,8 @@ defmodule NxMlx.CompilerTest do
       out = rewritten(&Fns.gelu/1, [mlx(x)], rewrites: true)
 
       # x / 2 * erfc(-x / sqrt(2)) of each f32 x, from the C library, in double, rounded to
-      # f32.
-      for {x, got} <- Enum.zip(xs, Nx.to_flat_list(elem(out, 0))) do
+      # f32: our CPU kernel's precision (on the GPU the op is the composed form).
+      for {x, got} <- Enum.zip(xs, Nx.to_flat_list(elem(out, 0))), @device == :cpu do
         want = 0.5 * x * :math.erfc(-x / :math.sqrt(2))
         want = Nx.to_number(Nx.tensor(want, type: :f32))
         assert abs(got - want) <= 1.2e-7 * abs(want) + 1.0e-45, "gelu(#{x}): #{got} vs #{want}"
@@ -1036,7 +1036,8 @@ defmodule NxMlx.CompilerTest do
         assert_same(got, want, atol: 1.0e-6)
       end
 
-      for type <- [{:bf, 16}, {:f, 16}, {:f, 64}] do
+      # MLX has no f64 on the GPU.
+      for type <- [{:bf, 16}, {:f, 16}] ++ if(@device == :cpu, do: [{:f, 64}], else: []) do
         xt = Nx.as_type(Nx.multiply(x, 3), type)
         {out, 1} = rewritten(&Fns.axon_gelu/1, [mlx(xt)], rewrites: true)
         assert out.type == type
@@ -1054,9 +1055,9 @@ defmodule NxMlx.CompilerTest do
 
     test "unset, GELU is rewritten on the CPU for f32" do
       x = random({4, 6, 10}, {:f, 32}, 3)
-      cpu = NxMlx.TestHelpers.oracle_device() == :cpu
+      cpu = @device == :cpu
       assert elem(rewritten(&Fns.gelu/1, [mlx(x)], []), 1) == 1 == cpu
-      assert elem(rewritten(&Fns.gelu/1, [mlx(Nx.as_type(x, {:f, 64}))], []), 1) > 1
+      assert elem(rewritten(&Fns.gelu/1, [mlx(Nx.as_type(x, {:f, 16}))], []), 1) > 1
     end
 
     test "the option is checked" do
