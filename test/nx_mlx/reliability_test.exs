@@ -49,6 +49,30 @@ defmodule NxMlx.ReliabilityTest do
       assert message =~ "stride of 0"
     end
 
+    test "reverse, gelu and single-row matmuls refuse what they cannot take" do
+      x = t([1, 2, 3, 4])
+      f = Nx.tensor([[1.0, 2.0]], backend: @b)
+
+      for axis <- [1, -2, 2_147_483_648] do
+        result = Native.reverse(worker(), x.data.ref, axis)
+        assert match?({:error, _}, result), "reverse axis #{axis}: #{inspect(result)}"
+      end
+
+      assert {:error, {:argument, _}} = Native.reverse(worker(), x.data.ref, :last)
+      assert {:error, {:argument, _}} = Native.reverse(worker(), :not_an_array, 0)
+      assert {:error, {:argument, message}} = Native.unary(worker(), :gelu, x.data.ref)
+      assert message =~ "gelu"
+
+      # [1, 2] x [3, 2]: the shapes do not chain (MLX's own message), nothing read out of
+      # bounds.
+      w = Nx.iota({3, 2}, type: :f32, backend: @b)
+      assert {:error, {:argument, _}} = Native.matmul(worker(), f.data.ref, w.data.ref)
+      {:ok, y} = Native.matmul(worker(), f.data.ref, Nx.transpose(w).data.ref)
+
+      # [1, 2] . [[0, 1], [2, 3], [4, 5]] row by row, through sgemv on the transposed view.
+      assert read(y) == for(v <- [2.0, 8.0, 14.0], into: <<>>, do: <<v::float-32-native>>)
+    end
+
     test "conv with feature groups below 1 raises" do
       x = Nx.iota({1, 2, 4}, type: :f32, backend: @b)
       k = Nx.iota({2, 2, 2}, type: :f32, backend: @b)
