@@ -151,8 +151,7 @@ defmodule NxMlx.Backend do
   (100 and 72 ms over 16M f32): for these the binding runs kernels of its own on CPU streams,
   which compute in double with the C library, round once, and split large arrays over the
   cores; f32 `exp`, `sigmoid`, `tanh`, `log` and `erf` use vectorised double-precision
-  polynomials instead
-  (within 1 ulp, tested over every 97th f32 bit pattern in
+  polynomials instead (within 1 ulp, tested over every 97th f32 bit pattern in
   native/mlx-bind/tests/cpu_kernels.rs; erf's coefficients come from scripts/fit-erf).
   f32 sums over the last axis accumulate in double; f32 max/min over trailing axes and the
   compiler's f32 softmax and exact GELU run threaded, vectorised kernels with Nx's NaN

@@ -101,18 +101,26 @@ defmodule NxMlx.Compiler.Patterns do
   end
 
   # {coefficient, factors}: `t` as the product of a number and of the non-constant factors
-  # of its multiply chain (division by a constant is multiplication by its reciprocal).
-  defp factors(t) do
+  # of its multiply chain (division by a constant is multiplication by its reciprocal), read
+  # to a depth of @factor_depth (deeper nodes count as one factor), so that matching every
+  # node of a long product chain stays linear in its length.
+  @factor_depth 6
+
+  defp factors(t, depth \\ @factor_depth)
+
+  defp factors(t, 0), do: {1.0, [unwrap(t)]}
+
+  defp factors(t, depth) do
     case unwrap(t) do
       %T{data: %Expr{op: :multiply, args: [a, b]}} ->
-        {ca, fa} = factors(a)
-        {cb, fb} = factors(b)
+        {ca, fa} = factors(a, depth - 1)
+        {cb, fb} = factors(b, depth - 1)
         {ca * cb, fa ++ fb}
 
       %T{data: %Expr{op: :divide, args: [a, b]}} = u ->
         case number(b) do
           d when is_number(d) and d != 0 ->
-            {ca, fa} = factors(a)
+            {ca, fa} = factors(a, depth - 1)
             {ca / d, fa}
 
           _ ->

@@ -5,10 +5,10 @@
 //
 // MLX's CPU backend computes exp, sigmoid, erf, erfinv, sin and cos of every float type with
 // float polynomials (exp 62 ulp near 88, erf(1e-7) = 0, f64 no better than f32), and rsqrt
-// to 1.5 ulp, and has no erfc or cbrt; these
-// compute in double with the C library and round once, so f16, bf16 and f32 results are
-// within 1 ulp of the exact value and f64 ones within a few, and split large arrays over
-// the machine's cores.
+// to 1.5 ulp, has no erfc or cbrt, and runs tanh and log on one thread; these compute in
+// double (f32 through the vectorised loops of simd.h, the other types with the C library)
+// and round once, so f16, bf16 and f32 results are within 1 ulp of the exact value and f64
+// ones within a few, and split large arrays over the machine's cores.
 #pragma once
 
 #include "mlx/mlx.h"
