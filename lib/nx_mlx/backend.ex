@@ -154,8 +154,9 @@ defmodule NxMlx.Backend do
   polynomials instead (within 1 ulp, tested over every 97th f32 bit pattern in
   native/mlx-bind/tests/cpu_kernels.rs; erf's coefficients come from scripts/fit-erf).
   f32 sums over the last axis accumulate in double; f32 max/min over trailing axes and the
-  compiler's f32 softmax and exact GELU run threaded, vectorised kernels with Nx's NaN
-  semantics (the GELU within 1 ulp of the exact value, its negative tail included). On the
+  compiler's f32 softmax, exact GELU and layer norm run threaded, vectorised kernels with Nx's
+  NaN semantics (the GELU within 1 ulp of the exact value, its negative tail included; layer
+  norm's mean and variance in double). On the
   GPU (an H200, MLX's CUDA kernels) the same functions measured within
   2.6 ulp on f32 and 1 ulp on f16/bf16 (`tan` 2.6, `atanh` 2.3, the others under 2), except
   that f32 `sigmoid` below -87.3 gives 0 where the exact value is below f32's smallest

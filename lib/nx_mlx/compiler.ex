@@ -66,7 +66,12 @@ defmodule NxMlx.Compiler do
       becomes one op: on the CPU, for f32 by default, one vectorised pass in double
       (16M f32 on 2 vCPUs: 18 ms against 33 ms composed), within 1 ulp of the exact value,
       also in the negative tail where the composed f32 form cancels to 0 (from x = -5.6 on);
-      elsewhere, under `rewrites: true`, the same composed ops.
+      elsewhere, under `rewrites: true`, the same composed ops. Layer norm over the last
+      axis, `(x - mean) * rsqrt(var + eps) * g + b` (by hand, or as `Axon.Layers.layer_norm`
+      writes it with `Nx.variance` and reshaped scale and shift), becomes one op: on the CPU,
+      for f32 by default, one pass per row with the mean and variance in double (8×128×768
+      f32 on 2 vCPUs: 1.0 ms against 1.6 ms composed by hand and 5.7 ms as Axon composes
+      it); elsewhere, under `rewrites: true`, MLX's `fast::layer_norm`.
     * `:max_concurrency` - the number of `Nx.Serving` partitions (default 1); each partition
       gets a command queue of its own (the same one every time for partition i of a device).
 
@@ -610,6 +615,14 @@ defmodule NxMlx.Compiler do
         if rewrites == true or NxMlx.Backend.Blocks.gelu_faster?(scope.device, x) do
           {x, scope} = lower_node(x, scope)
           {NxMlx.Backend.Blocks.gelu(t, x), scope}
+        end
+
+      {:layer_norm, x, g, b, eps} ->
+        if rewrites == true or NxMlx.Backend.Blocks.layer_norm_faster?(scope.device, x) do
+          {x, scope} = lower_node(x, scope)
+          {g, scope} = lower_node(g, scope)
+          {b, scope} = lower_node(b, scope)
+          {NxMlx.Backend.Blocks.layer_norm(t, x, g, b, eps), scope}
         end
 
       nil ->

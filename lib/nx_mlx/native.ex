@@ -86,6 +86,7 @@ defmodule NxMlx.Native do
     reshape: 3,
     transpose: 3,
     reverse: 3,
+    layer_norm: 5,
     broadcast_to: 3,
     matmul: 3,
     inv: 2,

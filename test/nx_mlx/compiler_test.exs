@@ -193,6 +193,47 @@ defmodule NxMlx.CompilerTest.Fns do
 
   defn(gelu_grad(x), do: grad(x, fn x -> Nx.sum(gelu(x)) end))
 
+  # Layer norm over the last axis as a hand-written block does, and as Axon.Layers.layer_norm
+  # does (mean computed twice, variance as Nx.variance, scale and shift reshaped).
+  defn hand_layer_norm(x, g, b) do
+    mean = Nx.mean(x, axes: [-1], keep_axes: true)
+    xc = x - mean
+    var = Nx.mean(xc * xc, axes: [-1], keep_axes: true)
+    xc * Nx.rsqrt(var + 1.0e-5) * g + b
+  end
+
+  defn axon_layer_norm(x, g, b) do
+    shape = affine_shape(x, g)
+    g = Nx.reshape(g, shape)
+    b = Nx.reshape(b, shape)
+    mean = Nx.mean(x, axes: [-1], keep_axes: true)
+    var = Nx.variance(x, axes: [-1], keep_axes: true)
+    g * Nx.rsqrt(var + 1.0e-6) * (x - mean) + b
+  end
+
+  deftransformp affine_shape(x, g) do
+    ones = List.duplicate(1, Nx.rank(x) - 1)
+    List.to_tuple(ones ++ [Nx.size(g)])
+  end
+
+  # Not layer norms: over the first axis, the variance of another tensor, a scale along
+  # another axis.
+  defn not_layer_norm(x, y, g, b, col) do
+    m0 = Nx.mean(x, axes: [0], keep_axes: true)
+    v0 = Nx.mean((x - m0) * (x - m0), axes: [0], keep_axes: true)
+    m = Nx.mean(x, axes: [-1], keep_axes: true)
+    my = Nx.mean(y, axes: [-1], keep_axes: true)
+    vy = Nx.mean((y - my) * (y - my), axes: [-1], keep_axes: true)
+    v = Nx.mean((x - m) * (x - m), axes: [-1], keep_axes: true)
+
+    {(x - m0) * Nx.rsqrt(v0 + 1.0e-5) * g + b, (x - m) * Nx.rsqrt(vy + 1.0e-5) * g + b,
+     (x - m) * Nx.rsqrt(v + 1.0e-5) * col + b}
+  end
+
+  defn(hand_layer_norm_grad(x, g, b),
+    do: grad(x, fn x -> Nx.sum(hand_layer_norm(x, g, b) * x) end)
+  )
+
   # Not softmax: the max and the sum run over different axes.
   defn mixed_axes_softmax(x) do
     e = Nx.exp(x - Nx.reduce_max(x, axes: [0], keep_axes: true))
@@ -1063,6 +1104,75 @@ defmodule NxMlx.CompilerTest do
       cpu = @device == :cpu
       assert elem(rewritten(&Fns.gelu/1, [mlx(x)], []), 1) == 1 == cpu
       assert elem(rewritten(&Fns.gelu/1, [mlx(Nx.as_type(x, {:f, 16}))], []), 1) > 1
+    end
+
+    test "layer norm over the last axis, by hand or as Axon writes it, becomes one op" do
+      for {shape, seed} <- [{{2, 3, 16}, 1}, {{5, 768}, 2}, {{1, 1}, 3}] do
+        k = elem(shape, tuple_size(shape) - 1)
+        x = Nx.multiply(random(shape, {:f, 32}, seed), 5) |> Nx.add(3)
+        g = random({k}, {:f, 32}, seed + 10)
+        b = random({k}, {:f, 32}, seed + 20)
+
+        for fun <- [&Fns.hand_layer_norm/3, &Fns.axon_layer_norm/3] do
+          f64 = &Nx.as_type(&1, {:f, 64})
+          expected = fun.(f64.(x), f64.(g), f64.(b)) |> Nx.as_type({:f, 32})
+          {out, ops} = rewritten(fun, [mlx(x), mlx(g), mlx(b)], rewrites: true)
+          {plain, plain_ops} = rewritten(fun, [mlx(x), mlx(g), mlx(b)], rewrites: false)
+          # One op (k = 1 is left composed: Nx folds a mean over one element).
+          assert ops == 1 or k == 1, "#{inspect(shape)}: #{ops} ops, #{plain_ops} composed"
+          assert plain_ops > 3
+
+          assert_same(out, expected, atol: 1.0e-5, rtol: 1.0e-5)
+          assert_same(plain, expected, atol: 1.0e-4, rtol: 1.0e-4)
+        end
+      end
+    end
+
+    test "layer norm rows with NaN or infinities are NaN, as composed" do
+      x = Nx.tensor([[1.0, :nan, 3.0], [1.0, 2.0, :infinity], [2.0, 2.0, 2.0]])
+      g = Nx.tensor([1.0, 2.0, 3.0])
+      b = Nx.tensor([0.5, 0.5, 0.5])
+      {out, _} = rewritten(&Fns.hand_layer_norm/3, [mlx(x), mlx(g), mlx(b)], rewrites: true)
+      [r0, r1, r2] = Nx.to_list(out)
+      assert Enum.all?(r0 ++ r1, &(&1 == :nan))
+      # A constant row: zero variance, (x - mean) = 0, so b.
+      assert r2 == [0.5, 0.5, 0.5]
+    end
+
+    test "what only looks like layer norm is left as written" do
+      x = random({4, 6}, {:f, 32}, 5)
+      y = random({4, 6}, {:f, 32}, 6)
+      g = random({6}, {:f, 32}, 7)
+      b = random({6}, {:f, 32}, 8)
+      col = random({4, 1}, {:f, 32}, 9)
+      args = [x, y, g, b, col]
+      {outs, ops} = rewritten(&Fns.not_layer_norm/5, Enum.map(args, &mlx/1), rewrites: true)
+      assert ops > 10
+
+      for {got, want} <-
+            Enum.zip(Tuple.to_list(outs), Tuple.to_list(apply(Fns, :not_layer_norm, args))) do
+        assert_same(got, want, atol: 1.0e-5)
+      end
+    end
+
+    test "gradients through a rewritten layer norm equal the composed one's" do
+      x = random({3, 9}, {:f, 32}, 5) |> Nx.multiply(3)
+      g = random({9}, {:f, 32}, 6)
+      b = random({9}, {:f, 32}, 7)
+
+      {grad, _ops} =
+        rewritten(&Fns.hand_layer_norm_grad/3, [mlx(x), mlx(g), mlx(b)], rewrites: true)
+
+      assert_same(grad, Fns.hand_layer_norm_grad(x, g, b), atol: 1.0e-4)
+    end
+
+    test "unset, layer norm is rewritten on the CPU for f32" do
+      x = random({4, 6, 10}, {:f, 32}, 3)
+      g = random({10}, {:f, 32}, 4)
+      b = random({10}, {:f, 32}, 5)
+      ops = fn args -> elem(rewritten(&Fns.hand_layer_norm/3, Enum.map(args, &mlx/1), []), 1) end
+      assert ops.([x, g, b]) == 1 == (@device == :cpu)
+      assert ops.(Enum.map([x, g, b], &Nx.as_type(&1, {:f, 16}))) > 3
     end
 
     test "the option is checked" do

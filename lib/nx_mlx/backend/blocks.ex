@@ -89,6 +89,30 @@ defmodule NxMlx.Backend.Blocks do
   def gelu_faster?(:cpu, %T{type: {:f, 32}}), do: true
   def gelu_faster?(_device, _t), do: false
 
+  @doc false
+  # (x - mean) / sqrt(var + eps) * g + b over x's last axis as one op: on the CPU for f32 our
+  # kernel (one pass per row, mean and variance in double), elsewhere MLX's fast layer_norm.
+  # `g` and `b` hold the last axis's k values (shape {k} or {1, ..., k}). The compiler's
+  # rewrite of the composed form (NxMlx.Compiler.Patterns) emits it.
+  def layer_norm(%T{type: type} = out, %T{type: type, shape: shape} = x, g, b, eps) do
+    device = op_device([x, g, b])
+    op = op_fn(device, :layer_norm, [x, g, b])
+    k = elem(shape, tuple_size(shape) - 1)
+
+    vector = fn
+      %T{shape: {^k}} = t -> ref!(t, device)
+      t -> op.(:reshape, [ref!(t, device), [k]])
+    end
+
+    wrap(out, op.(:layer_norm, [ref!(x, device), vector.(g), vector.(b), eps / 1]), device)
+  end
+
+  @doc false
+  # Whether the one layer-norm op beats the composed ones (the compiler's rewrite asks): on
+  # the CPU for f32 (a 128x768 block's norm: see bench/RESULTS.md).
+  def layer_norm_faster?(:cpu, %T{type: {:f, 32}}), do: true
+  def layer_norm_faster?(_device, _t), do: false
+
   def block(%mod{axis: axis, reverse: reverse}, %T{type: {kind, _}} = out, [t], _fun)
       when is_map_key(@scans, mod) and kind != :c do
     device = op_device([t])

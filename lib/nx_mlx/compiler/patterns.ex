@@ -14,16 +14,27 @@ defmodule NxMlx.Compiler.Patterns do
   # order and association, each constant a product or quotient of constants (x / sqrt(2),
   # / 2, * 0.5: as by hand or as Axon.Activations.gelu writes it), equal to 1/2 and 1/sqrt(2)
   # within the rounding of the tensor's type.
+  #
+  # layer_norm: (x - mean(x)) * rsqrt(var(x) + eps) * g + b over the last axis, the three
+  # factors in any order and association, the mean as Nx.mean writes it (sum kept / n),
+  # the variance as the mean of (x - mean)^2 (a product of the difference with itself, or
+  # its power 2, with the mean computed once or twice: as by hand or as Axon.Layers
+  # layer_norm writes it), g and b of the last axis's size (possibly reshaped to size-1
+  # leading axes).
 
   alias Nx.Defn.Expr
   alias Nx.Tensor, as: T
 
   @doc """
   `{:softmax, x, axes}` when `t` computes softmax(x) over `axes`, `{:gelu, x}` when it
-  computes the exact GELU of x, else nil.
+  computes the exact GELU of x, `{:layer_norm, x, g, b, eps}` when it is x's layer norm
+  over its last axis, else nil.
   """
   def match(%T{data: %Expr{op: op}} = t) when op in [:divide, :multiply],
     do: softmax_match(t) || gelu(t)
+
+  def match(%T{data: %Expr{op: :add, args: [p, q]}} = t),
+    do: layer_norm(t, p, q) || layer_norm(t, q, p)
 
   def match(_t), do: nil
 
@@ -98,6 +109,101 @@ defmodule NxMlx.Compiler.Patterns do
 
   defp erf_of(one, e) do
     if constant?(unwrap(one), 1), do: unwrap(e)
+  end
+
+  defp layer_norm(%T{type: {kind, _} = type, shape: shape, vectorized_axes: []}, prod, bias)
+       when kind in [:f, :bf] and tuple_size(shape) >= 1 do
+    k = elem(shape, tuple_size(shape) - 1)
+    last = tuple_size(shape) - 1
+
+    with {c, [_, _, _] = fs} when c == 1 <- factors(prod),
+         {x, rest} <- centered(fs, last),
+         %T{type: ^type, shape: ^shape, vectorized_axes: []} <- x,
+         {eps, [g]} <- inverse_deviation(rest, x, last),
+         %T{} = g <- affine_vector(g, type, k),
+         %T{} = b <- affine_vector(bias, type, k) do
+      {:layer_norm, x, g, b, eps}
+    else
+      _ -> nil
+    end
+  end
+
+  defp layer_norm(_t, _prod, _bias), do: nil
+
+  # {x, the other factors} when one factor is x - mean(x) over `axis`.
+  defp centered(factors, axis) do
+    Enum.find_value(factors, fn f ->
+      with %T{data: %Expr{op: :subtract, args: [x, m]}} <- unwrap(f),
+           {x2, ^axis} <- mean_of(m),
+           true <- same?(x, x2) do
+        {unwrap(x), List.delete(factors, f)}
+      else
+        _ -> nil
+      end
+    end)
+  end
+
+  # {eps, the other factors} when one factor is rsqrt(var(x) + eps) over `axis`.
+  defp inverse_deviation(factors, x, axis) do
+    Enum.find_value(factors, fn f ->
+      with %T{data: %Expr{op: :rsqrt, args: [s]}} <- unwrap(f),
+           %T{data: %Expr{op: :add, args: [p, q]}} <- unwrap(s),
+           {eps, v} when is_number(eps) and eps >= 0 <- number_and(p, q) || number_and(q, p),
+           {d, ^axis} <- mean_of(v),
+           %T{data: %Expr{op: :subtract, args: [x2, m]}} <- squared(d),
+           true <- same?(x, x2),
+           {x3, ^axis} <- mean_of(m),
+           true <- same?(x, x3) do
+        {eps, List.delete(factors, f)}
+      else
+        _ -> nil
+      end
+    end)
+  end
+
+  defp number_and(n, t) do
+    case number(n) do
+      nil -> nil
+      value -> {value, t}
+    end
+  end
+
+  # `d` when `t` is d * d or d ** 2.
+  defp squared(t) do
+    case unwrap(t) do
+      %T{data: %Expr{op: :multiply, args: [a, b]}} -> if same?(a, b), do: unwrap(a)
+      %T{data: %Expr{op: :pow, args: [a, two]}} -> if number(two) == 2, do: unwrap(a)
+      _ -> nil
+    end
+  end
+
+  # {x, axis} when `t` is Nx.mean(x, axes: [axis], keep_axes: true): sum kept / size.
+  defp mean_of(t) do
+    with %T{data: %Expr{op: :divide, args: [s, n]}} <- unwrap(t),
+         %T{data: %Expr{op: :sum, args: [x, opts]}} <- unwrap(s),
+         {:ok, [axis]} <- kept_axes(opts),
+         %T{shape: shape} <- x,
+         true <- number(n) == elem(shape, axis) do
+      {x, axis}
+    else
+      _ -> nil
+    end
+  end
+
+  # `t` when it holds k values of `type` along its last axis only (shape {k}, or {1, ..., k});
+  # the vector itself when `t` reshapes one.
+  defp affine_vector(t, type, k) do
+    case unwrap(t) do
+      %T{data: %Expr{op: :reshape, args: [%T{type: ^type, shape: {^k}} = v]}} ->
+        v
+
+      %T{type: ^type, shape: shape, vectorized_axes: []} = v when tuple_size(shape) >= 1 ->
+        dims = Tuple.to_list(shape)
+        if List.last(dims) == k and Enum.all?(Enum.drop(dims, -1), &(&1 == 1)), do: v
+
+      _ ->
+        nil
+    end
   end
 
   # {coefficient, factors}: `t` as the product of a number and of the non-constant factors

@@ -635,6 +635,72 @@ class FastSoftmax : public mx::UnaryPrimitive {
   }
 };
 
+// Layer norm along the rows of a row-contiguous [rows, k] float32 array with [k] scale and
+// shift: per row the mean and variance in double (two passes while the row is in cache), then
+// (x - mean) / sqrt(variance + eps) * g + b rounded once; rows split over the cores. A row
+// holding NaN or an infinity is NaN, as the composed form.
+class FastLayerNorm : public mx::UnaryPrimitive {
+ public:
+  FastLayerNorm(mx::Stream stream, double eps) : mx::UnaryPrimitive(stream), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& x = inputs[0];
+    const auto& g = inputs[1];
+    const auto& b = inputs[2];
+    bool ok = x.ndim() == 2 && x.shape(1) >= 1 && g.ndim() == 1 && b.ndim() == 1 &&
+              g.shape(0) == x.shape(1) && b.shape(0) == x.shape(1);
+    for (const auto* a : {&x, &g, &b}) {
+      ok = ok && a->dtype() == mx::float32 && a->flags().row_contiguous;
+    }
+    if (!ok) {
+      throw std::runtime_error(
+          "[nx_mlx layer_norm] takes a row-contiguous float32 matrix and two vectors");
+    }
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    encoder.set_input_array(g);
+    encoder.set_input_array(b);
+    encoder.set_output_array(out);
+    size_t rows = static_cast<size_t>(x.shape(0));
+    size_t k = static_cast<size_t>(x.shape(1));
+    encoder.dispatch([x = mx::array::unsafe_weak_copy(x), g = mx::array::unsafe_weak_copy(g),
+                      b = mx::array::unsafe_weak_copy(b), out = mx::array::unsafe_weak_copy(out),
+                      rows, k, eps = eps_]() mutable {
+      const float* src = x.data<float>();
+      const float* gp = g.data<float>();
+      const float* bp = b.data<float>();
+      float* dst = out.data<float>();
+      parallel_for(rows, std::max<size_t>(1, kParallelGrain / k), [&](size_t begin, size_t end) {
+        for (size_t r = begin; r < end; ++r) {
+          double mean, variance;
+          simd::moments_f32(src + r * k, k, &mean, &variance);
+          simd::normalize_affine_f32(src + r * k, dst + r * k, k, mean,
+                                     1.0 / std::sqrt(variance + eps), gp, bp);
+        }
+      });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("[nx_mlx layer_norm] has no GPU kernel");
+  }
+
+  const char* name() const override { return "NxMlxFastLayerNorm"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const FastLayerNorm*>(&other);
+    return o != nullptr && o->eps_ == eps_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+ private:
+  double eps_;
+};
+
 // cblas_sgemv as the process resolves it (the BLAS libmlx's matmul binds to), or null.
 using Sgemv = void (*)(int order, int trans, int m, int n, float alpha, const float* a, int lda,
                        const float* x, int incx, float beta, float* y, int incy);
@@ -725,6 +791,19 @@ mx::array matvec(const mx::array& m, const mx::array& v, const mx::Stream& strea
   }
   return mx::array({m.shape(0)}, mx::float32, std::make_shared<MatVec>(stream),
                    {m, mx::contiguous(v, false, stream)});
+}
+
+mx::array fast_layer_norm(const mx::array& x, const mx::array& g, const mx::array& b, double eps,
+                          const mx::Stream& stream) {
+  if (!has_fast_extremum(stream, x.dtype()) || g.dtype() != x.dtype() || b.dtype() != x.dtype() ||
+      x.ndim() != 2 || x.shape(1) < 1 || g.ndim() != 1 || b.ndim() != 1 ||
+      g.shape(0) != x.shape(1) || b.shape(0) != x.shape(1)) {
+    throw std::invalid_argument(
+        "[nx_mlx layer_norm] takes a float32 matrix [r, k] and vectors [k] on a CPU stream");
+  }
+  return mx::array(x.shape(), mx::float32, std::make_shared<FastLayerNorm>(stream, eps),
+                   {mx::contiguous(x, false, stream), mx::contiguous(g, false, stream),
+                    mx::contiguous(b, false, stream)});
 }
 
 bool has_accurate_sum(const mx::Stream& stream, mx::Dtype dtype) {

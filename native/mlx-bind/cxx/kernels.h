@@ -50,6 +50,12 @@ mlx::core::array fast_extremum(bool max, const mlx::core::array& a,
 // the pieces of a few long rows) split over the machine's cores.
 mlx::core::array fast_softmax(const mlx::core::array& a, const mlx::core::Stream& stream);
 
+// Layer norm along the rows of the float32 matrix x [r, k] with scale g [k] and shift b [k]:
+// (x - mean) / sqrt(variance + eps) * g + b, mean and variance in double (CPU streams).
+mlx::core::array fast_layer_norm(const mlx::core::array& x, const mlx::core::array& g,
+                                 const mlx::core::array& b, double eps,
+                                 const mlx::core::Stream& stream);
+
 // True when `matvec` runs on `dtype` on the stream's device (CPU streams, float32, and a
 // BLAS with cblas_sgemv loaded).
 bool has_matvec(const mlx::core::Stream& stream, mlx::core::Dtype dtype);

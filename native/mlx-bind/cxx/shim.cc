@@ -712,6 +712,28 @@ std::unique_ptr<array> reverse(const array& a, int32_t axis, StreamRef s) {
   return boxed(mx::slice(a, start, stop, strides, to_mx(s)));
 }
 
+// Layer norm over the last axis of x with scale g and shift b (both [k], k the last axis's
+// size): on CPU streams for f32 our kernel (one pass per row in double); elsewhere MLX's
+// fast::layer_norm (its fused kernel on the GPU).
+std::unique_ptr<array> layer_norm(
+    const array& x, const array& g, const array& b, double eps, StreamRef s) {
+  auto st = to_mx(s);
+  if (x.ndim() < 1 || x.shape(-1) < 1 || g.ndim() != 1 || b.ndim() != 1 ||
+      g.shape(0) != x.shape(-1) || b.shape(0) != x.shape(-1) || g.dtype() != x.dtype() ||
+      b.dtype() != x.dtype() || !mx::issubdtype(x.dtype(), mx::floating) || !(eps >= 0)) {
+    throw std::invalid_argument(
+        "layer_norm takes a float array, scale and shift vectors of its last axis's size and "
+        "its type, and eps >= 0");
+  }
+  if (kernels::has_fast_extremum(st, x.dtype())) {
+    int32_t k = x.shape(-1);
+    int32_t rows = static_cast<int32_t>(x.size() / static_cast<size_t>(k));
+    auto y = kernels::fast_layer_norm(mx::reshape(x, {rows, k}, st), g, b, eps, st);
+    return boxed(mx::reshape(y, x.shape(), st));
+  }
+  return boxed(mx::fast::layer_norm(x, g, b, static_cast<float>(eps), st));
+}
+
 std::unique_ptr<array> broadcast_to(const array& a, rust::Slice<const int32_t> shape, StreamRef s) {
   return boxed(mx::broadcast_to(a, to_shape(shape), to_mx(s)));
 }

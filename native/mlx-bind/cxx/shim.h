@@ -94,6 +94,8 @@ std::unique_ptr<array> astype(const array& a, Dtype dtype, StreamRef s);
 std::unique_ptr<array> reshape(const array& a, rust::Slice<const int32_t> shape, StreamRef s);
 std::unique_ptr<array> transpose(const array& a, rust::Slice<const int32_t> axes, StreamRef s);
 std::unique_ptr<array> reverse(const array& a, int32_t axis, StreamRef s);
+std::unique_ptr<array> layer_norm(
+    const array& x, const array& g, const array& b, double eps, StreamRef s);
 std::unique_ptr<array> broadcast_to(const array& a, rust::Slice<const int32_t> shape, StreamRef s);
 std::unique_ptr<array> matmul(const array& a, const array& b, StreamRef s);
 std::unique_ptr<array> linalg_inv(const array& a, StreamRef s);

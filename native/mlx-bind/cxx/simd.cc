@@ -286,6 +286,42 @@ double exp_shifted_f32(const float* src, float* dst, size_t n, double shift) {
 }
 
 NXMLX_CLONES
+void moments_f32(const float* src, size_t n, double* mean, double* variance) {
+  double m = sum_f32(src, n) / static_cast<double>(n);
+  constexpr size_t lanes = 16;
+  double acc[lanes] = {};
+  size_t i = 0;
+  for (; i + lanes <= n; i += lanes) {
+    for (size_t j = 0; j < lanes; ++j) {
+      double d = static_cast<double>(src[i + j]) - m;
+      acc[j] += d * d;
+    }
+  }
+  double tail = 0.0;
+  for (; i < n; ++i) {
+    double d = static_cast<double>(src[i]) - m;
+    tail += d * d;
+  }
+  for (size_t width = lanes / 2; width > 0; width /= 2) {
+    for (size_t j = 0; j < width; ++j) {
+      acc[j] += acc[j + width];
+    }
+  }
+  *mean = m;
+  *variance = (acc[0] + tail) / static_cast<double>(n);
+}
+
+NXMLX_CLONES
+void normalize_affine_f32(const float* src, float* dst, size_t n, double mean, double scale,
+                          const float* g, const float* b) {
+  for (size_t i = 0; i < n; ++i) {
+    double y = (static_cast<double>(src[i]) - mean) * scale * static_cast<double>(g[i]) +
+               static_cast<double>(b[i]);
+    dst[i] = static_cast<float>(y);
+  }
+}
+
+NXMLX_CLONES
 void scale_f32(float* dst, size_t n, double factor) {
   for (size_t i = 0; i < n; ++i) {
     dst[i] = static_cast<float>(static_cast<double>(dst[i]) * factor);

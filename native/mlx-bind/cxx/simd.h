@@ -44,6 +44,13 @@ double exp_shifted_f32(const float* src, float* dst, size_t n, double shift);
 // dst[i] = dst[i] * factor, in double, rounded once.
 void scale_f32(float* dst, size_t n, double factor);
 
+// The mean and the population variance of src[0..n), n >= 1, in double (two passes).
+void moments_f32(const float* src, size_t n, double* mean, double* variance);
+
+// dst[i] = (src[i] - mean) * scale * g[i] + b[i], in double and rounded once. dst may be src.
+void normalize_affine_f32(const float* src, float* dst, size_t n, double mean, double scale,
+                          const float* g, const float* b);
+
 // The largest (smallest) of src[0..n), n >= 1; NaN if any is NaN.
 float max_f32(const float* src, size_t n);
 float min_f32(const float* src, size_t n);

@@ -228,6 +228,13 @@ pub(crate) mod bridge {
         fn reshape(a: &Array, shape: &[i32], s: StreamRef) -> Result<UniquePtr<Array>>;
         fn transpose(a: &Array, axes: &[i32], s: StreamRef) -> Result<UniquePtr<Array>>;
         fn reverse(a: &Array, axis: i32, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn layer_norm(
+            x: &Array,
+            g: &Array,
+            b: &Array,
+            eps: f64,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
         fn broadcast_to(a: &Array, shape: &[i32], s: StreamRef) -> Result<UniquePtr<Array>>;
         fn matmul(a: &Array, b: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
         fn linalg_inv(a: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;

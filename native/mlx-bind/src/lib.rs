@@ -424,6 +424,18 @@ pub fn reverse(a: &Array, axis: i64, s: &Stream) -> Result<Array> {
     wrap(bridge::reverse(a.inner(), axis, s.0))
 }
 
+/// Layer norm over the last axis of `x`: `(x - mean) / sqrt(var + eps) * g + b`, with `g` and
+/// `b` of the last axis's size.
+pub fn layer_norm(x: &Array, g: &Array, b: &Array, eps: f64, s: &Stream) -> Result<Array> {
+    wrap(bridge::layer_norm(
+        x.inner(),
+        g.inner(),
+        b.inner(),
+        eps,
+        s.0,
+    ))
+}
+
 pub fn broadcast_to(a: &Array, shape: &[i64], s: &Stream) -> Result<Array> {
     let shape = check_shape(shape)?;
     wrap(bridge::broadcast_to(a.inner(), &shape, s.0))

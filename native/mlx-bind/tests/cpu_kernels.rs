@@ -3,7 +3,7 @@
 //! sampled bit patterns of every exponent, sums against f64 sums, max/min with NaN and
 //! infinities at every position around the vector widths and the split over cores,
 //! single-row and single-column f32 matmuls (through sgemv) against f64 products in every
-//! operand layout.
+//! operand layout, layer norm against f64 rows.
 
 mod common;
 
@@ -333,4 +333,51 @@ fn single_row_and_single_column_matmuls_match_f64() {
     xn[3] = f32::NAN;
     let got = read_f32(&matmul(&array(&xn, &[1, k as i64]), &wa, &s).unwrap(), &s);
     assert!(got.iter().all(|v| v.is_nan()));
+}
+
+#[test]
+fn layer_norm_matches_f64_rows() {
+    let s = cpu();
+    for (rows, k) in [(1usize, 1usize), (3, 7), (128, 768), (2, 40_000)] {
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 7919) % 1013) as f32 / 50.0 - 10.0)
+            .collect();
+        let g: Vec<f32> = (0..k).map(|i| 0.5 + (i % 7) as f32 / 4.0).collect();
+        let b: Vec<f32> = (0..k).map(|i| (i % 5) as f32 - 2.0).collect();
+        let eps = 1.0e-5;
+        let got = read_f32(
+            &layer_norm(
+                &array(&x, &[rows as i64, k as i64]),
+                &array(&g, &[k as i64]),
+                &array(&b, &[k as i64]),
+                eps,
+                &s,
+            )
+            .unwrap(),
+            &s,
+        );
+        for r in 0..rows {
+            let row = &x[r * k..(r + 1) * k];
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / k as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / k as f64;
+            for j in 0..k {
+                let want = ((row[j] as f64 - mean) / (var + eps).sqrt() * g[j] as f64 + b[j] as f64)
+                    as f32;
+                let d = ulps(got[r * k + j], want);
+                assert!(
+                    d <= 1,
+                    "[{rows}, {k}] row {r} col {j}: {} vs {want}",
+                    got[r * k + j]
+                );
+            }
+        }
+    }
+    // A row with NaN or an infinity is NaN; shapes that do not fit are errors.
+    let x = array(&[1.0, f32::NAN, 3.0, 1.0, 2.0, f32::INFINITY], &[2, 3]);
+    let ones = array(&[1.0; 3], &[3]);
+    let zeros = array(&[0.0; 3], &[3]);
+    let out = read_f32(&layer_norm(&x, &ones, &zeros, 1.0e-5, &s).unwrap(), &s);
+    assert!(out.iter().all(|v| v.is_nan()));
+    assert!(layer_norm(&x, &array(&[1.0; 2], &[2]), &zeros, 1.0e-5, &s).is_err());
+    assert!(layer_norm(&x, &ones, &zeros, -1.0, &s).is_err());
 }

@@ -40,6 +40,7 @@ pub enum Op {
     Reshape(Vec<i64>),
     Transpose(Vec<i64>),
     Reverse(i64),
+    LayerNorm(f64),
     BroadcastTo(Vec<i64>),
     Matmul,
     Inv,
@@ -234,6 +235,11 @@ pub fn decode<'a>(name: &str, args: &[Term<'a>]) -> NifResult<Decoded<'a>> {
         "reshape" => (Op::Reshape(a.get(1, "shape")?), one(0)?, 2),
         "transpose" => (Op::Transpose(a.get(1, "axes")?), one(0)?, 2),
         "reverse" => (Op::Reverse(a.get(1, "axis")?), one(0)?, 2),
+        "layer_norm" => (
+            Op::LayerNorm(a.get(3, "eps")?),
+            vec![a.term(0)?, a.term(1)?, a.term(2)?],
+            4,
+        ),
         "broadcast_to" => (Op::BroadcastTo(a.get(1, "shape")?), one(0)?, 2),
         "matmul" => (Op::Matmul, vec![a.term(0)?, a.term(1)?], 2),
         "inv" => (Op::Inv, one(0)?, 1),
@@ -477,7 +483,7 @@ impl Op {
             | Op::Conv(_)
             | Op::Linalg { .. }
             | Op::Tensordot { .. } => 2,
-            Op::Select | Op::SliceUpdateDynamic(_) | Op::PutAlongAxis(_) => 3,
+            Op::Select | Op::SliceUpdateDynamic(_) | Op::PutAlongAxis(_) | Op::LayerNorm(_) => 3,
             _ => 1,
         })
     }
@@ -521,6 +527,7 @@ impl Op {
             Op::Reshape(shape) => m::reshape(x[0], shape, s),
             Op::Transpose(axes) => m::transpose(x[0], axes, s),
             Op::Reverse(axis) => m::reverse(x[0], *axis, s),
+            Op::LayerNorm(eps) => m::layer_norm(x[0], x[1], x[2], *eps, s),
             Op::BroadcastTo(shape) => m::broadcast_to(x[0], shape, s),
             Op::Matmul => m::matmul(x[0], x[1], s),
             Op::Inv => m::inv(x[0], s),
