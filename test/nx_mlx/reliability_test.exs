@@ -49,7 +49,7 @@ defmodule NxMlx.ReliabilityTest do
       assert message =~ "stride of 0"
     end
 
-    test "reverse, gelu and single-row matmuls refuse what they cannot take" do
+    test "reverse, gelu, layer_norm and single-row matmuls refuse what they cannot take" do
       x = t([1, 2, 3, 4])
       f = Nx.tensor([[1.0, 2.0]], backend: @b)
 
@@ -62,6 +62,18 @@ defmodule NxMlx.ReliabilityTest do
       assert {:error, {:argument, _}} = Native.reverse(worker(), :not_an_array, 0)
       assert {:error, {:argument, message}} = Native.unary(worker(), :gelu, x.data.ref)
       assert message =~ "gelu"
+
+      # layer_norm: scale and shift of another size, an integer input, a negative or
+      # non-float eps.
+      v2 = Nx.tensor([1.0, 2.0], backend: @b).data.ref
+      v3 = Nx.tensor([1.0, 2.0, 3.0], backend: @b).data.ref
+      assert {:error, {:argument, _}} = Native.layer_norm(worker(), f.data.ref, v3, v3, 1.0e-5)
+      assert {:error, {:argument, _}} = Native.layer_norm(worker(), x.data.ref, v2, v2, 1.0e-5)
+      assert {:error, {:argument, _}} = Native.layer_norm(worker(), f.data.ref, v2, v2, -1.0)
+      assert {:error, {:argument, _}} = Native.layer_norm(worker(), f.data.ref, v2, v2, :eps)
+      {:ok, n} = Native.layer_norm(worker(), f.data.ref, v2, v2, 0.0)
+      # [1, 2]: mean 1.5, deviation 0.5, so [-1, 1] * [1, 2] + [1, 2].
+      assert read(n) == <<0.0::float-32-native, 4.0::float-32-native>>
 
       # [1, 2] x [3, 2]: the shapes do not chain (MLX's own message), nothing read out of
       # bounds.
