@@ -193,15 +193,9 @@ defmodule NxMlx.CompilerTest.Fns do
 
   defn(gelu_grad(x), do: grad(x, fn x -> Nx.sum(gelu(x)) end))
 
-  # Layer norm over the last axis as a hand-written block does, and as Axon.Layers.layer_norm
-  # does (mean computed twice, variance as Nx.variance, scale and shift reshaped).
-  defn hand_layer_norm(x, g, b) do
-    mean = Nx.mean(x, axes: [-1], keep_axes: true)
-    xc = x - mean
-    var = Nx.mean(xc * xc, axes: [-1], keep_axes: true)
-    xc * Nx.rsqrt(var + 1.0e-5) * g + b
-  end
-
+  # Layer norm over the last axis as Axon.Layers.layer_norm writes it (mean computed twice,
+  # variance as Nx.variance, scale and shift reshaped); layer_norm/3 below is the
+  # hand-written form.
   defn axon_layer_norm(x, g, b) do
     shape = affine_shape(x, g)
     g = Nx.reshape(g, shape)
@@ -230,9 +224,7 @@ defmodule NxMlx.CompilerTest.Fns do
      (x - m) * Nx.rsqrt(v + 1.0e-5) * col + b}
   end
 
-  defn(hand_layer_norm_grad(x, g, b),
-    do: grad(x, fn x -> Nx.sum(hand_layer_norm(x, g, b) * x) end)
-  )
+  defn(layer_norm_grad(x, g, b), do: grad(x, fn x -> Nx.sum(layer_norm(x, g, b) * x) end))
 
   # Not softmax: the max and the sum run over different axes.
   defn mixed_axes_softmax(x) do
@@ -1113,7 +1105,7 @@ defmodule NxMlx.CompilerTest do
         g = random({k}, {:f, 32}, seed + 10)
         b = random({k}, {:f, 32}, seed + 20)
 
-        for fun <- [&Fns.hand_layer_norm/3, &Fns.axon_layer_norm/3] do
+        for fun <- [&Fns.layer_norm/3, &Fns.axon_layer_norm/3] do
           f64 = &Nx.as_type(&1, {:f, 64})
           expected = fun.(f64.(x), f64.(g), f64.(b)) |> Nx.as_type({:f, 32})
           {out, ops} = rewritten(fun, [mlx(x), mlx(g), mlx(b)], rewrites: true)
@@ -1132,7 +1124,7 @@ defmodule NxMlx.CompilerTest do
       x = Nx.tensor([[1.0, :nan, 3.0], [1.0, 2.0, :infinity], [2.0, 2.0, 2.0]])
       g = Nx.tensor([1.0, 2.0, 3.0])
       b = Nx.tensor([0.5, 0.5, 0.5])
-      {out, _} = rewritten(&Fns.hand_layer_norm/3, [mlx(x), mlx(g), mlx(b)], rewrites: true)
+      {out, _} = rewritten(&Fns.layer_norm/3, [mlx(x), mlx(g), mlx(b)], rewrites: true)
       [r0, r1, r2] = Nx.to_list(out)
       assert Enum.all?(r0 ++ r1, &(&1 == :nan))
       # A constant row: zero variance, (x - mean) = 0, so b.
@@ -1161,16 +1153,16 @@ defmodule NxMlx.CompilerTest do
       b = random({9}, {:f, 32}, 7)
 
       {grad, _ops} =
-        rewritten(&Fns.hand_layer_norm_grad/3, [mlx(x), mlx(g), mlx(b)], rewrites: true)
+        rewritten(&Fns.layer_norm_grad/3, [mlx(x), mlx(g), mlx(b)], rewrites: true)
 
-      assert_same(grad, Fns.hand_layer_norm_grad(x, g, b), atol: 1.0e-4)
+      assert_same(grad, Fns.layer_norm_grad(x, g, b), atol: 1.0e-4)
     end
 
     test "unset, layer norm is rewritten on the CPU for f32" do
       x = random({4, 6, 10}, {:f, 32}, 3)
       g = random({10}, {:f, 32}, 4)
       b = random({10}, {:f, 32}, 5)
-      ops = fn args -> elem(rewritten(&Fns.hand_layer_norm/3, Enum.map(args, &mlx/1), []), 1) end
+      ops = fn args -> elem(rewritten(&Fns.layer_norm/3, Enum.map(args, &mlx/1), []), 1) end
       assert ops.([x, g, b]) == 1 == (@device == :cpu)
       assert ops.(Enum.map([x, g, b], &Nx.as_type(&1, {:f, 16}))) > 3
     end
