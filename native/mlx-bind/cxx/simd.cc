@@ -218,6 +218,20 @@ void gelu_f32(const float* src, float* dst, size_t n) {
   }
 }
 
+namespace {
+
+// The sum of sixteen running sums, folded pairwise (the same order in every caller).
+inline double fold_lanes(double (&acc)[16]) {
+  for (size_t width = 8; width > 0; width /= 2) {
+    for (size_t j = 0; j < width; ++j) {
+      acc[j] += acc[j + width];
+    }
+  }
+  return acc[0];
+}
+
+}  // namespace
+
 NXMLX_CLONES
 double sum_f32(const float* src, size_t n) {
   // Sixteen running sums the compiler keeps in vector registers.
@@ -233,12 +247,7 @@ double sum_f32(const float* src, size_t n) {
   for (; i < n; ++i) {
     tail += static_cast<double>(src[i]);
   }
-  for (size_t width = lanes / 2; width > 0; width /= 2) {
-    for (size_t j = 0; j < width; ++j) {
-      acc[j] += acc[j + width];
-    }
-  }
-  return acc[0] + tail;
+  return fold_lanes(acc) + tail;
 }
 
 namespace {
@@ -257,12 +266,7 @@ inline double sum_f64(const double* src, size_t n) {
   for (; i < n; ++i) {
     tail += src[i];
   }
-  for (size_t width = lanes / 2; width > 0; width /= 2) {
-    for (size_t j = 0; j < width; ++j) {
-      acc[j] += acc[j + width];
-    }
-  }
-  return acc[0] + tail;
+  return fold_lanes(acc) + tail;
 }
 
 }  // namespace
@@ -302,13 +306,8 @@ void moments_f32(const float* src, size_t n, double* mean, double* variance) {
     double d = static_cast<double>(src[i]) - m;
     tail += d * d;
   }
-  for (size_t width = lanes / 2; width > 0; width /= 2) {
-    for (size_t j = 0; j < width; ++j) {
-      acc[j] += acc[j + width];
-    }
-  }
   *mean = m;
-  *variance = (acc[0] + tail) / static_cast<double>(n);
+  *variance = (fold_lanes(acc) + tail) / static_cast<double>(n);
 }
 
 NXMLX_CLONES
