@@ -65,4 +65,13 @@ bool has_matvec(const mlx::core::Stream& stream, mlx::core::Dtype dtype);
 mlx::core::array matvec(const mlx::core::array& m, const mlx::core::array& v,
                         const mlx::core::Stream& stream);
 
+// True when `batched_matmul` runs on `dtype` on the stream's device (CPU streams, float32,
+// and a BLAS with cblas_sgemm_batch loaded).
+bool has_batched_matmul(const mlx::core::Stream& stream, mlx::core::Dtype dtype);
+
+// a [..., m, k] times b [..., k, n] with equal batch axes (non-empty), as [..., m, n],
+// through one cblas_sgemm_batch call; operands may be any strided views.
+mlx::core::array batched_matmul(const mlx::core::array& a, const mlx::core::array& b,
+                                const mlx::core::Stream& stream);
+
 }  // namespace nxmlx::kernels

@@ -335,6 +335,143 @@ fn single_row_and_single_column_matmuls_match_f64() {
     assert!(got.iter().all(|v| v.is_nan()));
 }
 
+/// The f64 product of the row-major arrays a [items, m, k] and b [items, k, n].
+fn batched_f64(a: &[f32], b: &[f32], items: usize, m: usize, k: usize, n: usize) -> Vec<f64> {
+    (0..items)
+        .flat_map(|i| {
+            matmul_f64(
+                &a[i * m * k..(i + 1) * m * k],
+                &b[i * k * n..(i + 1) * k * n],
+                m,
+                k,
+                n,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn batched_matmuls_match_f64_in_every_layout() {
+    let s = cpu();
+    // 128x64x128 items: batched (small items, at most 100^3 multiply-adds, stay on MLX's
+    // loop; the last two cases check those).
+    let (heads, seq, hd) = (3usize, 128usize, 64usize);
+    let hidden = heads * hd;
+    // x [seq, heads * hd], as attention's projections: head h of row r at column h * hd.
+    let x: Vec<f32> = (0..seq * hidden)
+        .map(|i| ((i * 37) % 23) as f32 / 11.0 - 1.0)
+        .collect();
+    let y: Vec<f32> = (0..seq * hidden)
+        .map(|i| ((i * 91) % 29) as f32 / 14.0 - 1.0)
+        .collect();
+    // The heads as row-major [heads, seq, hd] arrays.
+    let split = |v: &[f32]| -> Vec<f32> {
+        (0..heads * seq * hd)
+            .map(|i| {
+                let (h, r, c) = (i / (seq * hd), (i / hd) % seq, i % hd);
+                v[r * hidden + h * hd + c]
+            })
+            .collect()
+    };
+    let (xh, yh) = (split(&x), split(&y));
+    // q k^T per head: [heads, seq, hd] x [heads, hd, seq].
+    let yt: Vec<f32> = (0..heads * hd * seq)
+        .map(|i| {
+            let (h, c, r) = (i / (hd * seq), (i / seq) % hd, i % seq);
+            yh[h * seq * hd + r * hd + c]
+        })
+        .collect();
+    let want = batched_f64(&xh, &yt, heads, seq, hd, seq);
+    let view = |v: &[f32]| {
+        let a = reshape(
+            &array(v, &[1, seq as i64, hidden as i64]),
+            &[1, seq as i64, heads as i64, hd as i64],
+            &s,
+        )
+        .unwrap();
+        transpose(&a, &[0, 2, 1, 3], &s).unwrap()
+    };
+    // Both operands strided views of the projections (read in place, b transposed).
+    let q = view(&x);
+    let kt = transpose(&view(&y), &[0, 1, 3, 2], &s).unwrap();
+    let got = matmul(&q, &kt, &s).unwrap();
+    assert_eq!(got.shape(), vec![1, heads as i64, seq as i64, seq as i64]);
+    assert_close(&read_f32(&got, &s), &want, "heads x transposed heads");
+    // Contiguous operands.
+    let got = matmul(
+        &array(&xh, &[heads as i64, seq as i64, hd as i64]),
+        &array(&yt, &[heads as i64, hd as i64, seq as i64]),
+        &s,
+    )
+    .unwrap();
+    assert_close(&read_f32(&got, &s), &want, "contiguous");
+    // probabilities [heads, seq, seq] x v heads (a strided view, not transposed).
+    let p: Vec<f32> = (0..heads * seq * seq)
+        .map(|i| ((i * 13) % 17) as f32 / 17.0)
+        .collect();
+    let got = matmul(
+        &array(&p, &[1, heads as i64, seq as i64, seq as i64]),
+        &view(&y),
+        &s,
+    )
+    .unwrap();
+    assert_close(
+        &read_f32(&got, &s),
+        &batched_f64(&p, &yh, heads, seq, seq, hd),
+        "probabilities x heads",
+    );
+    // Every other column of a wider array: neither layout, packed first.
+    let wide: Vec<f32> = (0..heads * seq * 2 * hd).map(|i| xh[i / 2]).collect();
+    let strided = slice(
+        &array(&wide, &[heads as i64, seq as i64, 2 * hd as i64]),
+        &[0, 0, 0],
+        &[heads as i64, seq as i64, 2 * hd as i64],
+        &[1, 1, 2],
+        &s,
+    )
+    .unwrap();
+    let got = matmul(
+        &strided,
+        &array(&yt, &[heads as i64, hd as i64, seq as i64]),
+        &s,
+    )
+    .unwrap();
+    assert_close(&read_f32(&got, &s), &want, "strided columns");
+    // A broadcast operand (stride 0 over the batch) and two batch axes.
+    let w: Vec<f32> = (0..hd * 3).map(|i| i as f32 / 10.0 - 1.0).collect();
+    let wb = broadcast_to(
+        &array(&w, &[1, 1, hd as i64, 3]),
+        &[2, heads as i64, hd as i64, 3],
+        &s,
+    )
+    .unwrap();
+    let xb: Vec<f32> = xh.iter().chain(yh.iter()).cloned().collect();
+    let got = matmul(
+        &array(&xb, &[2, heads as i64, seq as i64, hd as i64]),
+        &wb,
+        &s,
+    )
+    .unwrap();
+    let wrep: Vec<f32> = (0..2 * heads).flat_map(|_| w.iter().cloned()).collect();
+    assert_close(
+        &read_f32(&got, &s),
+        &batched_f64(&xb, &wrep, 2 * heads, seq, hd, 3),
+        "broadcast weights",
+    );
+    // Single rows and columns per item.
+    let got = matmul(
+        &array(&x[..heads * hd], &[heads as i64, 1, hd as i64]),
+        &array(&yt, &[heads as i64, hd as i64, seq as i64]),
+        &s,
+    )
+    .unwrap();
+    assert_close(
+        &read_f32(&got, &s),
+        &batched_f64(&x[..heads * hd], &yt, heads, 1, hd, seq),
+        "one row per item",
+    );
+}
+
 #[test]
 fn layer_norm_matches_f64_rows() {
     let s = cpu();
