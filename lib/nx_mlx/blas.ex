@@ -9,6 +9,15 @@ defmodule NxMlx.Blas do
   OpenBLAS 0.3.21, 188-198 with Debian 13's 0.3.29). `info/0` says which kernels run and
   warns when they are generic, or AVX2 ones on an AVX-512 CPU; `OPENBLAS_CORETYPE` (e.g.
   `SkylakeX`, `Haswell`) or a current OpenBLAS fixes it.
+
+  OpenBLAS's idle worker threads busy-wait, without yielding the core, for 2^28 TSC cycles
+  (about 0.1 s) after each threaded call. On a machine with few cores that takes a core from
+  everything that runs between two matmuls: on 2 vCPUs an attention block's element-wise
+  ops and softmax ran 2x slower while OpenBLAS spun, and a 1x128x768 encoder block 10-25%
+  slower. When the NIF loads it limits that spin to 2^16 cycles (tens of microseconds)
+  unless `OPENBLAS_THREAD_TIMEOUT` is set; `config :nx_mlx, blas_idle_spin: n` (4..30)
+  chooses another exponent and `false` keeps OpenBLAS's default. `info/0`'s `:idle_spin`
+  says which is in effect.
   """
 
   # OpenBLAS's x86-64 kernel sets (openblas_get_corename) by the widest vectors they use.
@@ -20,7 +29,9 @@ defmodule NxMlx.Blas do
   `:version` (OpenBLAS's, or `nil`), `:core` (the kernel set OpenBLAS runs, or `nil`),
   `:coretype_override` (`OPENBLAS_CORETYPE` when set), `:cpu` (`:avx512`, `:avx2` or
   `:other`, from `/proc/cpuinfo`; `:other` elsewhere) and `:warning` (a sentence when the
-  kernels are narrower than the CPU's vectors, else `nil`).
+  kernels are narrower than the CPU's vectors, else `nil`), `:idle_spin` (the exponent of
+  OpenBLAS's idle busy-wait in effect, 2^n cycles, 28 being its default; `nil` for other
+  libraries).
   """
   def info do
     build = NxMlx.build_info()
@@ -35,8 +46,20 @@ defmodule NxMlx.Blas do
       core: core,
       coretype_override: override,
       cpu: cpu,
-      warning: warning(core, cpu, override)
+      warning: warning(core, cpu, override),
+      idle_spin: idle_spin(build["blas_idle_spin"])
     }
+  end
+
+  # openblas_thread_timeout(): 0 when OpenBLAS runs its built-in default, 2^28 cycles.
+  defp idle_spin("0"), do: 28
+  defp idle_spin(nil), do: nil
+
+  defp idle_spin(text) do
+    case Integer.parse(text) do
+      {n, ""} when n > 0 -> n
+      _ -> nil
+    end
   end
 
   @doc false

@@ -21,7 +21,17 @@ defmodule NxMlx.Native do
     # environment before MLX starts.
     tf32 = if Application.get_env(:nx_mlx, :tf32, false), do: "1", else: "0"
 
-    case :erlang.load_nif(path, {nice, [{"MLX_ENABLE_TF32", tf32}]}) do
+    # OpenBLAS's idle threads busy-wait 2^28 cycles (about 0.1 s) after each threaded matmul,
+    # taking a core from the work between matmuls; the NIF limits that to 2^16 cycles
+    # (`config :nx_mlx, blas_idle_spin: n`, 4..30, or `false` to keep OpenBLAS's default; an
+    # OPENBLAS_THREAD_TIMEOUT in the environment wins). See NxMlx.Blas.
+    spin =
+      case Application.get_env(:nx_mlx, :blas_idle_spin, 16) do
+        n when is_integer(n) and n in 4..30 -> n
+        _ -> 0
+      end
+
+    case :erlang.load_nif(path, {nice, [{"MLX_ENABLE_TF32", tf32}], spin}) do
       :ok ->
         :ok
 

@@ -185,6 +185,30 @@ defmodule NxMlx.BuildTest do
       end
     end
 
+    test "OpenBLAS's idle busy-wait is limited at load unless OPENBLAS_THREAD_TIMEOUT is set" do
+      if NxMlx.Blas.info().library == "openblas" do
+        if System.get_env("OPENBLAS_THREAD_TIMEOUT") == nil do
+          assert NxMlx.Blas.info().idle_spin == 16
+        end
+
+        {out, 0} =
+          System.cmd("mix", ["nx_mlx.info", "--no-bench"],
+            env: [{"OPENBLAS_THREAD_TIMEOUT", "21"}, {"MIX_ENV", "test"}],
+            stderr_to_stdout: true
+          )
+
+        assert out =~ "blas_idle_spin: 21"
+
+        # Matmuls still thread after the restart of OpenBLAS's thread server.
+        # a[i, j] = j / 512, so every entry of a . ones is (0 + ... + 511) / 512 = 255.5.
+        a = Nx.iota({512, 512}, axis: 1, type: :f32, backend: NxMlx.Backend) |> Nx.divide(512)
+        got = Nx.dot(a, Nx.broadcast(Nx.tensor(1.0, backend: NxMlx.Backend), {512, 512}))
+        assert Nx.to_flat_list(got) |> Enum.uniq() == [255.5]
+      else
+        assert NxMlx.Blas.info().idle_spin == nil
+      end
+    end
+
     test "warnings: generic kernels on vector CPUs, AVX2 kernels on AVX-512 CPUs" do
       assert NxMlx.Blas.warning("Prescott", :avx2, nil) =~ "OPENBLAS_CORETYPE=Haswell"
       assert NxMlx.Blas.warning("Prescott", :avx512, nil) =~ "OPENBLAS_CORETYPE=SkylakeX"

@@ -13,6 +13,7 @@ defmodule Mix.Tasks.NxMlx.Info do
       blas_version: 0.3.29
       blas_core: Cooperlake
       blas_coretype_override: none
+      blas_idle_spin: 16
       cpu_vector_isa: avx512
       matmul_f32_1024_gflops: 195.2
 
@@ -21,7 +22,9 @@ defmodule Mix.Tasks.NxMlx.Info do
   `blas_core` are OpenBLAS's version and the kernel set it chose for this CPU (`none` for
   other libraries), `blas_coretype_override` the `OPENBLAS_CORETYPE` forcing it, if any;
   when that set is generic, or AVX2 on an AVX-512 CPU, a warning says how to change it (see
-  `NxMlx.Blas`). `matmul_f32_1024_gflops` is the median of 10 timed,
+  `NxMlx.Blas`). `blas_idle_spin` is the exponent of OpenBLAS's idle busy-wait after a
+  threaded call (2^n cycles; nx_mlx sets 16 unless configured, see `NxMlx.Blas`).
+  `matmul_f32_1024_gflops` is the median of 10 timed,
   evaluated 1024x1024 f32 matmuls on the CPU device.
 
   Options: `--no-bench` skips the timing.
@@ -46,6 +49,7 @@ defmodule Mix.Tasks.NxMlx.Info do
       blas_version: blas.version || "none",
       blas_core: blas.core || "none",
       blas_coretype_override: blas.coretype_override || "none",
+      blas_idle_spin: blas.idle_spin || "none",
       cpu_vector_isa: blas.cpu
     ]
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <cstring>
@@ -226,6 +227,43 @@ static rust::String blas_string(const char* name) {
 rust::String blas_config() { return blas_string("openblas_get_config"); }
 
 rust::String blas_core() { return blas_string("openblas_get_corename"); }
+
+// OpenBLAS's idle worker threads busy-wait (without yielding the core) for 2^timeout TSC
+// cycles after each threaded call before they sleep: 2^28 by default, about 0.1 s. On a
+// machine with few cores that spinning takes a core from everything MLX runs between two
+// matmuls (element-wise ops, our threaded kernels); a 1x128x768 encoder block ran 10-25%
+// faster at 2^16 on 2 vCPUs, and waking a sleeping worker costs microseconds against the
+// tens to thousands a threaded sgemm takes. OpenBLAS reads OPENBLAS_THREAD_TIMEOUT when it
+// loads (before this code runs), so the value is set, re-read (`openblas_read_env`) and
+// applied by restarting the thread server (`blas_thread_shutdown_`: it starts again on the
+// next threaded call, as after a fork); the environment is left as found. A value the user
+// set in OPENBLAS_THREAD_TIMEOUT wins. Returns the exponent in effect (0: OpenBLAS's
+// default), or -1 when the BLAS is not OpenBLAS or lacks these functions.
+int32_t blas_limit_idle_spin(int32_t exponent) {
+  using ReadEnv = void (*)();
+  using Shutdown = int (*)();
+  using Timeout = unsigned int (*)();
+  auto read_env = reinterpret_cast<ReadEnv>(blas_symbol("openblas_read_env"));
+  auto shutdown = reinterpret_cast<Shutdown>(blas_symbol("blas_thread_shutdown_"));
+  auto timeout = reinterpret_cast<Timeout>(blas_symbol("openblas_thread_timeout"));
+  if (read_env == nullptr || shutdown == nullptr || timeout == nullptr) {
+    return -1;
+  }
+  constexpr const char* kName = "OPENBLAS_THREAD_TIMEOUT";
+  if (std::getenv(kName) == nullptr && exponent >= 4 && exponent <= 30) {
+    setenv(kName, std::to_string(exponent).c_str(), 0);
+    read_env();
+    unsetenv(kName);
+    shutdown();
+  }
+  return static_cast<int32_t>(timeout());
+}
+
+int32_t blas_idle_spin() {
+  using Timeout = unsigned int (*)();
+  auto timeout = reinterpret_cast<Timeout>(blas_symbol("openblas_thread_timeout"));
+  return timeout == nullptr ? -1 : static_cast<int32_t>(timeout());
+}
 
 std::unique_ptr<array> from_bytes(
     rust::Slice<const uint8_t> data, rust::Slice<const int32_t> shape, Dtype dtype) {

@@ -45,6 +45,8 @@ rust::String library_path();
 rust::String blas_library_path();
 rust::String blas_config();
 rust::String blas_core();
+int32_t blas_limit_idle_spin(int32_t exponent);
+int32_t blas_idle_spin();
 
 std::unique_ptr<array> from_bytes(
     rust::Slice<const uint8_t> data, rust::Slice<const int32_t> shape, Dtype dtype);

@@ -162,6 +162,8 @@ pub(crate) mod bridge {
         fn blas_library_path() -> String;
         fn blas_config() -> String;
         fn blas_core() -> String;
+        fn blas_limit_idle_spin(exponent: i32) -> i32;
+        fn blas_idle_spin() -> i32;
 
         fn from_bytes(data: &[u8], shape: &[i32], dtype: Dtype) -> Result<UniquePtr<Array>>;
         fn clone_array(a: &Array) -> UniquePtr<Array>;

@@ -76,6 +76,22 @@ pub fn blas_core() -> String {
     bridge::blas_core()
 }
 
+/// Limits how long OpenBLAS's idle worker threads busy-wait after a threaded call to
+/// `2^exponent` TSC cycles (4..=30; OpenBLAS's default is 2^28, about 0.1 s, which takes a
+/// core from the work between two matmuls on small machines), unless the user set
+/// `OPENBLAS_THREAD_TIMEOUT`. Call it before work is submitted: it restarts OpenBLAS's thread
+/// server. Returns the exponent in effect (0: OpenBLAS's default), or -1 when the BLAS is
+/// not OpenBLAS.
+pub fn blas_limit_idle_spin(exponent: i32) -> i32 {
+    bridge::blas_limit_idle_spin(exponent)
+}
+
+/// The exponent of OpenBLAS's idle busy-wait in effect (`2^n` TSC cycles; 0: its default,
+/// 2^28), or -1 when the BLAS is not OpenBLAS.
+pub fn blas_idle_spin() -> i32 {
+    bridge::blas_idle_spin()
+}
+
 /// The BLAS the crate was linked for: `"openblas"`, `"reference"` or `"system"`.
 pub const LINKED_BLAS: &str = env!("MLX_BIND_BLAS");
 

@@ -828,6 +828,9 @@ fn mlp_suite(set: &Settings, device: DeviceKind, s: &Stream) -> Result<()> {
 }
 
 fn main() {
+    // As the NIF does when it loads (NxMlx.Blas): OpenBLAS's idle threads spin 2^16 cycles,
+    // not 2^28, so both sides of a comparison run the same BLAS settings.
+    mlx_bind::blas_limit_idle_spin(16);
     let mut device = DeviceKind::Cpu;
     let mut quick = false;
     let mut serve_mode = false;

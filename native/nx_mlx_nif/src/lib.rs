@@ -26,12 +26,16 @@ pub mod worker;
 /// set here in the C environment before any MLX work starts (`os:putenv` does not reach a
 /// library's `getenv`).
 fn load(_env: rustler::Env, info: rustler::Term) -> bool {
-    if let Ok((nice, vars)) = info.decode::<(i32, Vec<(String, String)>)>() {
+    if let Ok((nice, vars, spin)) = info.decode::<(i32, Vec<(String, String)>, i32)>() {
         worker::set_nice(nice);
         for (key, value) in vars {
             if std::env::var_os(&key).is_none() {
                 std::env::set_var(key, value);
             }
+        }
+        // Before any work: it restarts OpenBLAS's thread server (0: keep its default).
+        if spin > 0 {
+            mlx_bind::blas_limit_idle_spin(spin);
         }
     }
     runtime::on_load();

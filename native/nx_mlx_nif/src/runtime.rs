@@ -170,6 +170,10 @@ fn build_info() -> HashMap<String, String> {
         ("blas_config".to_string(), mlx_bind::blas_config()),
         ("blas_core".to_string(), mlx_bind::blas_core()),
         (
+            "blas_idle_spin".to_string(),
+            mlx_bind::blas_idle_spin().to_string(),
+        ),
+        (
             "variant".to_string(),
             env!("NX_MLX_BUILD_VARIANT").to_string(),
         ),
