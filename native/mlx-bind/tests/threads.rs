@@ -146,3 +146,37 @@ fn scanning_a_graph_lists_what_evaluation_would_compute() {
     c.eval().unwrap();
     assert!(scan_graph(&[&c]).pending.is_empty());
 }
+
+#[test]
+fn threaded_kernels_on_several_streams_at_once_give_the_serial_results() {
+    // Four streams, each on its own thread, run threaded kernels (exp, softmax: large enough
+    // to be split over the worker pool) at the same time, many times; every result equals
+    // the one computed alone first.
+    let n = 1usize << 18;
+    let xs: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 4001) as f32 / 400.0 - 5.0)
+        .collect();
+    let bytes: Vec<u8> = xs.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let compute = |s: &Stream| -> (Vec<u8>, Vec<u8>) {
+        let a = Array::from_bytes(&bytes, &[512, (n / 512) as i64], Dtype::F32).unwrap();
+        let e = unary(UnaryOp::Exp, &a, s).unwrap();
+        let p = softmax(&a, &[1], false, s).unwrap();
+        (e.to_bytes(s).unwrap(), p.to_bytes(s).unwrap())
+    };
+    let want = compute(&Stream::new(DeviceKind::Cpu).unwrap());
+    thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    let s = Stream::new(DeviceKind::Cpu).unwrap();
+                    for _ in 0..25 {
+                        assert!(compute(&s) == want);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    });
+}
