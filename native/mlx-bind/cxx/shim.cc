@@ -235,18 +235,19 @@ rust::String blas_core() { return blas_string("openblas_get_corename"); }
 // faster at 2^16 on 2 vCPUs, and waking a sleeping worker costs microseconds against the
 // tens to thousands a threaded sgemm takes. OpenBLAS reads OPENBLAS_THREAD_TIMEOUT when it
 // loads (before this code runs), so the value is set, re-read (`openblas_read_env`) and
-// applied by restarting the thread server (`blas_thread_shutdown_`: it starts again on the
-// next threaded call, as after a fork); the environment is left as found. A value the user
+// applied by restarting the thread server (`blas_thread_shutdown_`, `blas_thread_init`);
+// the environment is left as found. A value the user
 // set in OPENBLAS_THREAD_TIMEOUT wins. Returns the exponent in effect (0: OpenBLAS's
 // default), or -1 when the BLAS is not OpenBLAS or lacks these functions.
 int32_t blas_limit_idle_spin(int32_t exponent) {
   using ReadEnv = void (*)();
-  using Shutdown = int (*)();
+  using Server = int (*)();
   using Timeout = unsigned int (*)();
   auto read_env = reinterpret_cast<ReadEnv>(blas_symbol("openblas_read_env"));
-  auto shutdown = reinterpret_cast<Shutdown>(blas_symbol("blas_thread_shutdown_"));
+  auto shutdown = reinterpret_cast<Server>(blas_symbol("blas_thread_shutdown_"));
+  auto init = reinterpret_cast<Server>(blas_symbol("blas_thread_init"));
   auto timeout = reinterpret_cast<Timeout>(blas_symbol("openblas_thread_timeout"));
-  if (read_env == nullptr || shutdown == nullptr || timeout == nullptr) {
+  if (read_env == nullptr || shutdown == nullptr || init == nullptr || timeout == nullptr) {
     return -1;
   }
   constexpr const char* kName = "OPENBLAS_THREAD_TIMEOUT";
@@ -255,6 +256,11 @@ int32_t blas_limit_idle_spin(int32_t exponent) {
     read_env();
     unsetenv(kName);
     shutdown();
+    // Started again here, not lazily by the first threaded call: threads inherit the
+    // priority of the thread that starts them, and the stream threads that make those
+    // calls run at a low one (the NIF's worker_nice, SCHED_BATCH), where the BEAM's
+    // schedulers starve them (a 1024^2 sgemm at half speed).
+    init();
   }
   return static_cast<int32_t>(timeout());
 }
