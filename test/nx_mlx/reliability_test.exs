@@ -85,6 +85,59 @@ defmodule NxMlx.ReliabilityTest do
       assert read(y) == for(v <- [2.0, 8.0, 14.0], into: <<>>, do: <<v::float-32-native>>)
     end
 
+    test "rms_norm, rope and attention called directly refuse what they cannot take" do
+      f = Nx.iota({2, 3, 4, 8}, type: :f32, backend: @b)
+      i = Nx.iota({2, 3, 4, 8}, type: :s32, backend: @b)
+      w8 = Nx.iota({8}, type: :f32, backend: @b).data.ref
+      w5 = Nx.iota({5}, type: :f32, backend: @b).data.ref
+      zero = Nx.tensor(0, backend: @b).data.ref
+      half = Nx.tensor(0.5, backend: @b).data.ref
+
+      # rms_norm: a weight of another size, an integer input, a negative or non-float eps.
+      assert {:error, {:argument, _}} = Native.rms_norm(worker(), f.data.ref, w5, 1.0e-5)
+      assert {:error, {:argument, _}} = Native.rms_norm(worker(), i.data.ref, w8, 1.0e-5)
+      assert {:error, {:argument, _}} = Native.rms_norm(worker(), f.data.ref, w8, -1.0)
+      assert {:error, {:argument, _}} = Native.rms_norm(worker(), f.data.ref, w8, :eps)
+      assert {:ok, _} = Native.rms_norm(worker(), f.data.ref, w8, 1.0e-5)
+
+      # rope: odd, zero or too many dims, a float offset, offsets of the wrong count,
+      # frequencies of the wrong size, too few inputs, a rank-2 input.
+      for dims <- [3, 0, 10, -2] do
+        assert {:error, {:argument, _}} =
+                 Native.rope(worker(), [f.data.ref, zero], dims, false, 1.0e4, 1.0)
+      end
+
+      assert {:error, {:argument, _}} =
+               Native.rope(worker(), [f.data.ref, half], 8, false, 1.0e4, 1.0)
+
+      three = Nx.tensor([1, 2, 3], backend: @b).data.ref
+
+      assert {:error, {:argument, _}} =
+               Native.rope(worker(), [f.data.ref, three], 8, false, 1.0e4, 1.0)
+
+      assert {:error, {:argument, _}} =
+               Native.rope(worker(), [f.data.ref, zero, w8], 8, false, 1.0e4, 1.0)
+
+      assert {:error, {:argument, _}} = Native.rope(worker(), [f.data.ref], 8, false, 1.0e4, 1.0)
+      flat = Nx.iota({4, 8}, type: :f32, backend: @b).data.ref
+      assert {:error, {:argument, _}} = Native.rope(worker(), [flat, zero], 8, false, 1.0e4, 1.0)
+      assert {:ok, _} = Native.rope(worker(), [f.data.ref, zero], 8, true, 1.0e4, 1.0)
+
+      # attention: a mask mode out of range or without its array, heads that do not divide,
+      # mismatched head dims, rank-3 inputs.
+      q = f.data.ref
+      assert {:error, {:argument, _}} = Native.attention(worker(), [q, q, q], 1.0, 3, false)
+      assert {:error, {:argument, _}} = Native.attention(worker(), [q, q, q], 1.0, 2, false)
+      assert {:error, {:argument, _}} = Native.attention(worker(), [q, q, q], 1.0, 0, true)
+      k2 = Nx.iota({2, 2, 4, 8}, type: :f32, backend: @b).data.ref
+      assert {:error, {:argument, _}} = Native.attention(worker(), [q, k2, k2], 1.0, 0, false)
+      k4 = Nx.iota({2, 3, 4, 4}, type: :f32, backend: @b).data.ref
+      assert {:error, {:argument, _}} = Native.attention(worker(), [q, k4, k4], 1.0, 0, false)
+      r3 = Nx.iota({3, 4, 8}, type: :f32, backend: @b).data.ref
+      assert {:error, {:argument, _}} = Native.attention(worker(), [r3, r3, r3], 1.0, 1, false)
+      assert {:ok, _} = Native.attention(worker(), [q, q, q], 1.0, 1, false)
+    end
+
     test "conv with feature groups below 1 raises" do
       x = Nx.iota({1, 2, 4}, type: :f32, backend: @b)
       k = Nx.iota({2, 2, 2}, type: :f32, backend: @b)

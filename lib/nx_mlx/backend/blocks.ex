@@ -16,8 +16,6 @@ defmodule NxMlx.Backend.Blocks do
 
   ## Block
 
-  # Native kernels  ## Block
-
   # Native kernels for the Nx.Block structs MLX serves; every other block runs its default
   # function (made of backend callbacks).
   @linalg_blocks Map.new(
@@ -178,6 +176,106 @@ defmodule NxMlx.Backend.Blocks do
          linalg_native?(struct, output, args),
        do: linalg_block(struct, output, args),
        else: default_block(struct, args, fun)
+  end
+
+  # NxMlx.Fast: MLX's fused kernels where they compute what the default function does, for
+  # inputs of one float type (f32, f16, bf16: MLX's norm kernels compute in f32, so f64 runs
+  # the default); the rest (log-softmax, tanh GELU, SwiGLU, softcap) have no MLX kernel and
+  # run their default function (fused by the compiler's fusion lane on the GPU).
+  def block(%NxMlx.Fast.RMSNorm{eps: eps} = s, out, [x | rest] = args, fun) do
+    if fast_float?(out, args) do
+      device = op_device(args)
+      op = op_fn(device, :rms_norm, args)
+      w = fast_vector(rest, 1.0, x, device, op)
+      wrap(out, op.(:rms_norm, [ref!(x, device), w, eps]), device)
+    else
+      default_block(s, args, fun)
+    end
+  end
+
+  def block(%NxMlx.Fast.LayerNorm{eps: eps} = s, out, [x | rest] = args, fun) do
+    if fast_float?(out, args) do
+      device = op_device(args)
+      op = op_fn(device, :layer_norm, args)
+      {w, b} = if s.weight?, do: {Enum.take(rest, 1), Enum.drop(rest, 1)}, else: {[], rest}
+      g = fast_vector(w, 1.0, x, device, op)
+      b = fast_vector(b, 0.0, x, device, op)
+      wrap(out, op.(:layer_norm, [ref!(x, device), g, b, eps]), device)
+    else
+      default_block(s, args, fun)
+    end
+  end
+
+  def block(
+        %NxMlx.Fast.Softmax{axis: axis, log?: false},
+        %T{type: type} = out,
+        [%T{type: type} = x],
+        _fun
+      )
+      when elem(type, 0) in [:f, :bf] do
+    softmax(out, x, [axis])
+  end
+
+  def block(
+        %NxMlx.Fast.Gelu{approximate: :none} = s,
+        %T{type: type} = out,
+        [%T{type: type} = x],
+        fun
+      ) do
+    if gelu_faster?(op_device([x]), x), do: gelu(out, x), else: default_block(s, [x], fun)
+  end
+
+  def block(%NxMlx.Fast.Rope{} = s, out, [x | rest] = args, fun) do
+    if fast_float?(out, [x]) do
+      device = op_device(args)
+      op = op_fn(device, :rope, args)
+
+      {offset, freqs} =
+        case {s.offset, rest} do
+          {:tensor, [o | f]} -> {ref_as(o, {:s, 32}, device), f}
+          {n, f} -> {op.(:full, [[], n / 1, Types.to_mlx({:s, 32})]), f}
+        end
+
+      freqs = Enum.map(freqs, &ref!(&1, device))
+      base = s.base
+
+      wrap(
+        out,
+        op.(:rope, [[ref!(x, device), offset | freqs], s.dims, s.traditional, base, s.scale]),
+        device
+      )
+    else
+      default_block(s, args, fun)
+    end
+  end
+
+  def block(%NxMlx.Fast.Attention{} = s, %T{type: type} = out, [q, k, v | rest] = args, fun) do
+    if fast_float?(out, [q, k, v]) do
+      device = op_device(args)
+      op = op_fn(device, :attention, args)
+      {mask, sinks} = if s.mask, do: {Enum.take(rest, 1), Enum.drop(rest, 1)}, else: {[], rest}
+
+      mask =
+        case {s.mask, mask} do
+          {:boolean, [m]} -> [op.(:astype, [ref!(m, device), :bool])]
+          {:additive, [m]} -> [ref_as(m, type, device)]
+          _ -> []
+        end
+
+      sinks = Enum.map(sinks, &ref_as(&1, type, device))
+
+      mode =
+        cond do
+          s.causal -> 1
+          s.mask -> 2
+          true -> 0
+        end
+
+      refs = [ref!(q, device), ref!(k, device), ref!(v, device)] ++ mask ++ sinks
+      wrap(out, op.(:attention, [refs, s.scale, mode, s.sinks?]), device)
+    else
+      default_block(s, args, fun)
+    end
   end
 
   def block(struct, _output, args, fun), do: default_block(struct, args, fun)
@@ -369,4 +467,16 @@ defmodule NxMlx.Backend.Blocks do
 
   defp zeros(dims), do: List.duplicate(0, length(dims))
   defp ones(dims), do: List.duplicate(1, length(dims))
+
+  # NxMlx.Fast's native kernels: every tensor (and the output) of one f32, f16 or bf16 type.
+  defp fast_float?(%T{type: type}, tensors) do
+    type in [{:f, 32}, {:f, 16}, {:bf, 16}] and Enum.all?(tensors, &(&1.type == type))
+  end
+
+  # The given vector's ref, or one of the last axis's size filled with `value`.
+  defp fast_vector([%T{} = t], _value, _x, device, _op), do: ref!(t, device)
+
+  defp fast_vector([], value, %T{shape: shape, type: type}, _device, op) do
+    op.(:full, [[elem(shape, tuple_size(shape) - 1)], value, Types.to_mlx(type)])
+  end
 end

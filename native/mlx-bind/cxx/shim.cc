@@ -778,6 +778,75 @@ std::unique_ptr<array> layer_norm(
   return boxed(mx::fast::layer_norm(x, g, b, static_cast<float>(eps), st));
 }
 
+std::unique_ptr<array> rms_norm(const array& x, const array& w, double eps, StreamRef s) {
+  if (x.ndim() < 1 || x.shape(-1) < 1 || w.ndim() != 1 || w.shape(0) != x.shape(-1) ||
+      !mx::issubdtype(x.dtype(), mx::floating) || !mx::issubdtype(w.dtype(), mx::floating) ||
+      !(eps >= 0)) {
+    throw std::invalid_argument(
+        "rms_norm takes a float array, a float weight vector of its last axis's size, and "
+        "eps >= 0");
+  }
+  return boxed(mx::fast::rms_norm(x, w, static_cast<float>(eps), to_mx(s)));
+}
+
+// inputs: x, the offset (an integer scalar or one per batch entry), and optionally the
+// frequencies (then `base` is unused).
+std::unique_ptr<array> rope(const ArrayList& inputs, int32_t dims, bool traditional, double base,
+                            double scale, StreamRef s) {
+  const auto& in = inputs.arrays;
+  if (in.size() != 2 && in.size() != 3) {
+    throw std::invalid_argument("rope takes x, an offset and optionally frequencies");
+  }
+  const auto& x = in[0];
+  if (x.ndim() < 3 || !mx::issubdtype(x.dtype(), mx::floating) || dims < 2 || dims % 2 != 0 ||
+      dims > x.shape(-1) || in[1].ndim() > 1 || !mx::issubdtype(in[1].dtype(), mx::integer) ||
+      (in[1].size() != 1 && in[1].size() != static_cast<size_t>(x.shape(0)))) {
+    throw std::invalid_argument(
+        "rope takes a float array of rank 3 or more, an even dims within its last axis, and an "
+        "integer offset (a scalar or one per batch entry)");
+  }
+  std::optional<mx::array> freqs;
+  std::optional<float> b = static_cast<float>(base);
+  if (in.size() == 3) {
+    if (in[2].ndim() != 1 || in[2].shape(0) != dims / 2) {
+      throw std::invalid_argument("rope: the frequencies must have dims / 2 values");
+    }
+    freqs = in[2];
+    b = std::nullopt;
+  }
+  return boxed(mx::fast::rope(x, dims, traditional, b, static_cast<float>(scale), in[1], freqs,
+                              to_mx(s)));
+}
+
+// inputs: q, k, v, then the mask when `mask` is 2 (an array: boolean or additive), then the
+// sinks when `sinks`. `mask`: 0 none, 1 causal, 2 an array.
+std::unique_ptr<array> attention(const ArrayList& inputs, double scale, uint8_t mask,
+                                 bool sinks, StreamRef s) {
+  const auto& in = inputs.arrays;
+  const size_t want = 3 + (mask == 2 ? 1 : 0) + (sinks ? 1 : 0);
+  if (mask > 2 || in.size() != want) {
+    throw std::invalid_argument(
+        "attention takes q, k, v, a mask when the mask mode is an array, and sinks when asked");
+  }
+  for (size_t i = 0; i < 3; ++i) {
+    if (in[i].ndim() != 4) {
+      throw std::invalid_argument("attention takes q, k and v of rank 4");
+    }
+  }
+  std::optional<mx::array> mask_arr;
+  if (mask == 2) {
+    mask_arr = in[3];
+  }
+  std::optional<mx::array> sinks_arr;
+  if (sinks) {
+    sinks_arr = in.back();
+  }
+  const std::string mode = mask == 1 ? "causal" : "";
+  return boxed(mx::fast::scaled_dot_product_attention(in[0], in[1], in[2],
+                                                      static_cast<float>(scale), mode, mask_arr,
+                                                      sinks_arr, false, to_mx(s)));
+}
+
 std::unique_ptr<array> broadcast_to(const array& a, rust::Slice<const int32_t> shape, StreamRef s) {
   return boxed(mx::broadcast_to(a, to_shape(shape), to_mx(s)));
 }

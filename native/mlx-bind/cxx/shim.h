@@ -102,6 +102,11 @@ std::unique_ptr<array> broadcast_to(const array& a, rust::Slice<const int32_t> s
 std::unique_ptr<array> matmul(const array& a, const array& b, StreamRef s);
 std::unique_ptr<array> linalg_inv(const array& a, StreamRef s);
 std::unique_ptr<array> concatenate(const ArrayList& list, int32_t axis, StreamRef s);
+std::unique_ptr<array> rms_norm(const array& x, const array& w, double eps, StreamRef s);
+std::unique_ptr<array> rope(const ArrayList& inputs, int32_t dims, bool traditional, double base,
+                            double scale, StreamRef s);
+std::unique_ptr<array> attention(const ArrayList& inputs, double scale, uint8_t mask,
+                                 bool sinks, StreamRef s);
 std::unique_ptr<array> slice(
     const array& a,
     rust::Slice<const int32_t> start,

@@ -237,6 +237,22 @@ pub(crate) mod bridge {
             eps: f64,
             s: StreamRef,
         ) -> Result<UniquePtr<Array>>;
+        fn rms_norm(x: &Array, w: &Array, eps: f64, s: StreamRef) -> Result<UniquePtr<Array>>;
+        fn rope(
+            inputs: &ArrayList,
+            dims: i32,
+            traditional: bool,
+            base: f64,
+            scale: f64,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+        fn attention(
+            inputs: &ArrayList,
+            scale: f64,
+            mask: u8,
+            sinks: bool,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
         fn broadcast_to(a: &Array, shape: &[i32], s: StreamRef) -> Result<UniquePtr<Array>>;
         fn matmul(a: &Array, b: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
         fn linalg_inv(a: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;

@@ -452,6 +452,64 @@ pub fn layer_norm(x: &Array, g: &Array, b: &Array, eps: f64, s: &Stream) -> Resu
     ))
 }
 
+/// RMS norm over the last axis of `x`: `x / sqrt(mean(x^2) + eps) * w` (MLX's fused kernel
+/// where the device has one), `w` of the last axis's size.
+pub fn rms_norm(x: &Array, w: &Array, eps: f64, s: &Stream) -> Result<Array> {
+    wrap(bridge::rms_norm(x.inner(), w.inner(), eps, s.0))
+}
+
+/// Rotary embeddings (MLX's `fast::rope`) of the first `dims` features of `x`'s last axis,
+/// positions along the second-to-last: `inputs` is `[x, offset]` (an integer scalar or one
+/// per batch entry) with frequencies `base^(-2i / dims)`, or `[x, offset, freqs]` with
+/// angles `position / freqs[i]`. Positions are multiplied by `scale`.
+pub fn rope(
+    inputs: &[&Array],
+    dims: i64,
+    traditional: bool,
+    base: f64,
+    scale: f64,
+    s: &Stream,
+) -> Result<Array> {
+    let dims = check_axes(&[dims])?[0];
+    wrap(bridge::rope(
+        &list_of(inputs),
+        dims,
+        traditional,
+        base,
+        scale,
+        s.0,
+    ))
+}
+
+/// How `attention` masks its scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionMask {
+    None = 0,
+    /// Query row `i` sees keys up to `i + kv_len - q_len`.
+    Causal = 1,
+    /// An array after k and v in the inputs: boolean (true keeps) or additive.
+    Array = 2,
+}
+
+/// Scaled dot-product attention (MLX's `fast::scaled_dot_product_attention`): `inputs` is
+/// `[q, k, v]`, then the mask array for [`AttentionMask::Array`], then the sinks (one logit
+/// per query head) when `sinks`.
+pub fn attention(
+    inputs: &[&Array],
+    scale: f64,
+    mask: AttentionMask,
+    sinks: bool,
+    s: &Stream,
+) -> Result<Array> {
+    wrap(bridge::attention(
+        &list_of(inputs),
+        scale,
+        mask as u8,
+        sinks,
+        s.0,
+    ))
+}
+
 pub fn broadcast_to(a: &Array, shape: &[i64], s: &Stream) -> Result<Array> {
     let shape = check_shape(shape)?;
     wrap(bridge::broadcast_to(a.inner(), &shape, s.0))

@@ -8,7 +8,8 @@
 //! reads array resources, a program reads register numbers.
 
 use mlx_bind::{
-    Array, BinaryOp, ConvOpts, Decomposition, Dtype, FftKind, ReduceOp, ScanOp, Stream, UnaryOp,
+    Array, AttentionMask, BinaryOp, ConvOpts, Decomposition, Dtype, FftKind, ReduceOp, ScanOp,
+    Stream, UnaryOp,
 };
 use rustler::Term;
 
@@ -41,6 +42,18 @@ pub enum Op {
     Transpose(Vec<i64>),
     Reverse(i64),
     LayerNorm(f64),
+    RmsNorm(f64),
+    Rope {
+        dims: i64,
+        traditional: bool,
+        base: f64,
+        scale: f64,
+    },
+    Attention {
+        scale: f64,
+        mask: AttentionMask,
+        sinks: bool,
+    },
     BroadcastTo(Vec<i64>),
     Matmul,
     Inv,
@@ -238,6 +251,41 @@ pub fn decode<'a>(name: &str, args: &[Term<'a>]) -> NifResult<Decoded<'a>> {
         "layer_norm" => (
             Op::LayerNorm(a.get(3, "eps")?),
             vec![a.term(0)?, a.term(1)?, a.term(2)?],
+            4,
+        ),
+        "rms_norm" => (
+            Op::RmsNorm(a.get(2, "eps")?),
+            vec![a.term(0)?, a.term(1)?],
+            3,
+        ),
+        // [x, offset] or [x, offset, freqs].
+        "rope" => (
+            Op::Rope {
+                dims: a.get(1, "dims")?,
+                traditional: a.get(2, "traditional")?,
+                base: a.get(3, "base")?,
+                scale: a.get(4, "scale")?,
+            },
+            a.list(0)?,
+            5,
+        ),
+        // [q, k, v], then the mask (mask 2), then the sinks.
+        "attention" => (
+            Op::Attention {
+                scale: a.get(1, "scale")?,
+                mask: match a.get::<u8>(2, "mask mode")? {
+                    0 => AttentionMask::None,
+                    1 => AttentionMask::Causal,
+                    2 => AttentionMask::Array,
+                    m => {
+                        return Err(NifError::Argument(format!(
+                            "attention: the mask mode is 0, 1 or 2, got {m}"
+                        )))
+                    }
+                },
+                sinks: a.get(3, "sinks")?,
+            },
+            a.list(0)?,
             4,
         ),
         "broadcast_to" => (Op::BroadcastTo(a.get(1, "shape")?), one(0)?, 2),
@@ -472,7 +520,11 @@ impl Op {
     fn operand_count(&self) -> Option<usize> {
         Some(match self {
             Op::Full { .. } | Op::Arange { .. } => 0,
-            Op::Concatenate(_) | Op::Gather { .. } | Op::Scatter { .. } => return None,
+            Op::Concatenate(_)
+            | Op::Gather { .. }
+            | Op::Scatter { .. }
+            | Op::Rope { .. }
+            | Op::Attention { .. } => return None,
             Op::Binary(_)
             | Op::Matmul
             | Op::SliceDynamic { .. }
@@ -482,7 +534,8 @@ impl Op {
             | Op::TakeAlongAxis(_)
             | Op::Conv(_)
             | Op::Linalg { .. }
-            | Op::Tensordot { .. } => 2,
+            | Op::Tensordot { .. }
+            | Op::RmsNorm(_) => 2,
             Op::Select | Op::SliceUpdateDynamic(_) | Op::PutAlongAxis(_) | Op::LayerNorm(_) => 3,
             _ => 1,
         })
@@ -528,6 +581,14 @@ impl Op {
             Op::Transpose(axes) => m::transpose(x[0], axes, s),
             Op::Reverse(axis) => m::reverse(x[0], *axis, s),
             Op::LayerNorm(eps) => m::layer_norm(x[0], x[1], x[2], *eps, s),
+            Op::RmsNorm(eps) => m::rms_norm(x[0], x[1], *eps, s),
+            Op::Rope {
+                dims,
+                traditional,
+                base,
+                scale,
+            } => m::rope(x, *dims, *traditional, *base, *scale, s),
+            Op::Attention { scale, mask, sinks } => m::attention(x, *scale, *mask, *sinks, s),
             Op::BroadcastTo(shape) => m::broadcast_to(x[0], shape, s),
             Op::Matmul => m::matmul(x[0], x[1], s),
             Op::Inv => m::inv(x[0], s),
