@@ -39,7 +39,7 @@ alias Bench.{Harness, Plot, Suites}
   unfused
 )
 
-all_suites = ~w(dispatch matmul elementwise transformer mlp)
+all_suites = ~w(dispatch matmul elementwise transformer mlp fast)
 extra_suites = ~w(soak)
 
 {opts, suites, invalid} =
@@ -179,16 +179,21 @@ raw_bin =
        path
      end).()
 
-raw_suites = suites
+# The raw bench has no fast suite (its reference is the composed form, run on NxMlx).
+raw_suites = suites -- ["fast"]
 
-# The raw bench computes with the TF32 setting NxMlx runs with.
+# The raw bench computes with the TF32 setting NxMlx runs with (given no suite it runs all).
 {raw_out, raw_status} =
-  System.cmd(
-    raw_bin,
-    ["--device", Atom.to_string(device)] ++ if(quick?, do: ["--quick"], else: []) ++ raw_suites,
-    stderr_to_stdout: true,
-    env: [{"MLX_ENABLE_TF32", tf32}]
-  )
+  if raw_suites == [] do
+    {"", 0}
+  else
+    System.cmd(
+      raw_bin,
+      ["--device", Atom.to_string(device)] ++ if(quick?, do: ["--quick"], else: []) ++ raw_suites,
+      stderr_to_stdout: true,
+      env: [{"MLX_ENABLE_TF32", tf32}]
+    )
+  end
 
 if raw_status != 0, do: raise("mlx_raw_bench failed (#{raw_status}):\n#{raw_out}")
 raw_keys = Harness.parse_keys(raw_out)
@@ -235,6 +240,11 @@ suite_of = fn
   "transformer_" <> _ -> "transformer"
   "encoder12_" <> _ -> "transformer"
   "mlp4_" <> _ -> "mlp"
+  "rms_norm_" <> _ -> "fast"
+  "layer_norm_" <> _ -> "fast"
+  "rope_" <> _ -> "fast"
+  "sdpa_" <> _ -> "fast"
+  "softmax_" <> rest -> if String.contains?(rest, "x"), do: "fast", else: "elementwise"
   name when name in ~w(dispatch readback jit_call jit_lookup replay_op while_iter) -> "dispatch"
   name -> if String.match?(name, ~r/^(add|exp|sum|softmax|gelu)_/), do: "elementwise", else: nil
 end
@@ -291,6 +301,7 @@ all_rows =
         "elementwise" -> Suites.elementwise(settings, backend, device)
         "transformer" -> Suites.transformer(settings, backend, device)
         "mlp" -> Suites.mlp(settings, backend, device)
+        "fast" -> Suites.fast(settings, backend, device)
       end
 
     refs =

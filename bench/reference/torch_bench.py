@@ -234,7 +234,40 @@ def blas(s, device):
         emit(f"blas.{name}", measure(s, device, lambda: a @ b), 2 * batch * m * k * n, "gflops")
 
 
-SUITES = {"dispatch": dispatch, "matmul": matmul, "elementwise": elementwise, "transformer": transformer, "mlp": mlp, "blas": blas}
+def fast(s, device):
+    """NxMlx.Fast's cases with PyTorch's fused ops (rope: the composed form PyTorch models use)."""
+    if device.type == "cuda":
+        dtype, bsz, seq = torch.bfloat16, 8, 512
+    else:
+        dtype, bsz, seq = torch.float32, 1, 128
+    t = NAMES[dtype]
+    hd = HIDDEN // HEADS
+    x = uniform((bsz, seq, HIDDEN), dtype, 70, 1.0, device)
+    w = uniform((HIDDEN,), dtype, 71, 1.0, device)
+    b = uniform((HIDDEN,), dtype, 72, 1.0, device)
+    q = uniform((bsz, HEADS, seq, hd), dtype, 73, 1.0, device)
+    k = uniform((bsz, HEADS, seq, hd), dtype, 74, 1.0, device)
+    v = uniform((bsz, HEADS, seq, hd), dtype, 75, 1.0, device)
+    scores = uniform((bsz, HEADS, seq, seq), dtype, 76, 4.0, device)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
+    theta = torch.arange(seq, device=device, dtype=torch.float32)[:, None] * inv
+    cos, sin = theta.cos().to(dtype), theta.sin().to(dtype)
+
+    def rope():
+        x1, x2 = q[..., : hd // 2], q[..., hd // 2 :]
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+    shape = f"{bsz}x{seq}x{HIDDEN}_{t}"
+    heads = f"{bsz}x{HEADS}x{seq}x{hd}_{t}"
+    with torch.no_grad():
+        emit(f"rms_norm_{shape}", measure(s, device, lambda: F.rms_norm(x, (HIDDEN,), w, eps=1e-5)))
+        emit(f"layer_norm_{shape}", measure(s, device, lambda: F.layer_norm(x, (HIDDEN,), w, b, eps=1e-5)))
+        emit(f"softmax_{bsz}x{HEADS}x{seq}x{seq}_{t}", measure(s, device, lambda: torch.softmax(scores, dim=-1)))
+        emit(f"rope_{heads}", measure(s, device, rope))
+        emit(f"sdpa_causal_{heads}", measure(s, device, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+
+
+SUITES = {"dispatch": dispatch, "matmul": matmul, "elementwise": elementwise, "transformer": transformer, "mlp": mlp, "blas": blas, "fast": fast}
 
 
 def main():

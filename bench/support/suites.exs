@@ -358,6 +358,71 @@ defmodule Bench.Suites do
     Nx.divide(e, Nx.sum(e, axes: [-1], keep_axes: true))
   end
 
+  ## fast: NxMlx.Fast's kernels (impl nx_mlx) against their default functions compiled on
+  ## NxMlx (impl composed) and PyTorch's fused equivalents
+
+  @doc """
+  The fast suite's cases as `{name, fun, default, args}`: `fun` the NxMlx.Fast call, `default`
+  the same computation as its plain-Nx default function (the composed ops).
+  """
+  def fast_cases(backend, device) do
+    {type, batch, seq} = if device == :gpu, do: {{:bf, 16}, 8, 512}, else: {{:f, 32}, 1, 128}
+    {hidden, heads} = {768, 12}
+    t = type_name(type)
+    x = uniform({batch, seq, hidden}, type, 70, 1.0, backend)
+    w = uniform({hidden}, type, 71, 1.0, backend)
+    b = uniform({hidden}, type, 72, 1.0, backend)
+    hd = div(hidden, heads)
+    q = uniform({batch, heads, seq, hd}, type, 73, 1.0, backend)
+    k = uniform({batch, heads, seq, hd}, type, 74, 1.0, backend)
+    v = uniform({batch, heads, seq, hd}, type, 75, 1.0, backend)
+    scores = uniform({batch, heads, seq, seq}, type, 76, 4.0, backend)
+    rows = "#{batch}x#{seq}x#{hidden}_#{t}"
+    per_head = "#{batch}x#{heads}x#{seq}x#{hd}_#{t}"
+    sm = "#{batch}x#{heads}x#{seq}x#{seq}_#{t}"
+    alias NxMlx.Fast
+
+    [
+      {"rms_norm_#{rows}", &Fast.rms_norm(&1, &2),
+       &Fast.rms_norm_default(%Fast.RMSNorm{}, &1, &2), [x, w]},
+      {"layer_norm_#{rows}", &Fast.layer_norm(&1, &2, &3),
+       &Fast.layer_norm_default(%Fast.LayerNorm{}, &1, &2, &3), [x, w, b]},
+      {"softmax_#{sm}", &Fast.softmax(&1), &Fast.softmax_default(%Fast.Softmax{axis: 3}, &1),
+       [scores]},
+      {"rope_#{per_head}", &Fast.rope(&1), &Fast.rope_default(%Fast.Rope{dims: hd}, &1, nil, nil),
+       [q]},
+      {"sdpa_causal_#{per_head}", &Fast.scaled_dot_product_attention(&1, &2, &3, causal: true),
+       &Fast.attention_default(
+         %Fast.Attention{scale: 1 / :math.sqrt(hd), causal: true},
+         &1,
+         &2,
+         &3,
+         nil,
+         nil
+       ), [q, k, v]}
+    ]
+  end
+
+  # nx_mlx: the NxMlx.Fast call, eagerly (one op); defn: the call jitted (`compiler:
+  # NxMlx`, which lowers it to MLX's kernel or, where that is slower, its default function);
+  # composed: its default function as one
+  # jitted program (`compiler: NxMlx` with the fusion lane's default for the device and no
+  # rewrites, so the composed ops stay composed).
+  def fast(settings, backend, device) do
+    for {name, fun, default, args} <- fast_cases(backend, device) do
+      composed = Nx.Defn.jit(default, compiler: NxMlx, device: device, rewrites: false)
+      jitted = Nx.Defn.jit(fun, compiler: NxMlx, device: device)
+      t = Harness.measure(settings, fn -> sync(apply(composed, args)) end)
+
+      [
+        row("fast", name, "nx_mlx", Harness.measure(settings, fn -> sync(apply(fun, args)) end)),
+        row("fast", name, "defn", Harness.measure(settings, fn -> sync(apply(jitted, args)) end)),
+        row("fast", name, "composed", t)
+      ]
+    end
+    |> List.flatten()
+  end
+
   ## transformer: one pre-LN encoder block (12 heads, hidden 768, MLP 3072, exact GELU)
 
   @hidden 768

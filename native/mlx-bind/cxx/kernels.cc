@@ -726,44 +726,52 @@ class FastSoftmax : public mx::UnaryPrimitive {
   }
 };
 
-// Layer norm along the rows of a row-contiguous [rows, k] float32 array with [k] scale and
-// shift: per row the mean and variance in double (two passes while the row is in cache), then
-// (x - mean) / sqrt(variance + eps) * g + b rounded once; rows split over the cores. A row
-// holding NaN or an infinity is NaN, as the composed form.
+// Layer norm (or, with `rms`, RMS norm) along the rows of a row-contiguous [rows, k] float32
+// array with [k] scale (and, for layer norm, shift): per row the mean and variance (the mean
+// square) in double, two passes while the row is in cache, then (x - mean) / sqrt(variance +
+// eps) * g + b (x / sqrt(mean square + eps) * g) rounded once; rows split over the cores. A
+// row holding NaN or an infinity is NaN, as the composed form.
 class FastLayerNorm : public mx::UnaryPrimitive {
  public:
-  FastLayerNorm(mx::Stream stream, double eps) : mx::UnaryPrimitive(stream), eps_(eps) {}
+  FastLayerNorm(mx::Stream stream, double eps, bool rms = false)
+      : mx::UnaryPrimitive(stream), eps_(eps), rms_(rms) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& x = inputs[0];
     const auto& g = inputs[1];
-    const auto& b = inputs[2];
-    bool ok = x.ndim() == 2 && x.shape(1) >= 1 && g.ndim() == 1 && b.ndim() == 1 &&
-              g.shape(0) == x.shape(1) && b.shape(0) == x.shape(1);
-    for (const auto* a : {&x, &g, &b}) {
-      ok = ok && a->dtype() == mx::float32 && a->flags().row_contiguous;
+    bool ok = inputs.size() == (rms_ ? 2u : 3u) && x.ndim() == 2 && x.shape(1) >= 1;
+    for (size_t i = 0; ok && i < inputs.size(); ++i) {
+      const auto& a = inputs[i];
+      ok = a.dtype() == mx::float32 && a.flags().row_contiguous &&
+           (i == 0 || (a.ndim() == 1 && a.shape(0) == x.shape(1)));
     }
     if (!ok) {
       throw std::runtime_error(
-          "[nx_mlx layer_norm] takes a row-contiguous float32 matrix and two vectors");
+          "[nx_mlx layer_norm] takes a row-contiguous float32 matrix and vectors of its rows");
     }
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_input_array(g);
-    encoder.set_input_array(b);
+    for (const auto& a : inputs) {
+      encoder.set_input_array(a);
+    }
     encoder.set_output_array(out);
     size_t rows = static_cast<size_t>(x.shape(0));
     size_t k = static_cast<size_t>(x.shape(1));
+    const float* bp = rms_ ? nullptr : inputs[2].data<float>();
     encoder.dispatch([x = mx::array::unsafe_weak_copy(x), g = mx::array::unsafe_weak_copy(g),
-                      b = mx::array::unsafe_weak_copy(b), out = mx::array::unsafe_weak_copy(out),
-                      rows, k, eps = eps_]() mutable {
+                      out = mx::array::unsafe_weak_copy(out), bp, rows, k, eps = eps_,
+                      rms = rms_]() mutable {
       const float* src = x.data<float>();
       const float* gp = g.data<float>();
-      const float* bp = b.data<float>();
       float* dst = out.data<float>();
       parallel_for(rows, std::max<size_t>(1, kParallelGrain / k), [&](size_t begin, size_t end) {
         for (size_t r = begin; r < end; ++r) {
+          if (rms) {
+            double mean_square = simd::sum_squares_f32(src + r * k, k) / static_cast<double>(k);
+            simd::normalize_scale_f32(src + r * k, dst + r * k, k,
+                                      1.0 / std::sqrt(mean_square + eps), gp);
+            continue;
+          }
           double mean, variance;
           simd::moments_f32(src + r * k, k, &mean, &variance);
           simd::normalize_affine_f32(src + r * k, dst + r * k, k, mean,
@@ -777,11 +785,13 @@ class FastLayerNorm : public mx::UnaryPrimitive {
     throw std::runtime_error("[nx_mlx layer_norm] has no GPU kernel");
   }
 
-  const char* name() const override { return "NxMlxFastLayerNorm"; }
+  const char* name() const override {
+    return rms_ ? "NxMlxFastRmsNorm" : "NxMlxFastLayerNorm";
+  }
 
   bool is_equivalent(const mx::Primitive& other) const override {
     auto* o = dynamic_cast<const FastLayerNorm*>(&other);
-    return o != nullptr && o->eps_ == eps_;
+    return o != nullptr && o->eps_ == eps_ && o->rms_ == rms_;
   }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
@@ -790,6 +800,7 @@ class FastLayerNorm : public mx::UnaryPrimitive {
 
  private:
   double eps_;
+  bool rms_;
 };
 
 // cblas_sgemv as the process resolves it (the BLAS libmlx's matmul binds to), or null.
@@ -1043,6 +1054,17 @@ mx::array fast_layer_norm(const mx::array& x, const mx::array& g, const mx::arra
   return mx::array(x.shape(), mx::float32, std::make_shared<FastLayerNorm>(stream, eps),
                    {mx::contiguous(x, false, stream), mx::contiguous(g, false, stream),
                     mx::contiguous(b, false, stream)});
+}
+
+mx::array fast_rms_norm(const mx::array& x, const mx::array& g, double eps,
+                        const mx::Stream& stream) {
+  if (!has_fast_extremum(stream, x.dtype()) || g.dtype() != x.dtype() || x.ndim() != 2 ||
+      x.shape(1) < 1 || g.ndim() != 1 || g.shape(0) != x.shape(1)) {
+    throw std::invalid_argument(
+        "[nx_mlx rms_norm] takes a float32 matrix [r, k] and a vector [k] on a CPU stream");
+  }
+  return mx::array(x.shape(), mx::float32, std::make_shared<FastLayerNorm>(stream, eps, true),
+                   {mx::contiguous(x, false, stream), mx::contiguous(g, false, stream)});
 }
 
 bool has_accurate_sum(const mx::Stream& stream, mx::Dtype dtype) {

@@ -56,6 +56,11 @@ mlx::core::array fast_layer_norm(const mlx::core::array& x, const mlx::core::arr
                                  const mlx::core::array& b, double eps,
                                  const mlx::core::Stream& stream);
 
+// RMS norm along the rows of the float32 matrix x [r, k] with scale g [k]:
+// x / sqrt(mean(x^2) + eps) * g, the mean square in double (CPU streams).
+mlx::core::array fast_rms_norm(const mlx::core::array& x, const mlx::core::array& g,
+                               double eps, const mlx::core::Stream& stream);
+
 // True when `matvec` runs on `dtype` on the stream's device (CPU streams, float32, and a
 // BLAS with cblas_sgemv loaded).
 bool has_matvec(const mlx::core::Stream& stream, mlx::core::Dtype dtype);

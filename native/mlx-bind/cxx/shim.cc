@@ -786,7 +786,15 @@ std::unique_ptr<array> rms_norm(const array& x, const array& w, double eps, Stre
         "rms_norm takes a float array, a float weight vector of its last axis's size, and "
         "eps >= 0");
   }
-  return boxed(mx::fast::rms_norm(x, w, static_cast<float>(eps), to_mx(s)));
+  auto st = to_mx(s);
+  // f32 on the CPU: our one-pass kernel (MLX's CPU rms_norm composes four ops).
+  if (kernels::has_fast_extremum(st, x.dtype()) && w.dtype() == x.dtype()) {
+    int32_t k = x.shape(-1);
+    int32_t rows = static_cast<int32_t>(x.size() / static_cast<size_t>(k));
+    auto y = kernels::fast_rms_norm(mx::reshape(x, {rows, k}, st), w, eps, st);
+    return boxed(mx::reshape(y, x.shape(), st));
+  }
+  return boxed(mx::fast::rms_norm(x, w, static_cast<float>(eps), st));
 }
 
 // inputs: x, the offset (an integer scalar or one per batch entry), and optionally the

@@ -321,6 +321,32 @@ void normalize_affine_f32(const float* src, float* dst, size_t n, double mean, d
 }
 
 NXMLX_CLONES
+double sum_squares_f32(const float* src, size_t n) {
+  constexpr size_t lanes = 16;
+  double acc[lanes] = {};
+  size_t i = 0;
+  for (; i + lanes <= n; i += lanes) {
+    for (size_t j = 0; j < lanes; ++j) {
+      double v = static_cast<double>(src[i + j]);
+      acc[j] += v * v;
+    }
+  }
+  double tail = 0.0;
+  for (; i < n; ++i) {
+    double v = static_cast<double>(src[i]);
+    tail += v * v;
+  }
+  return fold_lanes(acc) + tail;
+}
+
+NXMLX_CLONES
+void normalize_scale_f32(const float* src, float* dst, size_t n, double scale, const float* g) {
+  for (size_t i = 0; i < n; ++i) {
+    dst[i] = static_cast<float>(static_cast<double>(src[i]) * scale * static_cast<double>(g[i]));
+  }
+}
+
+NXMLX_CLONES
 void scale_f32(float* dst, size_t n, double factor) {
   for (size_t i = 0; i < n; ++i) {
     dst[i] = static_cast<float>(static_cast<double>(dst[i]) * factor);

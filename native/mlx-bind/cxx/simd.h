@@ -51,6 +51,12 @@ void moments_f32(const float* src, size_t n, double* mean, double* variance);
 void normalize_affine_f32(const float* src, float* dst, size_t n, double mean, double scale,
                           const float* g, const float* b);
 
+// The sum of the squares of src[0..n), accumulated in double.
+double sum_squares_f32(const float* src, size_t n);
+
+// dst[i] = src[i] * scale * g[i], in double and rounded once. dst may be src.
+void normalize_scale_f32(const float* src, float* dst, size_t n, double scale, const float* g);
+
 // The largest (smallest) of src[0..n), n >= 1; NaN if any is NaN.
 float max_f32(const float* src, size_t n);
 float min_f32(const float* src, size_t n);

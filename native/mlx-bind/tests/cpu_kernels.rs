@@ -518,3 +518,47 @@ fn layer_norm_matches_f64_rows() {
     assert!(layer_norm(&x, &array(&[1.0; 2], &[2]), &zeros, 1.0e-5, &s).is_err());
     assert!(layer_norm(&x, &ones, &zeros, -1.0, &s).is_err());
 }
+
+#[test]
+fn rms_norm_matches_f64_rows() {
+    let s = cpu();
+    for (rows, k) in [(1usize, 1usize), (3, 7), (128, 768), (2, 40_000)] {
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 7919) % 1013) as f32 / 50.0 - 10.0)
+            .collect();
+        let g: Vec<f32> = (0..k).map(|i| 0.5 + (i % 7) as f32 / 4.0).collect();
+        let eps = 1.0e-6;
+        // As [rows, k] and as [1, rows, k] (the kernel sees rows either way).
+        for shape in [vec![rows as i64, k as i64], vec![1, rows as i64, k as i64]] {
+            let got = read_f32(
+                &rms_norm(&array(&x, &shape), &array(&g, &[k as i64]), eps, &s).unwrap(),
+                &s,
+            );
+            for r in 0..rows {
+                let row = &x[r * k..(r + 1) * k];
+                let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / k as f64;
+                for j in 0..k {
+                    let want = (row[j] as f64 / (ms + eps).sqrt() * g[j] as f64) as f32;
+                    let d = ulps(got[r * k + j], want);
+                    assert!(
+                        d <= 1,
+                        "[{rows}, {k}] row {r} col {j}: {} vs {want}",
+                        got[r * k + j]
+                    );
+                }
+            }
+        }
+    }
+    let x = array(&[1.0, f32::NAN, 3.0, 1.0, 2.0, f32::INFINITY], &[2, 3]);
+    let out = read_f32(
+        &rms_norm(&x, &array(&[1.0; 3], &[3]), 1.0e-5, &s).unwrap(),
+        &s,
+    );
+    // A NaN makes its row NaN; an infinity makes the mean square infinite, so the finite
+    // values scale to 0 and the infinity to NaN (inf * 0), as x * rsqrt(mean(x^2) + eps).
+    assert!(out[..3].iter().all(|v| v.is_nan()));
+    assert_eq!(&out[3..5], &[0.0, 0.0]);
+    assert!(out[5].is_nan());
+    assert!(rms_norm(&x, &array(&[1.0; 2], &[2]), 1.0e-5, &s).is_err());
+    assert!(rms_norm(&x, &array(&[1.0; 3], &[3]), -1.0, &s).is_err());
+}
