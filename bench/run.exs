@@ -1,6 +1,6 @@
 # The benchmark suite: `mix run bench/run.exs [suite...] [--device cpu|gpu] [--quick]`.
 #
-# Suites: dispatch, matmul, elementwise, transformer, mlp (default: all), and soak (only when
+# Suites: dispatch, matmul, elementwise, transformer, mlp, fast (default: all), and soak (only when
 # named: 100,000 checked mixed ops, 10,000 with --quick, printing RSS and NxMlx.memory() every
 # 10,000; its key lines are soak_*, printed last; no references). Runs each on
 # NxMlx.Backend, with references measured in the same run: Nx.BinaryBackend at small sizes,
@@ -345,7 +345,7 @@ key_lines =
 
     ratio =
       case {r.impl, ours[r.case]} do
-        {impl, _} when impl in ["nx_mlx", "defn", "fused"] ->
+        {impl, _} when impl in ["nx_mlx", "defn", "fused", "fast"] ->
           []
 
         # The compiler's fixed costs have key lines of their own (below).
@@ -374,6 +374,7 @@ by_impl = fn impl, c -> Enum.find(all_rows, &(&1.impl == impl and &1.case == c))
 
 lane_refs = [
   {"defn", ["raw_mlx", "pytorch", "pytorch_sdpa"]},
+  {"fast", ["pytorch", "pytorch_sdpa", "defn"]},
   {"fused", ["raw_mlx_compiled", "pytorch", "pytorch_sdpa", "defn"]}
 ]
 

@@ -443,13 +443,41 @@ defmodule Bench.Suites do
       t = Harness.measure(settings, fn -> sync(block(x, p)) end)
 
       [
-        row("transformer", name, "nx_mlx", t)
+        row("transformer", name, "nx_mlx", t),
+        fast_row(settings, name, device, [x, p])
         | compiled_rows(settings, "transformer", name, device, &block/2, [x, p])
       ]
     end
     |> Kernel.++([encoder_compile(backend, device)])
     |> Kernel.++(if device == :cpu, do: encoder12_rows(settings, backend, device), else: [])
     |> List.flatten()
+  end
+
+  # The block with NxMlx.Fast's layer norm, attention and GELU, jitted with the device's
+  # default lanes (impl "fast").
+  defp fast_row(settings, name, device, args) do
+    f = Nx.Defn.jit(&block_fast/2, compiler: NxMlx, device: device, on_unsupported: :raise)
+    row("transformer", name, "fast", Harness.measure(settings, fn -> sync(apply(f, args)) end))
+  end
+
+  @doc "The encoder block of `block/2` written with NxMlx.Fast."
+  def block_fast(x, p) do
+    {batch, seq, _} = x.shape
+    hd = div(@hidden, @heads)
+    h = NxMlx.Fast.layer_norm(x, p.g1, p.beta1)
+
+    heads = fn t ->
+      t |> Nx.reshape({batch, seq, @heads, hd}) |> Nx.transpose(axes: [0, 2, 1, 3])
+    end
+
+    q = heads.(linear(h, p.wq, p.bq))
+    k = heads.(linear(h, p.wk, p.bk))
+    v = heads.(linear(h, p.wv, p.bv))
+    ctx = NxMlx.Fast.scaled_dot_product_attention(q, k, v)
+    ctx = ctx |> Nx.transpose(axes: [0, 2, 1, 3]) |> Nx.reshape({batch, seq, @hidden})
+    x1 = Nx.add(x, linear(ctx, p.wo, p.bo))
+    f = linear(NxMlx.Fast.layer_norm(x1, p.g2, p.beta2), p.w1, p.b1)
+    Nx.add(x1, linear(NxMlx.Fast.gelu(f), p.w2, p.b2))
   end
 
   # A BERT-base-shaped forward on the CPU: the block 12 times (one set of weights), seq 128.
