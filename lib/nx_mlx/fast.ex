@@ -275,7 +275,9 @@ defmodule NxMlx.Fast do
     * `:base` - the frequencies are `base^(-2i / dims)` (default 10000.0).
     * `:freqs` - precomputed periods instead of `:base` (a tensor of `dims / 2` values; the
       angle of pair `i` at position `p` is `p / freqs[i]`).
-    * `:scale` - positions are multiplied by it (default 1.0).
+    * `:scale` - positions are multiplied by it (default 1.0). Positions and angles are f32,
+      as in MLX's kernel: past about 10^5 the angles keep only the precision f32 gives them,
+      and implementations agree only to that.
     * `:offset` - the position of the first row: an integer, a scalar integer tensor or one
       offset per batch entry (a `{batch}` integer tensor) (default 0).
   """
@@ -291,6 +293,8 @@ defmodule NxMlx.Fast do
       )
 
     x = Nx.to_tensor(x)
+    # Integer inputs rotate as f32 (the result is a float tensor).
+    x = if Nx.Type.integer?(x.type), do: Nx.as_type(x, :f32), else: x
 
     if tuple_size(x.shape) < 3 do
       raise ArgumentError,
@@ -308,7 +312,7 @@ defmodule NxMlx.Fast do
 
     {offset, offset_arg} =
       case opts[:offset] do
-        n when is_integer(n) ->
+        n when is_integer(n) and n >= -2_147_483_648 and n <= 2_147_483_647 ->
           {n, []}
 
         %Nx.Tensor{type: {kind, _}, shape: shape} = t
@@ -317,7 +321,7 @@ defmodule NxMlx.Fast do
 
         other ->
           raise ArgumentError,
-                "NxMlx.Fast.rope: :offset is an integer or an integer tensor of shape {} or " <>
+                "NxMlx.Fast.rope: :offset is a 32-bit integer or an integer tensor of shape {} or " <>
                   "{#{elem(x.shape, 0)}}, got #{inspect(other)}"
       end
 

@@ -214,6 +214,56 @@ defmodule NxMlx.FastTest do
     end
   end
 
+  test "integer and f64 inputs, NaN and infinities agree with the default function" do
+    ints = fn shape -> Nx.iota(shape, type: :s32) |> Nx.remainder(7) |> Nx.subtract(3) end
+    check("rope of integers", &Fast.rope(&1), [ints.({1, 2, 3, 8})], 1.0e-5)
+    check("rms_norm of integers", &Fast.rms_norm(&1, &2), [ints.({3, 8}), random({8})], 1.0e-5)
+    check("gelu of integers", &Fast.gelu(&1), [ints.({5})], 1.0e-5)
+    q = ints.({1, 2, 3, 8})
+
+    check(
+      "attention of integers",
+      &Fast.scaled_dot_product_attention(&1, &2, &3),
+      [q, q, q],
+      1.0e-5
+    )
+
+    # Causal with more queries than keys: the first rows see no key and attend uniformly.
+    check(
+      "causal, more queries than keys",
+      &Fast.scaled_dot_product_attention(&1, &2, &3, causal: true),
+      [random({1, 2, 5, 8}), random({1, 2, 3, 8}), random({1, 2, 3, 8})],
+      1.0e-5
+    )
+
+    if oracle_device() == :cpu do
+      x = random({2, 3, 4, 8}, {:f, 64})
+      check("rope f64", &Fast.rope(&1, offset: 9), [x], 1.0e-12)
+      # A scale f32 represents exactly: eagerly Nx rounds a number operand to f32, under defn
+      # it stays exact.
+      check(
+        "attention f64",
+        &Fast.scaled_dot_product_attention(&1, &2, &3, scale: 0.25),
+        [x, x, x],
+        1.0e-12
+      )
+    end
+
+    special = Nx.tensor([[1.0, :nan, 2.0], [:infinity, 1.0, 0.0], [:neg_infinity, 1.0, 2.0]])
+
+    for {name, f} <- [
+          softmax: &Fast.softmax/1,
+          rms_norm: &Fast.rms_norm(&1, nil),
+          layer_norm: &Fast.layer_norm/1
+        ] do
+      want = f.(special)
+      got = f.(mlx(special)) |> binary()
+
+      assert Nx.all_close(got, want, equal_nan: true) |> Nx.to_number() == 1,
+             "#{name}: #{inspect(got)}"
+    end
+  end
+
   test "bad arguments raise ArgumentError naming the function" do
     x = mlx(random({2, 3, 8}))
 
@@ -245,6 +295,10 @@ defmodule NxMlx.FastTest do
 
     assert_raise ArgumentError, ~r/rope: :offset/, fn ->
       Fast.rope(x, offset: Nx.tensor([1, 2, 3]))
+
+      assert_raise ArgumentError, ~r/rope: :offset is a 32-bit/, fn ->
+        Fast.rope(x, offset: 2 ** 31)
+      end
     end
 
     assert_raise ArgumentError, ~r/rope: :freqs must have shape \{4\}/, fn ->
