@@ -17,6 +17,7 @@ defmodule NxMlx.Fast do
   | `rope/2` | `mlx::fast::rope` |
   | `scaled_dot_product_attention/4` | `mlx::fast::scaled_dot_product_attention` (cuDNN or MLX's fused kernel on the GPU where they apply) |
   | `gelu/2` (exact) | our CPU kernel (one pass in double) on the CPU, the default elsewhere |
+  | `cached_attention/7` | a KV-cache step: two `Nx.put_slice/3` and `scaled_dot_product_attention/4` with the filled part as mask |
   | `log_softmax/2`, `gelu/2` (`approximate: :tanh`), `swiglu/2`, `softcap/2` | the default function: MLX has no kernel for them; the compiler's fusion lane fuses the element-wise chain on the GPU |
 
   MLX's CPU backend composes most of `fast` from ordinary ops (its fused kernels are GPU
@@ -616,6 +617,86 @@ defmodule NxMlx.Fast do
       true ->
         :ok
     end
+  end
+
+  @doc """
+  One step of attention over a key/value cache: writes `k` and `v` (`{batch, kv_heads, n,
+  head_dim}`, the step's new entries) into `k_cache` and `v_cache` (`{batch, kv_heads,
+  capacity, head_dim}`) at `position` (an integer or a scalar integer tensor: how many
+  entries the caches held before), then attends from `q` (`{batch, heads, n, head_dim}`)
+  over the filled part, causally: query `i` sees cache entries `0..position + i`. Returns
+  `{out, k_cache, v_cache}`.
+
+  Shapes stay static (`defn` and the compiler cache one program for every step): the
+  unfilled part of the cache is masked, not sliced away, and the caches are written with
+  `Nx.put_slice/3` at a dynamic start (a graph op on NxMlx: no read-back of `position`).
+  MLX writes a slice in place only into an array nothing else holds; the caller holds the
+  caches it passes, so each step copies them (a `capacity x head_dim` copy per head; measured
+  in bench/RESULTS.md).
+
+  Options: `:scale` (default `1 / sqrt(head_dim)`), `:sinks` (see
+  `scaled_dot_product_attention/4`).
+  """
+  def cached_attention(q, k, v, k_cache, v_cache, position, opts \\ []) do
+    opts = keyword!(opts, scale: nil, sinks: nil)
+    [q, k, v, k_cache, v_cache] = Enum.map([q, k, v, k_cache, v_cache], &Nx.to_tensor/1)
+    name = "NxMlx.Fast.cached_attention"
+
+    for {t, label} <- [{k, "k"}, {v, "v"}, {k_cache, "k_cache"}, {v_cache, "v_cache"}] do
+      unless tuple_size(t.shape) == 4 do
+        raise ArgumentError,
+              "#{name}: #{label} must be {batch, kv_heads, seq, dim}, got #{inspect(t.shape)}"
+      end
+    end
+
+    {b, hkv, n, dk} = k.shape
+    {cb, chkv, capacity, cdk} = k_cache.shape
+
+    cond do
+      {cb, chkv, cdk} != {b, hkv, dk} or elem(v_cache.shape, 0) != b or
+        elem(v_cache.shape, 1) != hkv or elem(v_cache.shape, 2) != capacity or
+        elem(v.shape, 3) != elem(v_cache.shape, 3) or elem(v.shape, 2) != n ->
+        raise ArgumentError,
+              "#{name}: the caches #{inspect(k_cache.shape)}, #{inspect(v_cache.shape)} do not " <>
+                "hold entries of k #{inspect(k.shape)} and v #{inspect(v.shape)}"
+
+      n > capacity ->
+        raise ArgumentError, "#{name}: #{n} new entries do not fit a cache of #{capacity}"
+
+      true ->
+        :ok
+    end
+
+    position =
+      case position do
+        p when is_integer(p) and p >= 0 ->
+          Nx.tensor(p, type: :s32)
+
+        %Nx.Tensor{shape: {}, type: {kind, _}} = p when kind in [:s, :u] ->
+          p
+
+        other ->
+          raise ArgumentError,
+                "#{name}: position is a non-negative integer or a scalar integer tensor, got #{inspect(other)}"
+      end
+
+    # Nx.put_slice clamps the start so that the slice fits: a full cache takes the last
+    # entries' place, as its callers must avoid.
+    start = [0, 0, position, 0]
+    k_cache = Nx.put_slice(k_cache, start, Nx.as_type(k, k_cache.type))
+    v_cache = Nx.put_slice(v_cache, start, Nx.as_type(v, v_cache.type))
+
+    rows = Nx.add(Nx.iota({n, 1}, type: :s32), Nx.as_type(position, :s32))
+    mask = Nx.less_equal(Nx.iota({1, capacity}, type: :s32), rows)
+
+    out =
+      scaled_dot_product_attention(q, k_cache, v_cache,
+        mask: mask,
+        scale: opts[:scale],
+        sinks: opts[:sinks]
+      )
+
+    {out, k_cache, v_cache}
   end
 
   ## Helpers

@@ -264,6 +264,63 @@ defmodule NxMlx.FastTest do
     end
   end
 
+  test "cached_attention: a prompt then steps over a cache equal causal attention over the whole sequence" do
+    {heads, kv_heads, d, capacity} = {4, 2, 8, 9}
+    seq = 6
+    q = random({1, heads, seq, d})
+    k = random({1, kv_heads, seq, d})
+    v = random({1, kv_heads, seq, d})
+    full = Fast.scaled_dot_product_attention(q, k, v, causal: true)
+    empty = Nx.broadcast(0.0, {1, kv_heads, capacity, d})
+    step = fn q, k, v, kc, vc, p -> Fast.cached_attention(q, k, v, kc, vc, p) end
+    jitted = Nx.Defn.jit(step, compiler: NxMlx, device: oracle_device())
+
+    for {lane, run, wrap} <- [
+          binary: {step, & &1},
+          eager: {step, &mlx/1},
+          jit: {jitted, &mlx/1}
+        ] do
+      # A prompt of 4 at position 0, then one entry at a time (a tensor position).
+      slice = fn t, from, n -> Nx.slice_along_axis(t, from, n, axis: 2) |> wrap.() end
+
+      {out, kc, vc} =
+        run.(slice.(q, 0, 4), slice.(k, 0, 4), slice.(v, 0, 4), wrap.(empty), wrap.(empty), 0)
+
+      outs = [out]
+
+      {outs, _, _} =
+        Enum.reduce(4..(seq - 1), {outs, kc, vc}, fn p, {outs, kc, vc} ->
+          pos = wrap.(Nx.tensor(p))
+          {o, kc, vc} = run.(slice.(q, p, 1), slice.(k, p, 1), slice.(v, p, 1), kc, vc, pos)
+          {outs ++ [o], kc, vc}
+        end)
+
+      got = outs |> Enum.map(&binary/1) |> Nx.concatenate(axis: 2)
+
+      assert Nx.all_close(got, full, atol: 1.0e-5, rtol: 1.0e-5) |> Nx.to_number() == 1,
+             "#{lane}: #{Nx.to_number(Nx.reduce_max(Nx.abs(Nx.subtract(got, full))))}"
+    end
+
+    assert_raise ArgumentError, ~r/do not fit a cache of 9/, fn ->
+      Fast.cached_attention(
+        random({1, 4, 10, 8}),
+        random({1, 2, 10, 8}),
+        random({1, 2, 10, 8}),
+        empty,
+        empty,
+        0
+      )
+    end
+
+    assert_raise ArgumentError, ~r/do not hold entries/, fn ->
+      Fast.cached_attention(q, k, v, Nx.broadcast(0.0, {1, 2, 9, 4}), empty, 0)
+    end
+
+    assert_raise ArgumentError, ~r/position is a non-negative integer/, fn ->
+      Fast.cached_attention(q, k, v, empty, empty, -1)
+    end
+  end
+
   test "bad arguments raise ArgumentError naming the function" do
     x = mlx(random({2, 3, 8}))
 
