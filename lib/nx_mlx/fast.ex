@@ -30,7 +30,9 @@ defmodule NxMlx.Fast do
   Types: inputs of one float type (f32, f16, bf16; f64 on the CPU device for the norms and
   softmax). Half-precision inputs are normalised (norms, softmax, log-softmax, GELU) in f32
   and rounded once, as MLX's kernels do; the default functions do the same, so the two agree
-  to the type's rounding. Gradients (`Nx.Defn.grad/2`) differentiate the default function.
+  to the type's rounding. Integer inputs are computed as f32. Gradients (`Nx.Defn.grad/2`)
+  differentiate the default function. Vectorized tensors are refused with an
+  `ArgumentError` (`Nx.devectorize/2` them first).
   """
 
   import Nx.Defn.Kernel, only: [keyword!: 2]
