@@ -91,6 +91,14 @@ defmodule NxMlx.Backend do
       `x * 0.044715`) inside the result type's normal range is rounded into that type
       first, as EXLA and MLX do, so `bf16_x * 0.044715` stays a bf16 multiply; the result
       may differ from Nx's in the last bit. Comparisons round nothing.
+    * Conversions to bf16 round to nearest, ties to even (as MLX, EXLA and PyTorch);
+      `Nx.BinaryBackend` truncates. One visible consequence: Nx 0.13.1's
+      `Nx.Random.normal(key, type: :bf16)` takes its lower bound from the f16 encoding
+      (-0.99951171875), which rounds to -1.0 in bf16, so `erf_inv` of it gives -Inf (401 of
+      50,000 values of `Nx.Random.normal(Nx.Random.key(1), shape: {50_000}, type: :bf16)`;
+      none on `Nx.BinaryBackend`, where the bound truncates to -0.99609375). Sample bf16
+      normals in f32 and convert: `Nx.Random.normal(key, shape: s) |> then(fn {t, k} ->
+      {Nx.as_type(t, :bf16), k} end)`.
     * Index arrays given to the NIF directly are clamped into their axis: no value reads or
       writes outside an array.
     * Float results may differ in the last bits (BLAS matmul, MLX's kernels); see the tests.

@@ -60,6 +60,28 @@ defmodule NxMlx.AccuracyTest do
     end
   end
 
+  test "bf16 conversions round to nearest (the documented bf16 normal-sampling divergence)" do
+    b = NxMlx.Backend
+    # -0.99951171875 (the f16 neighbour of -1 that Nx.Random.normal takes as its bound) lies
+    # nearer -1.0 than -0.99609375 in bf16; Nx.BinaryBackend truncates.
+    assert Nx.tensor(-0.99951171875, type: :bf16, backend: b) |> Nx.to_number() == -1.0
+
+    assert Nx.tensor(-0.99951171875, type: :f32, backend: b)
+           |> Nx.as_type(:bf16)
+           |> Nx.to_number() == -1.0
+
+    assert Nx.tensor(-0.99951171875, type: :bf16, backend: Nx.BinaryBackend) |> Nx.to_number() ==
+             -0.99609375
+
+    # The workaround the moduledoc gives: sample in f32, convert.
+    key = Nx.Random.key(1) |> Nx.backend_transfer(b)
+    {t, _} = Nx.Random.normal(key, shape: {50_000})
+    t = Nx.as_type(t, :bf16)
+    assert t.type == {:bf, 16}
+    assert Nx.to_number(Nx.sum(Nx.is_infinity(t))) == 0
+    assert Nx.to_number(Nx.sum(Nx.is_nan(t))) == 0
+  end
+
   describe "special values follow C's Annex F, as Nx.BinaryBackend" do
     # {function, [{input, expected}]}; :nan, :infinity, :neg_infinity as Nx writes them.
     @special [
