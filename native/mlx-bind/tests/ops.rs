@@ -330,3 +330,65 @@ fn topk_and_put_along_axis() {
     let r = put_along_axis(&a, &idx, &values, 1, &s).unwrap();
     assert_eq!(read_f32(&r, &s), vec![8.0, 1.0, 7.0, 2.0, 9.0, 0.0]);
 }
+
+#[test]
+fn tensordot_contracts_any_axes_as_a_naive_sum() {
+    let s = cpu();
+    // a [2, 3, 4], b [4, 5, 3]: contract a's axes (1, 2) with b's (2, 0); out [2, 5].
+    let av: Vec<f32> = (0..24).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+    let bv: Vec<f32> = (0..60).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+    let a = Array::from_bytes(&f32s(&av), &[2, 3, 4], Dtype::F32).unwrap();
+    let b = Array::from_bytes(&f32s(&bv), &[4, 5, 3], Dtype::F32).unwrap();
+    let want = |i: usize, j: usize| -> f32 {
+        let mut acc = 0.0;
+        for x in 0..3 {
+            for y in 0..4 {
+                acc += av[i * 12 + x * 4 + y] * bv[y * 15 + j * 3 + x];
+            }
+        }
+        acc
+    };
+    for (axes_a, axes_b) in [([1i64, 2], [2i64, 0]), ([-2, -1], [-1, 0])] {
+        let c = tensordot(&a, &b, &axes_a, &axes_b, &s).unwrap();
+        assert_eq!(c.shape(), vec![2, 5]);
+        let got = read_f32(&c, &s);
+        for i in 0..2 {
+            for j in 0..5 {
+                assert_eq!(got[i * 5 + j], want(i, j), "({i}, {j}) with {axes_a:?}");
+            }
+        }
+    }
+    // No contracted axis: the outer product.
+    let v = Array::from_bytes(&f32s(&[1.0, 2.0]), &[2], Dtype::F32).unwrap();
+    let w = Array::from_bytes(&f32s(&[3.0, 4.0, 5.0]), &[3], Dtype::F32).unwrap();
+    let outer = tensordot(&v, &w, &[], &[], &s).unwrap();
+    assert_eq!(outer.shape(), vec![2, 3]);
+    assert_eq!(read_f32(&outer, &s), vec![3.0, 4.0, 5.0, 6.0, 8.0, 10.0]);
+    // Half precision goes through f32 and rounds once: the f32 product, rounded.
+    let ah = astype(&a, Dtype::BF16, &s).unwrap();
+    let bh = astype(&b, Dtype::BF16, &s).unwrap();
+    let ch = tensordot(&ah, &bh, &[1, 2], &[2, 0], &s).unwrap();
+    let f32_then_round = astype(
+        &tensordot(
+            &astype(&ah, Dtype::F32, &s).unwrap(),
+            &astype(&bh, Dtype::F32, &s).unwrap(),
+            &[1, 2],
+            &[2, 0],
+            &s,
+        )
+        .unwrap(),
+        Dtype::BF16,
+        &s,
+    )
+    .unwrap();
+    assert_eq!(
+        ch.to_bytes(&s).unwrap(),
+        f32_then_round.to_bytes(&s).unwrap()
+    );
+    // Mismatched lists, sizes, repeated or out-of-range axes are errors.
+    assert!(tensordot(&a, &b, &[1], &[2, 0], &s).is_err());
+    assert!(tensordot(&a, &b, &[1, 2], &[0, 2], &s).is_err());
+    assert!(tensordot(&a, &b, &[1, 1], &[2, 2], &s).is_err());
+    assert!(tensordot(&a, &b, &[3], &[0], &s).is_err());
+    assert!(tensordot(&a, &b, &[-4], &[0], &s).is_err());
+}
