@@ -462,22 +462,11 @@ defmodule Bench.Suites do
 
   @doc "The encoder block of `block/2` written with NxMlx.Fast."
   def block_fast(x, p) do
-    {batch, seq, _} = x.shape
-    hd = div(@hidden, @heads)
-    h = NxMlx.Fast.layer_norm(x, p.g1, p.beta1)
-
-    heads = fn t ->
-      t |> Nx.reshape({batch, seq, @heads, hd}) |> Nx.transpose(axes: [0, 2, 1, 3])
-    end
-
-    q = heads.(linear(h, p.wq, p.bq))
-    k = heads.(linear(h, p.wk, p.bk))
-    v = heads.(linear(h, p.wv, p.bv))
-    ctx = NxMlx.Fast.scaled_dot_product_attention(q, k, v)
-    ctx = ctx |> Nx.transpose(axes: [0, 2, 1, 3]) |> Nx.reshape({batch, seq, @hidden})
-    x1 = Nx.add(x, linear(ctx, p.wo, p.bo))
-    f = linear(NxMlx.Fast.layer_norm(x1, p.g2, p.beta2), p.w1, p.b1)
-    Nx.add(x1, linear(NxMlx.Fast.gelu(f), p.w2, p.b2))
+    block(x, p, %{
+      norm: &NxMlx.Fast.layer_norm/3,
+      attention: &NxMlx.Fast.scaled_dot_product_attention/3,
+      gelu: &NxMlx.Fast.gelu/1
+    })
   end
 
   # A BERT-base-shaped forward on the CPU: the block 12 times (one set of weights), seq 128.
@@ -544,9 +533,20 @@ defmodule Bench.Suites do
   defp linear(x, w, b), do: Nx.add(Nx.dot(x, [-1], w, [0]), b)
 
   def block(x, p) do
+    attention = fn q, k, v ->
+      scale = 1 / :math.sqrt(elem(q.shape, 3))
+      scores = Nx.dot(q, [3], [0, 1], k, [3], [0, 1]) |> Nx.multiply(scale)
+      Nx.dot(softmax(scores), [3], [0, 1], v, [2], [0, 1])
+    end
+
+    block(x, p, %{norm: &layer_norm/3, attention: attention, gelu: &gelu/1})
+  end
+
+  # The block with its layer norms, attention and GELU given (composed or NxMlx.Fast).
+  defp block(x, p, ops) do
     {batch, seq, _} = x.shape
     hd = div(@hidden, @heads)
-    h = layer_norm(x, p.g1, p.beta1)
+    h = ops.norm.(x, p.g1, p.beta1)
 
     heads = fn t ->
       t |> Nx.reshape({batch, seq, @heads, hd}) |> Nx.transpose(axes: [0, 2, 1, 3])
@@ -555,13 +555,12 @@ defmodule Bench.Suites do
     q = heads.(linear(h, p.wq, p.bq))
     k = heads.(linear(h, p.wk, p.bk))
     v = heads.(linear(h, p.wv, p.bv))
-    scores = Nx.dot(q, [3], [0, 1], k, [3], [0, 1]) |> Nx.multiply(1 / :math.sqrt(hd))
-    ctx = Nx.dot(softmax(scores), [3], [0, 1], v, [2], [0, 1])
+    ctx = ops.attention.(q, k, v)
     ctx = ctx |> Nx.transpose(axes: [0, 2, 1, 3]) |> Nx.reshape({batch, seq, @hidden})
     x1 = Nx.add(x, linear(ctx, p.wo, p.bo))
-    f = linear(layer_norm(x1, p.g2, p.beta2), p.w1, p.b1)
+    f = linear(ops.norm.(x1, p.g2, p.beta2), p.w1, p.b1)
 
-    Nx.add(x1, linear(gelu(f), p.w2, p.b2))
+    Nx.add(x1, linear(ops.gelu.(f), p.w2, p.b2))
   end
 
   ## mlp: 4 linear layers, ReLU between them
