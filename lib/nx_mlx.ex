@@ -123,8 +123,16 @@ defmodule NxMlx do
 
   defp collect_refs(container, acc) do
     Nx.Defn.Composite.reduce(container, acc, fn
-      %Nx.Tensor{data: %NxMlx.Backend{ref: ref}}, acc -> [ref | acc]
-      _, acc -> acc
+      %Nx.Tensor{data: %NxMlx.Backend{quant: %NxMlx.Quantized{} = q}}, acc ->
+        [q.packed, q.scales, q.biases]
+        |> Enum.reject(&is_nil/1)
+        |> Enum.reduce(acc, &collect_refs/2)
+
+      %Nx.Tensor{data: %NxMlx.Backend{ref: ref}}, acc ->
+        [ref | acc]
+
+      _, acc ->
+        acc
     end)
   end
 

@@ -215,9 +215,15 @@ defmodule NxMlx.Backend do
 
   # `value`: the number every element holds, when the tensor was made by `constant/3` (so
   # mixed-type element-wise ops know whether a scalar operand converts exactly).
-  defstruct [:ref, :device, :value]
+  # `quant`: the parts of a quantized tensor (NxMlx.Quantized), whose `ref` is nil.
+  defstruct [:ref, :device, :value, :quant]
 
-  @type t :: %__MODULE__{ref: reference(), device: :cpu | :gpu, value: number() | atom() | nil}
+  @type t :: %__MODULE__{
+          ref: reference() | nil,
+          device: :cpu | :gpu,
+          value: number() | atom() | nil,
+          quant: NxMlx.Quantized.t() | nil
+        }
 
   @impl true
   def init(opts) do

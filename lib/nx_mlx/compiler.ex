@@ -125,8 +125,40 @@ defmodule NxMlx.Compiler do
 
   @doc false
   def __jit__(key, vars, fun, args_list, opts) do
+    # Quantized inputs (NxMlx.Quantized) are lowered with their layout: the arguments are read
+    # here (each function once) so that the layout joins the cache key.
+    lists = Enum.map(args_list, fn args -> Enum.map(args, &read_arg/1) end)
+
+    case Enum.uniq_by(lists, &quant_key/1) do
+      [_] -> jit(key, vars, fun, lists, opts)
+      _ -> Enum.flat_map(lists, &jit(key, vars, fun, [&1], opts))
+    end
+  end
+
+  defp read_arg(fun) do
+    tensor = fun.()
+    fn -> tensor end
+  end
+
+  defp quant_key(args) do
+    keys =
+      Enum.map(args, fn f ->
+        case f.() do
+          %T{data: %NxMlx.Backend{quant: %NxMlx.Quantized{} = q}} ->
+            {q.mode, q.bits, q.group_size, q.axis}
+
+          _ ->
+            nil
+        end
+      end)
+
+    if Enum.all?(keys, &is_nil/1), do: nil, else: keys
+  end
+
+  defp jit(key, vars, fun, args_list, opts) do
     start = System.monotonic_time()
-    cache_key = {key, templates(vars), cache_opts(opts)}
+    quants = quants(hd(args_list))
+    cache_key = {key, templates(vars), cache_opts(opts), quant_key(hd(args_list))}
 
     {compiled, hit} =
       case Cache.get(cache_key) do
@@ -137,7 +169,7 @@ defmodule NxMlx.Compiler do
           {compiled, true}
 
         :error ->
-          compiled = compile(vars, fun, opts)
+          compiled = compile(vars, fun, opts, quants)
           # An Evaluator closure holds the whole expression, a DAG that ETS would copy as a
           # tree: only the decision is cached.
           Cache.put(
@@ -160,8 +192,22 @@ defmodule NxMlx.Compiler do
 
   @doc false
   def __compile__(_key, vars, fun, opts) do
-    compiled = compile(vars, fun, opts)
+    # Nothing is known of the arguments yet: quantized ones are read dequantized.
+    compiled = compile(vars, fun, opts, nil)
     fn args_list -> run(compiled, args_list, opts) end
+  end
+
+  # The quantized layouts of the arguments (nil for the others), or nil for none.
+  defp quants(args) do
+    quants =
+      Enum.map(args, fn f ->
+        case f.() do
+          %T{data: %NxMlx.Backend{quant: %NxMlx.Quantized{} = q}} -> q
+          _ -> nil
+        end
+      end)
+
+    if Enum.all?(quants, &is_nil/1), do: nil, else: quants
   end
 
   # One command queue per partition (a worker thread and MLX stream each), so that
@@ -291,7 +337,7 @@ defmodule NxMlx.Compiler do
 
   ## Compilation
 
-  defp compile(vars, fun, opts) do
+  defp compile(vars, fun, opts, quants) do
     device = device(opts)
     policy = Keyword.get(opts, :on_unsupported, :evaluate)
 
@@ -314,7 +360,7 @@ defmodule NxMlx.Compiler do
     try do
       lower(
         expr,
-        params,
+        {params, quants},
         {Composite.traverse(expr, &Nx.to_template/1), output},
         device,
         {fuse, rewrites},
@@ -353,6 +399,9 @@ defmodule NxMlx.Compiler do
     %{kind: :evaluator, run: run, ops: 0}
   end
 
+  defp on_device_now(%T{data: %NxMlx.Backend{device: device}} = t, device), do: t
+  defp on_device_now(t, device), do: Nx.backend_transfer(t, {NxMlx.Backend, device: device})
+
   defp on_device(fun, device) do
     tensor = fun.()
 
@@ -363,16 +412,41 @@ defmodule NxMlx.Compiler do
   end
 
   # Lowers the whole expression into a program. Registers 0..n-1 are the parameters.
-  defp lower(expr, params, output, device, {fuse, rewrites}, policy) do
-    n_inputs = length(params)
+  defp lower(expr, {params, quants}, output, device, {fuse, rewrites}, policy) do
+    quants = quants || List.duplicate(nil, length(params))
+    n_params = length(params)
+    # A quantized parameter's register holds its packed values; its scales and biases get
+    # registers after the parameters', in order.
+    parts = for %NxMlx.Quantized{} = q <- quants, p <- [q.scales, q.biases], p != nil, do: p
+    n_inputs = n_params + length(parts)
     Recorder.start(n_inputs, policy)
 
     try do
-      param_values =
+      {param_values, _} =
         params
+        |> Enum.zip(quants)
         |> Enum.with_index()
-        |> Enum.map(fn {%T{} = p, i} -> reg_tensor(Nx.devectorize(p), i, device) end)
-        |> List.to_tuple()
+        |> Enum.map_reduce(n_params, fn
+          {{%T{} = p, nil}, i}, next ->
+            {reg_tensor(Nx.devectorize(p), i, device), next}
+
+          {{%T{} = p, %NxMlx.Quantized{} = q}, i}, next ->
+            {biases, after_biases} =
+              if q.biases,
+                do: {reg_tensor(q.biases, next + 1, device), next + 2},
+                else: {nil, next + 1}
+
+            q = %{
+              q
+              | packed: reg_tensor(q.packed, i, device),
+                scales: reg_tensor(q.scales, next, device),
+                biases: biases
+            }
+
+            {%{p | data: %NxMlx.Backend{ref: nil, device: device, quant: q}}, after_biases}
+        end)
+
+      param_values = List.to_tuple(param_values)
 
       scope = %{
         memo: %{},
@@ -404,6 +478,7 @@ defmodule NxMlx.Compiler do
 
       %{
         kind: :program,
+        quantized: parts != [] or Enum.any?(quants),
         steps: steps,
         inputs: Enum.to_list(0..(n_inputs - 1)//1),
         outputs: outputs,
@@ -573,6 +648,10 @@ defmodule NxMlx.Compiler do
 
   defp reg_tensor(%T{} = template, r, device),
     do: %{template | data: %NxMlx.Backend{ref: {:reg, r}, device: device}}
+
+  # A quantized result (a parameter returned as it is) leaves dequantized.
+  defp reg!(%T{data: %NxMlx.Backend{quant: %NxMlx.Quantized{}, device: d}} = t),
+    do: Recorder.reg_of(NxMlx.Backend.Core.ref!(t, d))
 
   defp reg!(%T{data: %NxMlx.Backend{ref: ref}}), do: Recorder.reg_of(ref)
 
@@ -917,13 +996,26 @@ defmodule NxMlx.Compiler do
   defp run_one(compiled, params, worker, opts) do
     %{device: device, output: {structure, output}} = compiled
 
-    inputs =
-      Enum.map(params, fn fun ->
+    {inputs, parts} =
+      Enum.map_reduce(params, [], fn fun, parts ->
         case Nx.devectorize(fun.()) do
-          %T{data: %NxMlx.Backend{ref: ref}} -> ref
-          %T{} = t -> Nx.backend_transfer(t, {NxMlx.Backend, device: device}).data.ref
+          %T{data: %NxMlx.Backend{quant: %NxMlx.Quantized{}}} = t when compiled.quantized ->
+            %T{data: %NxMlx.Backend{quant: q}} = on_device_now(t, device)
+            extra = for p <- [q.scales, q.biases], p != nil, do: p.data.ref
+            {q.packed.data.ref, [extra | parts]}
+
+          %T{data: %NxMlx.Backend{quant: %NxMlx.Quantized{}}} = t ->
+            {on_device_now(NxMlx.Quantized.dequantize(t), device).data.ref, parts}
+
+          %T{data: %NxMlx.Backend{quant: nil, ref: ref}} ->
+            {ref, parts}
+
+          %T{} = t ->
+            {Nx.backend_transfer(t, {NxMlx.Backend, device: device}).data.ref, parts}
         end
       end)
+
+    inputs = inputs ++ List.flatten(Enum.reverse(parts))
 
     Runtime.before_eval()
     hooks = {compiled.hooks, Keyword.get(opts, :hooks, %{}), device}

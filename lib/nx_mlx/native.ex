@@ -128,7 +128,11 @@ defmodule NxMlx.Native do
     linalg: 5,
     decompose: 3,
     conv: 9,
-    tensordot: 5
+    tensordot: 5,
+    quantize: 5,
+    dequantize: 6,
+    quantized_matmul: 6,
+    gather_qmm: 8
   ]
 
   @doc false

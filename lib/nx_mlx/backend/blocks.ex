@@ -278,6 +278,10 @@ defmodule NxMlx.Backend.Blocks do
     end
   end
 
+  def block(%NxMlx.Quantized.ExpertDot{} = s, out, [x, w, idx] = args, fun) when quantized(w) do
+    NxMlx.Backend.Quantized.expert_dot(out, x, w, idx) || default_block(s, args, fun)
+  end
+
   def block(struct, _output, args, fun), do: default_block(struct, args, fun)
 
   # A block's default function creates tensors (constants, iotas, eyes) on the process's

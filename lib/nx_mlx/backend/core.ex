@@ -12,6 +12,11 @@ defmodule NxMlx.Backend.Core do
   defguard binary_only(type)
            when type in [{:f, 8}, {:f8_e4m3fn, 8}, {:s, 2}, {:s, 4}, {:u, 2}, {:u, 4}]
 
+  # A tensor holding quantized data (NxMlx.Quantized).
+  defguard quantized(t)
+           when is_struct(t, T) and is_struct(t.data, NxMlx.Backend) and
+                  is_struct(t.data.quant, NxMlx.Quantized)
+
   @debug_detect_nan_inf Application.compile_env(:nx_mlx, :debug_detect_nan_inf, false)
   @debug_key :nx_mlx_debug_last_op
 
@@ -136,7 +141,11 @@ defmodule NxMlx.Backend.Core do
   # The MLX array of `t`. Arrays of another queue or device are used in place: the NIF has
   # them evaluated on their own queue first when they are still lazy. Tensors of other
   # backends are copied in.
-  def ref!(%T{data: %NxMlx.Backend{ref: ref}}, _device), do: ref
+  def ref!(%T{data: %NxMlx.Backend{quant: nil, ref: ref}}, _device), do: ref
+
+  # A quantized tensor's values (see NxMlx.Backend.Quantized).
+  def ref!(%T{data: %NxMlx.Backend{quant: %NxMlx.Quantized{}, device: d}} = t, _device),
+    do: NxMlx.Backend.Quantized.dequantized_ref(t, d)
 
   def ref!(%T{} = t, device) do
     case backend_transfer_in(t, device) do
@@ -149,6 +158,9 @@ defmodule NxMlx.Backend.Core do
                 "has no such type); convert it with Nx.as_type/2 first"
     end
   end
+
+  def backend_transfer_in(%T{data: %NxMlx.Backend{quant: %NxMlx.Quantized{}}} = t, device),
+    do: NxMlx.Backend.Quantized.transfer(t, device)
 
   def backend_transfer_in(%T{data: %NxMlx.Backend{}} = t, device) do
     NxMlx.Backend.Creation.from_binary(t, NxMlx.Backend.Creation.to_binary(t, Nx.size(t)),

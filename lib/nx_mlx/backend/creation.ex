@@ -73,6 +73,9 @@ defmodule NxMlx.Backend.Creation do
   # MLX's dimensions are 32-bit.
   @max_dim 2_147_483_647
 
+  def to_binary(%T{} = t, limit) when quantized(t),
+    do: to_binary(NxMlx.Backend.Quantized.dequantize(t), limit)
+
   def to_binary(%T{data: %NxMlx.Backend{ref: ref}, type: {_, bits}} = t, limit) do
     Runtime.before_eval()
     elements = Enum.reduce(t.vectorized_axes, Nx.size(t), fn {_, n}, acc -> n * acc end)

@@ -62,6 +62,12 @@ defmodule NxMlx.Backend.DotConv do
 
   ## dot
 
+  # A quantized operand: MLX's quantized matmul where it applies, else its values.
+  def dot(out, left, c1, b1, right, c2, b2) when quantized(left) or quantized(right) do
+    NxMlx.Backend.Quantized.dot(out, left, c1, b1, right, c2, b2) ||
+      dot(out, dequantized(left), c1, b1, dequantized(right), c2, b2)
+  end
+
   def dot(%T{type: {kind, _}} = out, left, c1, b1, right, c2, b2) when kind in [:f, :bf, :c] do
     device = op_device([left, right])
     l = ref_as(left, out.type, device)
@@ -109,6 +115,9 @@ defmodule NxMlx.Backend.DotConv do
   def dot(out, left, c1, b1, right, c2, b2) do
     NxMlx.Fallback.run(:dot, [out, left, c1, b1, right, c2, b2], op_device([left, right]))
   end
+
+  defp dequantized(t) when quantized(t), do: NxMlx.Backend.Quantized.dequantize(t)
+  defp dequantized(t), do: t
 
   defp dot_sizes(left, c1, b1, right, c2, b2) do
     size = fn t, axes -> Enum.reduce(axes, 1, &(elem(t.shape, &1) * &2)) end

@@ -855,6 +855,132 @@ std::unique_ptr<array> attention(const ArrayList& inputs, double scale, uint8_t 
                                                       sinks_arr, false, to_mx(s)));
 }
 
+namespace {
+
+// Quantization modes, numbered as mlx-bind's QuantMode: affine (scales and biases per group),
+// then the microscaling float formats (scales only).
+const char* quant_mode(uint8_t mode) {
+  switch (mode) {
+    case 0: return "affine";
+    case 1: return "mxfp4";
+    case 2: return "mxfp8";
+    case 3: return "nvfp4";
+  }
+  throw std::invalid_argument("quantization: the mode is 0 (affine), 1 (mxfp4), 2 (mxfp8) or 3 (nvfp4)");
+}
+
+// Ranges checked before MLX sees them (MLX checks the combinations).
+void check_quant(int32_t group_size, int32_t bits, uint8_t mode) {
+  quant_mode(mode);
+  if (group_size != 16 && group_size != 32 && group_size != 64 && group_size != 128) {
+    throw std::invalid_argument("quantization: the group size is 16, 32, 64 or 128, got " +
+                                std::to_string(group_size));
+  }
+  if (bits < 2 || bits > 8 || bits == 7) {
+    throw std::invalid_argument("quantization: bits are 2, 3, 4, 5, 6 or 8, got " +
+                                std::to_string(bits));
+  }
+}
+
+// The weight triple of a quantized operand: [w, scales] then the biases in affine mode.
+size_t quant_operands(uint8_t mode) { return mode == 0 ? 3 : 2; }
+
+void check_packed(const array& w, const array& scales) {
+  if (w.dtype() != mx::uint32) {
+    throw std::invalid_argument("quantization: packed weights are uint32");
+  }
+  if (w.ndim() < 2 || scales.ndim() != w.ndim()) {
+    throw std::invalid_argument(
+        "quantization: packed weights and their scales have the same rank, at least 2");
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<ArrayList> quantize(const array& w, int32_t group_size, int32_t bits, uint8_t mode,
+                                    StreamRef s) {
+  check_quant(group_size, bits, mode);
+  if (w.ndim() < 2 || !mx::issubdtype(w.dtype(), mx::floating)) {
+    throw std::invalid_argument("quantize takes a float array of rank 2 or more");
+  }
+  auto list = std::make_unique<ArrayList>();
+  list->arrays = mx::quantize(w, group_size, bits, quant_mode(mode), std::nullopt, to_mx(s));
+  return list;
+}
+
+std::unique_ptr<array> dequantize(const ArrayList& inputs, int32_t group_size, int32_t bits,
+                                  uint8_t mode, Dtype dtype, StreamRef s) {
+  check_quant(group_size, bits, mode);
+  const auto& in = inputs.arrays;
+  if (in.size() != quant_operands(mode)) {
+    throw std::invalid_argument("dequantize takes w and scales, and biases in affine mode");
+  }
+  check_packed(in[0], in[1]);
+  std::optional<mx::array> biases;
+  if (mode == 0) biases = in[2];
+  auto out = to_mx(dtype);
+  if (!mx::issubdtype(out, mx::floating)) {
+    throw std::invalid_argument("dequantize: the result type is a float type");
+  }
+  return boxed(mx::dequantize(in[0], in[1], biases, group_size, bits, quant_mode(mode),
+                              std::nullopt, out, to_mx(s)));
+}
+
+std::unique_ptr<array> quantized_matmul(const ArrayList& inputs, bool transpose,
+                                        int32_t group_size, int32_t bits, uint8_t mode,
+                                        StreamRef s) {
+  check_quant(group_size, bits, mode);
+  const auto& in = inputs.arrays;
+  if (in.size() != 1 + quant_operands(mode)) {
+    throw std::invalid_argument(
+        "quantized_matmul takes x, w and scales, and biases in affine mode");
+  }
+  check_packed(in[1], in[2]);
+  if (in[0].ndim() < 1 || !mx::issubdtype(in[0].dtype(), mx::floating)) {
+    throw std::invalid_argument("quantized_matmul takes a float x");
+  }
+  std::optional<mx::array> biases;
+  if (mode == 0) biases = in[3];
+  return boxed(mx::quantized_matmul(in[0], in[1], in[2], biases, transpose, group_size, bits,
+                                    quant_mode(mode), to_mx(s)));
+}
+
+std::unique_ptr<array> gather_qmm(const ArrayList& inputs, bool has_lhs, bool has_rhs,
+                                  bool transpose, int32_t group_size, int32_t bits, uint8_t mode,
+                                  StreamRef s) {
+  check_quant(group_size, bits, mode);
+  const auto& in = inputs.arrays;
+  const size_t q = 1 + quant_operands(mode);
+  if (in.size() != q + (has_lhs ? 1 : 0) + (has_rhs ? 1 : 0)) {
+    throw std::invalid_argument(
+        "gather_qmm takes x, w, scales (and biases in affine mode), then the indices asked for");
+  }
+  check_packed(in[1], in[2]);
+  if (in[0].ndim() < 2 || !mx::issubdtype(in[0].dtype(), mx::floating)) {
+    throw std::invalid_argument("gather_qmm takes a float x of rank 2 or more");
+  }
+  std::optional<mx::array> biases;
+  if (mode == 0) biases = in[3];
+  std::optional<mx::array> lhs;
+  std::optional<mx::array> rhs;
+  // Indices count matrices: lhs over x's leading axes, rhs over w's; clamped into them.
+  auto batch = [](const array& a) {
+    int64_t n = 1;
+    for (size_t i = 0; i + 2 < a.ndim(); ++i) n *= a.shape(static_cast<int>(i));
+    return static_cast<int>(std::min<int64_t>(n, INT32_MAX));
+  };
+  auto st = to_mx(s);
+  size_t next = q;
+  if (has_lhs) {
+    lhs = mx::astype(clamped_indices("gather_qmm", in[next++], batch(in[0]), st), mx::uint32, st);
+  }
+  if (has_rhs) {
+    rhs = mx::astype(clamped_indices("gather_qmm", in[next++], batch(in[1]), st), mx::uint32, st);
+  }
+  return boxed(mx::gather_qmm(in[0], in[1], in[2], biases, lhs, rhs, transpose, group_size, bits,
+                              quant_mode(mode), std::nullopt, false, st));
+}
+
 std::unique_ptr<array> broadcast_to(const array& a, rust::Slice<const int32_t> shape, StreamRef s) {
   return boxed(mx::broadcast_to(a, to_shape(shape), to_mx(s)));
 }

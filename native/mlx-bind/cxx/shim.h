@@ -107,6 +107,16 @@ std::unique_ptr<array> rope(const ArrayList& inputs, int32_t dims, bool traditio
                             double scale, StreamRef s);
 std::unique_ptr<array> attention(const ArrayList& inputs, double scale, uint8_t mask,
                                  bool sinks, StreamRef s);
+std::unique_ptr<ArrayList> quantize(const array& w, int32_t group_size, int32_t bits, uint8_t mode,
+                                    StreamRef s);
+std::unique_ptr<array> dequantize(const ArrayList& inputs, int32_t group_size, int32_t bits,
+                                  uint8_t mode, Dtype dtype, StreamRef s);
+std::unique_ptr<array> quantized_matmul(const ArrayList& inputs, bool transpose,
+                                        int32_t group_size, int32_t bits, uint8_t mode,
+                                        StreamRef s);
+std::unique_ptr<array> gather_qmm(const ArrayList& inputs, bool has_lhs, bool has_rhs,
+                                  bool transpose, int32_t group_size, int32_t bits, uint8_t mode,
+                                  StreamRef s);
 std::unique_ptr<array> slice(
     const array& a,
     rust::Slice<const int32_t> start,

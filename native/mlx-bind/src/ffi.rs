@@ -253,6 +253,40 @@ pub(crate) mod bridge {
             sinks: bool,
             s: StreamRef,
         ) -> Result<UniquePtr<Array>>;
+        fn quantize(
+            w: &Array,
+            group_size: i32,
+            bits: i32,
+            mode: u8,
+            s: StreamRef,
+        ) -> Result<UniquePtr<ArrayList>>;
+        fn dequantize(
+            inputs: &ArrayList,
+            group_size: i32,
+            bits: i32,
+            mode: u8,
+            dtype: Dtype,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+        fn quantized_matmul(
+            inputs: &ArrayList,
+            transpose: bool,
+            group_size: i32,
+            bits: i32,
+            mode: u8,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
+        #[allow(clippy::too_many_arguments)]
+        fn gather_qmm(
+            inputs: &ArrayList,
+            has_lhs: bool,
+            has_rhs: bool,
+            transpose: bool,
+            group_size: i32,
+            bits: i32,
+            mode: u8,
+            s: StreamRef,
+        ) -> Result<UniquePtr<Array>>;
         fn broadcast_to(a: &Array, shape: &[i32], s: StreamRef) -> Result<UniquePtr<Array>>;
         fn matmul(a: &Array, b: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;
         fn linalg_inv(a: &Array, s: StreamRef) -> Result<UniquePtr<Array>>;

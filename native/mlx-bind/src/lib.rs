@@ -510,6 +510,96 @@ pub fn attention(
     ))
 }
 
+/// How weights are quantized (MLX's quantization modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantMode {
+    /// Per group of `group_size` values: `w ≈ scale * q + bias`, `q` of `bits` bits.
+    Affine = 0,
+    /// OCP microscaling: 4-bit floats (e2m1) with a shared 8-bit power-of-two scale per 32.
+    Mxfp4 = 1,
+    /// OCP microscaling: 8-bit floats (e4m3) with a shared power-of-two scale per 32.
+    Mxfp8 = 2,
+    /// NVIDIA's 4-bit floats with an e4m3 scale per 16.
+    Nvfp4 = 3,
+}
+
+/// A quantization layout: the mode, the group size along the last axis and the bits per value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quant {
+    pub mode: QuantMode,
+    pub group_size: i64,
+    pub bits: i64,
+}
+
+impl Quant {
+    fn parts(&self) -> Result<(i32, i32, u8)> {
+        let g = check_axes(&[self.group_size])?[0];
+        let b = check_axes(&[self.bits])?[0];
+        Ok((g, b, self.mode as u8))
+    }
+
+    /// How many arrays a quantized weight is made of: packed values and scales, and biases in
+    /// affine mode.
+    pub fn parts_count(&self) -> usize {
+        if self.mode == QuantMode::Affine {
+            3
+        } else {
+            2
+        }
+    }
+}
+
+/// Quantizes `w` along its last axis: `[packed (u32), scales]`, then the biases in affine mode.
+pub fn quantize(w: &Array, q: Quant, s: &Stream) -> Result<Vec<Array>> {
+    let (g, b, m) = q.parts()?;
+    let list = bridge::quantize(w.inner(), g, b, m, s.0)?;
+    unlist(&list)
+}
+
+/// The values of a quantized weight (`parts`: packed, scales, biases in affine mode) as `dtype`.
+pub fn dequantize(parts: &[&Array], q: Quant, dtype: Dtype, s: &Stream) -> Result<Array> {
+    let (g, b, m) = q.parts()?;
+    wrap(bridge::dequantize(&list_of(parts), g, b, m, dtype, s.0))
+}
+
+/// `x · wᵀ` (`transpose`) or `x · w` with `w` quantized: `inputs` is `[x, packed, scales]`, then
+/// the biases in affine mode.
+pub fn quantized_matmul(inputs: &[&Array], transpose: bool, q: Quant, s: &Stream) -> Result<Array> {
+    let (g, b, m) = q.parts()?;
+    wrap(bridge::quantized_matmul(
+        &list_of(inputs),
+        transpose,
+        g,
+        b,
+        m,
+        s.0,
+    ))
+}
+
+/// Quantized matmuls whose matrices are picked per batch entry (MLX's `gather_qmm`, for
+/// mixtures of experts): `inputs` is `[x, packed, scales]`, the biases in affine mode, then
+/// the lhs indices (into x's leading axes) and the rhs indices (into w's) when asked for.
+pub fn gather_qmm(
+    inputs: &[&Array],
+    has_lhs: bool,
+    has_rhs: bool,
+    transpose: bool,
+    q: Quant,
+    s: &Stream,
+) -> Result<Array> {
+    let (g, b, m) = q.parts()?;
+    wrap(bridge::gather_qmm(
+        &list_of(inputs),
+        has_lhs,
+        has_rhs,
+        transpose,
+        g,
+        b,
+        m,
+        s.0,
+    ))
+}
+
 pub fn broadcast_to(a: &Array, shape: &[i64], s: &Stream) -> Result<Array> {
     let shape = check_shape(shape)?;
     wrap(bridge::broadcast_to(a.inner(), &shape, s.0))

@@ -392,3 +392,47 @@ fn tensordot_contracts_any_axes_as_a_naive_sum() {
     assert!(tensordot(&a, &b, &[3], &[0], &s).is_err());
     assert!(tensordot(&a, &b, &[-4], &[0], &s).is_err());
 }
+
+#[test]
+fn quantized_matmul_equals_the_product_of_the_dequantized_weight() {
+    let s = cpu();
+    let (n, k) = (8usize, 64usize);
+    let w: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.13).sin()).collect();
+    let wa = Array::from_bytes(&f32s(&w), &[n as i64, k as i64], Dtype::F32).unwrap();
+    let xa = Array::from_bytes(&f32s(&x), &[1, k as i64], Dtype::F32).unwrap();
+    let q = Quant {
+        mode: QuantMode::Affine,
+        group_size: 32,
+        bits: 4,
+    };
+    let parts = quantize(&wa, q, &s).unwrap();
+    assert_eq!(parts.len(), 3);
+    assert_eq!(parts[0].dtype(), Dtype::U32);
+    assert_eq!(parts[0].shape(), vec![n as i64, (k / 8) as i64]);
+    assert_eq!(parts[1].shape(), vec![n as i64, (k / 32) as i64]);
+    let refs: Vec<&Array> = parts.iter().collect();
+    let dq = read_f32(&dequantize(&refs, q, Dtype::F32, &s).unwrap(), &s);
+    // Within one 4-bit step of each group's range.
+    for (g, chunk) in w.chunks(32).enumerate() {
+        let (lo, hi) = chunk
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        let step = (hi - lo) / 15.0;
+        for (j, &v) in chunk.iter().enumerate() {
+            assert!((dq[g * 32 + j] - v).abs() <= step + 1e-6);
+        }
+    }
+    let mut inputs = vec![&xa];
+    inputs.extend(refs.iter().copied());
+    let y = read_f32(&quantized_matmul(&inputs, true, q, &s).unwrap(), &s);
+    for (row, &got) in y.iter().enumerate() {
+        let want: f32 = (0..k).map(|j| x[j] * dq[row * k + j]).sum();
+        assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "{got} vs {want}");
+    }
+    // Layouts MLX does not run, and operand lists that do not fit, are errors.
+    let bad = Quant { bits: 7, ..q };
+    assert!(quantize(&wa, bad, &s).is_err());
+    assert!(quantized_matmul(&inputs[..3], true, q, &s).is_err());
+    assert!(quantized_matmul(&[&xa, &wa, refs[1], refs[2]], true, q, &s).is_err());
+}

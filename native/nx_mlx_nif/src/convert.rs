@@ -1,6 +1,6 @@
 //! Term <-> binding-type conversions: dtype, device and op names as atoms.
 
-use mlx_bind::{BinaryOp, DeviceKind, Dtype, ReduceOp, ScanOp, UnaryOp};
+use mlx_bind::{BinaryOp, DeviceKind, Dtype, QuantMode, ReduceOp, ScanOp, UnaryOp};
 use rustler::{Atom, Encoder, Env, Term};
 
 use crate::error::{NifError, NifResult};
@@ -27,6 +27,11 @@ atom_table!(dtype, Dtype, "dtype", {
     "u64" => Dtype::U64, "s8" => Dtype::I8, "s16" => Dtype::I16, "s32" => Dtype::I32,
     "s64" => Dtype::I64, "f16" => Dtype::F16, "f32" => Dtype::F32, "f64" => Dtype::F64,
     "bf16" => Dtype::BF16, "c64" => Dtype::C64,
+});
+
+atom_table!(quant_mode, QuantMode, "quantization mode", {
+    "affine" => QuantMode::Affine, "mxfp4" => QuantMode::Mxfp4, "mxfp8" => QuantMode::Mxfp8,
+    "nvfp4" => QuantMode::Nvfp4,
 });
 
 atom_table!(device, DeviceKind, "device", {

@@ -8,8 +8,8 @@
 //! reads array resources, a program reads register numbers.
 
 use mlx_bind::{
-    Array, AttentionMask, BinaryOp, ConvOpts, Decomposition, Dtype, FftKind, ReduceOp, ScanOp,
-    Stream, UnaryOp,
+    Array, AttentionMask, BinaryOp, ConvOpts, Decomposition, Dtype, FftKind, Quant, ReduceOp,
+    ScanOp, Stream, UnaryOp,
 };
 use rustler::Term;
 
@@ -136,6 +136,18 @@ pub enum Op {
         axes_a: Vec<i64>,
         axes_b: Vec<i64>,
     },
+    Quantize(Quant),
+    Dequantize(Quant, Dtype),
+    QuantizedMatmul {
+        quant: Quant,
+        transpose: bool,
+    },
+    GatherQmm {
+        quant: Quant,
+        transpose: bool,
+        lhs: bool,
+        rhs: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -194,6 +206,15 @@ impl<'a> Args<'a, '_> {
             self.name,
             self.args.len()
         ))
+    }
+
+    /// A quantization layout at `i` (mode), `i + 1` (group size) and `i + 2` (bits).
+    fn quant(&self, i: usize) -> NifResult<Quant> {
+        Ok(Quant {
+            mode: convert::quant_mode(self.term(i)?)?,
+            group_size: self.get(i + 1, "group size")?,
+            bits: self.get(i + 2, "bits")?,
+        })
     }
 
     fn expect(&self, n: usize) -> NifResult<()> {
@@ -492,6 +513,35 @@ pub fn decode<'a>(name: &str, args: &[Term<'a>]) -> NifResult<Decoded<'a>> {
             vec![a.term(0)?, a.term(1)?],
             4,
         ),
+        // [w], then the layout.
+        "quantize" => (Op::Quantize(a.quant(1)?), one(0)?, 4),
+        // [packed, scales, biases in affine mode], the layout, the result's dtype.
+        "dequantize" => (
+            Op::Dequantize(a.quant(1)?, convert::dtype(a.term(4)?)?),
+            a.list(0)?,
+            5,
+        ),
+        // [x, packed, scales, biases in affine mode], the layout, transpose.
+        "quantized_matmul" => (
+            Op::QuantizedMatmul {
+                quant: a.quant(1)?,
+                transpose: a.get(4, "transpose")?,
+            },
+            a.list(0)?,
+            5,
+        ),
+        // [x, packed, scales, biases in affine mode, lhs indices?, rhs indices?], the layout,
+        // transpose, whether lhs and rhs indices are given.
+        "gather_qmm" => (
+            Op::GatherQmm {
+                quant: a.quant(1)?,
+                transpose: a.get(4, "transpose")?,
+                lhs: a.get(5, "lhs indices")?,
+                rhs: a.get(6, "rhs indices")?,
+            },
+            a.list(0)?,
+            7,
+        ),
         other => return Err(NifError::Argument(format!("unknown op {other}"))),
     };
     a.expect(arity)?;
@@ -502,7 +552,7 @@ impl Op {
     pub fn placement(&self) -> Placement {
         match self {
             Op::Fft { .. } | Op::Fftn { .. } | Op::Linalg { .. } => Placement::Worker,
-            Op::Decompose(_) => Placement::WorkerOutputs,
+            Op::Decompose(_) | Op::Quantize(_) => Placement::WorkerOutputs,
             _ => Placement::Caller,
         }
     }
@@ -512,6 +562,7 @@ impl Op {
         match self {
             Op::Decompose(Decomposition::Qr | Decomposition::Eigh) => 2,
             Op::Decompose(Decomposition::Svd | Decomposition::Lu) => 3,
+            Op::Quantize(q) => q.parts_count(),
             _ => 1,
         }
     }
@@ -520,6 +571,11 @@ impl Op {
     fn operand_count(&self) -> Option<usize> {
         Some(match self {
             Op::Full { .. } | Op::Arange { .. } => 0,
+            Op::Dequantize(q, _) => q.parts_count(),
+            Op::QuantizedMatmul { quant, .. } => 1 + quant.parts_count(),
+            Op::GatherQmm {
+                quant, lhs, rhs, ..
+            } => 1 + quant.parts_count() + usize::from(*lhs) + usize::from(*rhs),
             Op::Concatenate(_)
             | Op::Gather { .. }
             | Op::Scatter { .. }
@@ -638,6 +694,17 @@ impl Op {
             },
             Op::Decompose(op) => return Ok(m::decompose(*op, x[0], s)?),
             Op::Tensordot { axes_a, axes_b } => m::tensordot(x[0], x[1], axes_a, axes_b, s),
+            Op::Quantize(q) => return Ok(m::quantize(x[0], *q, s)?),
+            Op::Dequantize(q, dtype) => m::dequantize(x, *q, *dtype, s),
+            Op::QuantizedMatmul { quant, transpose } => {
+                m::quantized_matmul(x, *transpose, *quant, s)
+            }
+            Op::GatherQmm {
+                quant,
+                transpose,
+                lhs,
+                rhs,
+            } => m::gather_qmm(x, *lhs, *rhs, *transpose, *quant, s),
         };
         Ok(vec![one?])
     }
