@@ -111,6 +111,27 @@ defmodule NxMlx.QuantizedTest do
       end
     end
 
+    # On the CPU our kernel serves up to 8 rows of x and the dequantized weights with a BLAS
+    # matmul past that; a contracted size that is not a whole chunk of words (64 values for
+    # 4 bits, 128 for 2) has a tail.
+    for {bits, group} <- [{2, 32}, {4, 32}, {8, 32}, {4, 64}] do
+      @tag bits: bits, group: group
+      test "#{bits} bits, group #{group}: 1, 8 and 20 rows, 96 and 224 values", %{
+        bits: bits,
+        group: group
+      } do
+        for k <- [96, 224], rem(k, group) == 0, m <- [1, 8, 20] do
+          w = random({k, 40})
+          x = random({m, k})
+          q = quantize(w, {:affine, bits, group})
+          dq = Quantized.dequantize(q)
+          assert_dot_close(Nx.dot(x, q), Nx.dot(x, dq), x, dq, {:f, 32})
+          x16 = Nx.as_type(x, :bf16)
+          assert_dot_close(Nx.dot(x16, q), Nx.dot(x16, dq), x16, dq, {:bf, 16})
+        end
+      end
+    end
+
     test "the dequantized dot takes three ops where the fused one takes one" do
       w = random({128, 32})
       {_, ops} = ops_of(&Nx.dot/2, [random({2, 128}), w])

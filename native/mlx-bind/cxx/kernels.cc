@@ -803,6 +803,133 @@ class FastLayerNorm : public mx::UnaryPrimitive {
   bool rms_;
 };
 
+// Affine quantized matmuls on the CPU (MLX's CPU quantized_matmul is one scalar loop: 1 x 2048
+// times 4-bit 2048 x 2048 took 5.9 ms in f32 and 55 ms in bf16 on 2 vCPUs, against 0.77 ms
+// for the f32 sgemv). x [m, k] (m <= 16 per pass; more rows take several) times the
+// transpose of w [n, k * bits / 32] with per-group scales and biases [n, k / group], all
+// float32 but w; rows of w split over the cores, each row unpacked once per pass.
+class QuantizedMatmulCpu : public mx::UnaryPrimitive {
+ public:
+  QuantizedMatmulCpu(mx::Stream stream, int bits, int group)
+      : mx::UnaryPrimitive(stream), bits_(bits), group_(group) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& x = inputs[0];
+    const auto& w = inputs[1];
+    const auto& sc = inputs[2];
+    const auto& bi = inputs[3];
+    const size_t m = static_cast<size_t>(x.shape(0));
+    const size_t k = static_cast<size_t>(x.shape(1));
+    const size_t n = static_cast<size_t>(w.shape(0));
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    encoder.dispatch([x = mx::array::unsafe_weak_copy(x), w = mx::array::unsafe_weak_copy(w),
+                      sc = mx::array::unsafe_weak_copy(sc), bi = mx::array::unsafe_weak_copy(bi),
+                      out = mx::array::unsafe_weak_copy(out), m, k, n, bits = bits_,
+                      group = static_cast<size_t>(group_)]() mutable {
+      const size_t groups = k / group;
+      std::vector<float> xp(m * k);
+      std::vector<float> xsum(m * groups);
+      const float* xs = x.data<float>();
+      for (size_t i = 0; i < m; ++i) {
+        simd::qmm_permute_f32(xs + i * k, xp.data() + i * k, k, bits);
+        for (size_t g = 0; g < groups; ++g) {
+          float acc = 0.0f;
+          for (size_t c = 0; c < group; ++c) acc += xs[i * k + g * group + c];
+          xsum[i * groups + g] = acc;
+        }
+      }
+      const uint32_t* wp = w.data<uint32_t>();
+      const float* sp = sc.data<float>();
+      const float* bp = bi.data<float>();
+      float* yp = out.data<float>();
+      const size_t words = k * static_cast<size_t>(bits) / 32;
+      const size_t grain = std::max<size_t>(1, kParallelGrain / std::max<size_t>(1, k / 8));
+      parallel_for(n, grain, [&](size_t begin, size_t end) {
+        for (size_t i0 = 0; i0 < m; i0 += 16) {
+          const size_t rows_m = std::min<size_t>(16, m - i0);
+          simd::qmm_rows_f32(xp.data() + i0 * k, xsum.data() + i0 * groups, rows_m, k,
+                             wp + begin * words, sp + begin * groups, bp + begin * groups,
+                             end - begin, group, bits, yp + i0 * n + begin, n);
+        }
+      });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("[nx_mlx quantized matmul] has no GPU kernel");
+  }
+
+  const char* name() const override { return "NxMlxQuantizedMatmul"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const QuantizedMatmulCpu*>(&other);
+    return o != nullptr && o->bits_ == bits_ && o->group_ == group_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {{inputs[0].shape(0), inputs[1].shape(0)}};
+  }
+
+ private:
+  int bits_;
+  int group_;
+};
+
+// The float32 values [n, k] of affine quantized rows (as QuantizedMatmulCpu reads them),
+// rows split over the cores.
+class DequantizeCpu : public mx::UnaryPrimitive {
+ public:
+  DequantizeCpu(mx::Stream stream, int bits, int group)
+      : mx::UnaryPrimitive(stream), bits_(bits), group_(group) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& w = inputs[0];
+    const size_t n = static_cast<size_t>(out.shape(0));
+    const size_t k = static_cast<size_t>(out.shape(1));
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    encoder.dispatch([w = mx::array::unsafe_weak_copy(w),
+                      sc = mx::array::unsafe_weak_copy(inputs[1]),
+                      bi = mx::array::unsafe_weak_copy(inputs[2]),
+                      out = mx::array::unsafe_weak_copy(out), n, k, bits = bits_,
+                      group = static_cast<size_t>(group_)]() mutable {
+      const size_t words = k * static_cast<size_t>(bits) / 32;
+      const size_t groups = k / group;
+      parallel_for(n, std::max<size_t>(1, kParallelGrain / std::max<size_t>(1, k)),
+                   [&](size_t begin, size_t end) {
+                     simd::dequantize_rows_f32(w.data<uint32_t>() + begin * words,
+                                               sc.data<float>() + begin * groups,
+                                               bi.data<float>() + begin * groups, end - begin,
+                                               k, group, bits, out.data<float>() + begin * k);
+                   });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("[nx_mlx dequantize] has no GPU kernel");
+  }
+
+  const char* name() const override { return "NxMlxDequantize"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const DequantizeCpu*>(&other);
+    return o != nullptr && o->bits_ == bits_ && o->group_ == group_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {{inputs[0].shape(0), inputs[1].shape(1) * group_}};
+  }
+
+ private:
+  int bits_;
+  int group_;
+};
+
 // cblas_sgemv as the process resolves it (the BLAS libmlx's matmul binds to), or null.
 using Sgemv = void (*)(int order, int trans, int m, int n, float alpha, const float* a, int lda,
                        const float* x, int incx, float beta, float* y, int incy);
@@ -1122,6 +1249,62 @@ mx::array accurate_unary(AccurateFn fn, const mx::array& a, const mx::Stream& st
   auto input = mx::contiguous(a, false, stream);
   return mx::array(input.shape(), input.dtype(), std::make_shared<AccurateUnary>(stream, fn),
                    {input});
+}
+
+bool has_quantized_cpu(const mx::Stream& stream, int bits, int group) {
+  return stream.device.type == mx::Device::cpu && (bits == 2 || bits == 4 || bits == 8) &&
+         (group == 32 || group == 64 || group == 128);
+}
+
+namespace {
+
+// The checks both quantized kernels share: w [n, k * bits / 32] uint32, scales and biases
+// [n, k / group] float32.
+void check_quantized_parts(const char* op, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, int64_t k, int bits, int group) {
+  bool ok = w.dtype() == mx::uint32 && scales.dtype() == mx::float32 &&
+            biases.dtype() == mx::float32 && w.ndim() == 2 && scales.ndim() == 2 &&
+            biases.ndim() == 2 && k > 0 && k % group == 0 && w.shape(1) * 32 == k * bits &&
+            scales.shape(0) == w.shape(0) && biases.shape(0) == w.shape(0) &&
+            scales.shape(1) * group == k && biases.shape(1) * group == k;
+  if (!ok) {
+    throw std::invalid_argument(std::string("[nx_mlx ") + op +
+                                "] takes uint32 rows [n, k * bits / 32] with float32 scales and "
+                                "biases [n, k / group]");
+  }
+}
+
+}  // namespace
+
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, int bits, int group,
+                           const mx::Stream& stream) {
+  if (!has_quantized_cpu(stream, bits, group) || x.dtype() != mx::float32 || x.ndim() != 2 ||
+      x.shape(0) < 1) {
+    throw std::invalid_argument(
+        "[nx_mlx quantized matmul] takes a float32 matrix on a CPU stream, 2, 4 or 8 bits and "
+        "a group size that is a multiple of 32");
+  }
+  check_quantized_parts("quantized matmul", w, scales, biases, x.shape(1), bits, group);
+  return mx::array({x.shape(0), w.shape(0)}, mx::float32,
+                   std::make_shared<QuantizedMatmulCpu>(stream, bits, group),
+                   {mx::contiguous(x, false, stream), mx::contiguous(w, false, stream),
+                    mx::contiguous(scales, false, stream), mx::contiguous(biases, false, stream)});
+}
+
+mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases,
+                     int bits, int group, const mx::Stream& stream) {
+  if (!has_quantized_cpu(stream, bits, group) || scales.ndim() != 2) {
+    throw std::invalid_argument(
+        "[nx_mlx dequantize] takes 2, 4 or 8 bits and a group size that is a multiple of 32 on "
+        "a CPU stream");
+  }
+  const int64_t k = scales.shape(1) * group;
+  check_quantized_parts("dequantize", w, scales, biases, k, bits, group);
+  return mx::array({w.shape(0), static_cast<int>(k)}, mx::float32,
+                   std::make_shared<DequantizeCpu>(stream, bits, group),
+                   {mx::contiguous(w, false, stream), mx::contiguous(scales, false, stream),
+                    mx::contiguous(biases, false, stream)});
 }
 
 bool has_batched_matmul(const mx::Stream& stream, mx::Dtype dtype) {

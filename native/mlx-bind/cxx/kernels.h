@@ -79,4 +79,20 @@ bool has_batched_matmul(const mlx::core::Stream& stream, mlx::core::Dtype dtype)
 mlx::core::array batched_matmul(const mlx::core::array& a, const mlx::core::array& b,
                                 const mlx::core::Stream& stream);
 
+// True when `quantized_matmul` and `dequantize` run on the stream's device for this layout
+// (CPU streams; affine 2, 4 or 8 bits; group sizes that are multiples of 32).
+bool has_quantized_cpu(const mlx::core::Stream& stream, int bits, int group);
+
+// x [m, k] (float32) times the transpose of the affine quantized w [n, k * bits / 32] with
+// float32 scales and biases [n, k / group], as [m, n] float32: vectorised, rows of w split
+// over the cores, accumulated in float.
+mlx::core::array quantized_matmul(const mlx::core::array& x, const mlx::core::array& w,
+                                  const mlx::core::array& scales, const mlx::core::array& biases,
+                                  int bits, int group, const mlx::core::Stream& stream);
+
+// The float32 values [n, k] of w, as `quantized_matmul` reads them.
+mlx::core::array dequantize(const mlx::core::array& w, const mlx::core::array& scales,
+                            const mlx::core::array& biases, int bits, int group,
+                            const mlx::core::Stream& stream);
+
 }  // namespace nxmlx::kernels

@@ -897,6 +897,30 @@ void check_packed(const array& w, const array& scales) {
 
 }  // namespace
 
+array matmul_routed(const array& a, const array& b, const mx::Stream& st);
+
+namespace {
+
+bool real_float(const array& a) {
+  return a.dtype() == mx::float32 || a.dtype() == mx::float16 || a.dtype() == mx::bfloat16;
+}
+
+// Our CPU kernels serve affine 2-, 4- and 8-bit weights of rank 2 (MLX's CPU kernels are
+// scalar loops): float32 inside, the result in x's type.
+bool quantized_on_cpu(const mx::Stream& st, uint8_t mode, int32_t bits, int32_t group_size,
+                      const array& w, const array& scales) {
+  return mode == 0 && kernels::has_quantized_cpu(st, bits, group_size) && w.ndim() == 2 &&
+         scales.ndim() == 2 && w.dtype() == mx::uint32 &&
+         w.shape(1) * 32 == scales.shape(1) * group_size * bits && real_float(scales);
+}
+
+// Up to this many rows of x, the quantized kernel; past it, the weights dequantized once and
+// a BLAS matmul, which reuses each weight better (2 vCPUs, 16 x 4096 times 4096 x 4096 4-bit:
+// 27 ms in the kernel, 19 ms dequantized and multiplied).
+constexpr int64_t kQuantizedKernelRows = 8;
+
+}  // namespace
+
 std::unique_ptr<ArrayList> quantize(const array& w, int32_t group_size, int32_t bits, uint8_t mode,
                                     StreamRef s) {
   check_quant(group_size, bits, mode);
@@ -922,6 +946,12 @@ std::unique_ptr<array> dequantize(const ArrayList& inputs, int32_t group_size, i
   if (!mx::issubdtype(out, mx::floating)) {
     throw std::invalid_argument("dequantize: the result type is a float type");
   }
+  auto st = to_mx(s);
+  if (quantized_on_cpu(st, mode, bits, group_size, in[0], in[1]) && in[2].shape() == in[1].shape()) {
+    auto f = kernels::dequantize(in[0], mx::astype(in[1], mx::float32, st),
+                                 mx::astype(in[2], mx::float32, st), bits, group_size, st);
+    return boxed(mx::astype(f, out, st));
+  }
   return boxed(mx::dequantize(in[0], in[1], biases, group_size, bits, quant_mode(mode),
                               std::nullopt, out, to_mx(s)));
 }
@@ -941,6 +971,26 @@ std::unique_ptr<array> quantized_matmul(const ArrayList& inputs, bool transpose,
   }
   std::optional<mx::array> biases;
   if (mode == 0) biases = in[3];
+  auto st = to_mx(s);
+  const auto& x = in[0];
+  if (transpose && quantized_on_cpu(st, mode, bits, group_size, in[1], in[2]) &&
+      in[3].shape() == in[2].shape() && real_float(x) &&
+      x.shape(-1) == in[2].shape(1) * group_size && x.size() > 0) {
+    const int64_t k = x.shape(-1);
+    auto x2 = mx::reshape(mx::astype(x, mx::float32, st), {-1, static_cast<int>(k)}, st);
+    auto sc = mx::astype(in[2], mx::float32, st);
+    auto bi = mx::astype(in[3], mx::float32, st);
+    auto y = x2.shape(0) <= kQuantizedKernelRows
+                 ? kernels::quantized_matmul(x2, in[1], sc, bi, bits, group_size, st)
+                 : matmul_routed(x2,
+                                 mx::transpose(kernels::dequantize(in[1], sc, bi, bits,
+                                                                   group_size, st),
+                                               st),
+                                 st);
+    auto shape = x.shape();
+    shape.back() = in[1].shape(0);
+    return boxed(mx::astype(mx::reshape(y, shape, st), x.dtype(), st));
+  }
   return boxed(mx::quantized_matmul(in[0], in[1], in[2], biases, transpose, group_size, bits,
                                     quant_mode(mode), to_mx(s)));
 }

@@ -464,4 +464,169 @@ float max_f32(const float* src, size_t n) { return extremum<true>(src, n); }
 
 float min_f32(const float* src, size_t n) { return extremum<false>(src, n); }
 
+namespace {
+
+// Value t of the word: its bits [t * bits, (t + 1) * bits).
+inline float quant_value(uint32_t word, int t, int bits) {
+  return static_cast<float>((word >> (t * bits)) & ((1u << bits) - 1u));
+}
+
+}  // namespace
+
+void qmm_permute_f32(const float* x, float* xp, size_t k, int bits) {
+  const size_t per = 32 / static_cast<size_t>(bits);
+  const size_t chunk = kQuantLanes * per;
+  size_t c = 0;
+  for (; c + chunk <= k; c += chunk) {
+    for (size_t lane = 0; lane < kQuantLanes; ++lane) {
+      for (size_t t = 0; t < per; ++t) {
+        xp[c + t * kQuantLanes + lane] = x[c + lane * per + t];
+      }
+    }
+  }
+  for (; c < k; ++c) xp[c] = x[c];
+}
+
+// 16 lanes of float and uint32 (GCC's vector extensions: one AVX-512 register, two AVX2
+// ones or four SSE ones, as the clone compiles them).
+typedef float v16f __attribute__((vector_size(4 * kQuantLanes)));
+typedef uint32_t v16u __attribute__((vector_size(4 * kQuantLanes)));
+
+template <int Bits>
+[[gnu::always_inline]] inline void qmm_rows(const float* xp, const float* xsum, size_t m, size_t k,
+                                            const uint32_t* w, const float* scales,
+                                            const float* biases, size_t rows, size_t group,
+                                            float* y, size_t ldy) {
+  constexpr size_t per = 32 / Bits;
+  constexpr size_t chunk = kQuantLanes * per;
+  constexpr uint32_t mask = (1u << Bits) - 1u;
+  const size_t words = k / per;
+  const size_t groups = k / group;
+  const size_t full = k / chunk * chunk;
+  // A chunk lies inside one group, or starts a group and spans several (powers of two).
+  const bool one_group = chunk <= group;
+  size_t lane_group[kQuantLanes];
+  for (size_t lane = 0; lane < kQuantLanes; ++lane) {
+    lane_group[lane] = one_group ? 0 : lane * per / group;
+  }
+  // The scales of a chunk's lanes: its groups' scales, each repeated over its lanes.
+  auto chunk_scales = [&](const float* sg) __attribute__((always_inline)) {
+    v16f sc;
+    for (size_t lane = 0; lane < kQuantLanes; ++lane) sc[lane] = sg[lane_group[lane]];
+    return sc;
+  };
+  v16f vals[per];
+  v16f tot[16];
+  if (m == 1) {
+    // One row of x (a decode step): unpack and multiply in registers.
+    for (size_t r = 0; r < rows; ++r) {
+      const uint32_t* wr = w + r * words;
+      const float* sr = scales + r * groups;
+      v16f t1{};
+      for (size_t c = 0; c < full; c += chunk) {
+        v16u word;
+        std::memcpy(&word, wr + c / per, sizeof(word));
+        v16f partial{};
+        for (size_t t = 0; t < per; ++t) {
+          v16f xv;
+          std::memcpy(&xv, xp + c + t * kQuantLanes, sizeof(xv));
+          partial += xv * __builtin_convertvector(
+                              (word >> static_cast<uint32_t>(t * Bits)) & mask, v16f);
+        }
+        t1 += one_group ? partial * sr[c / group] : partial * chunk_scales(sr + c / group);
+      }
+      float acc = 0.0f;
+      for (size_t lane = 0; lane < kQuantLanes; ++lane) acc += t1[lane];
+      for (size_t c = full; c < k; ++c) {
+        acc += xp[c] * sr[c / group] * quant_value(wr[c / per], static_cast<int>(c % per), Bits);
+      }
+      const float* br = biases + r * groups;
+      for (size_t g = 0; g < groups; ++g) acc += br[g] * xsum[g];
+      y[r] = acc;
+    }
+    return;
+  }
+  for (size_t r = 0; r < rows; ++r) {
+    const uint32_t* wr = w + r * words;
+    const float* sr = scales + r * groups;
+    const float* br = biases + r * groups;
+    for (size_t mi = 0; mi < m; ++mi) tot[mi] = v16f{};
+    for (size_t c = 0; c < full; c += chunk) {
+      v16u word;
+      std::memcpy(&word, wr + c / per, sizeof(word));
+      for (size_t t = 0; t < per; ++t) {
+        vals[t] = __builtin_convertvector((word >> static_cast<uint32_t>(t * Bits)) & mask, v16f);
+      }
+      const v16f sc = one_group ? v16f{} + sr[c / group] : chunk_scales(sr + c / group);
+      for (size_t mi = 0; mi < m; ++mi) {
+        const float* xc = xp + mi * k + c;
+        v16f partial{};
+        for (size_t t = 0; t < per; ++t) {
+          v16f xv;
+          std::memcpy(&xv, xc + t * kQuantLanes, sizeof(xv));
+          partial += xv * vals[t];
+        }
+        tot[mi] += partial * sc;
+      }
+    }
+    for (size_t mi = 0; mi < m; ++mi) {
+      float acc = 0.0f;
+      for (size_t lane = 0; lane < kQuantLanes; ++lane) acc += tot[mi][lane];
+      // The tail (in order) and the biases.
+      const float* xt = xp + mi * k;
+      for (size_t c = full; c < k; ++c) {
+        acc += xt[c] * sr[c / group] * quant_value(wr[c / per], static_cast<int>(c % per), Bits);
+      }
+      const float* xs = xsum + mi * groups;
+      for (size_t g = 0; g < groups; ++g) acc += br[g] * xs[g];
+      y[mi * ldy + r] = acc;
+    }
+  }
+}
+
+NXMLX_CLONES
+void qmm_rows_f32(const float* xp, const float* xsum, size_t m, size_t k, const uint32_t* w,
+                  const float* scales, const float* biases, size_t rows, size_t group, int bits,
+                  float* y, size_t ldy) {
+  switch (bits) {
+    case 2: return qmm_rows<2>(xp, xsum, m, k, w, scales, biases, rows, group, y, ldy);
+    case 4: return qmm_rows<4>(xp, xsum, m, k, w, scales, biases, rows, group, y, ldy);
+    default: return qmm_rows<8>(xp, xsum, m, k, w, scales, biases, rows, group, y, ldy);
+  }
+}
+
+template <int Bits>
+[[gnu::always_inline]] inline void dequantize_rows(const uint32_t* w, const float* scales,
+                                                   const float* biases, size_t rows, size_t k,
+                                                   size_t group, float* dst) {
+  constexpr size_t per = 32 / Bits;
+  constexpr uint32_t mask = (1u << Bits) - 1u;
+  const size_t groups = k / group;
+  const size_t words = group / per;
+  for (size_t r = 0; r < rows; ++r) {
+    for (size_t g = 0; g < groups; ++g) {
+      const float s = scales[r * groups + g];
+      const float b = biases[r * groups + g];
+      const uint32_t* wg = w + (r * groups + g) * words;
+      float* o = dst + r * k + g * group;
+      for (size_t i = 0; i < words; ++i) {
+        const uint32_t word = wg[i];
+        for (size_t t = 0; t < per; ++t) {
+          o[i * per + t] = s * static_cast<float>((word >> (t * Bits)) & mask) + b;
+        }
+      }
+    }
+  }
+}
+
+NXMLX_CLONES
+void dequantize_rows_f32(const uint32_t* w, const float* scales, const float* biases, size_t rows,
+                         size_t k, size_t group, int bits, float* dst) {
+  switch (bits) {
+    case 2: return dequantize_rows<2>(w, scales, biases, rows, k, group, dst);
+    case 4: return dequantize_rows<4>(w, scales, biases, rows, k, group, dst);
+    default: return dequantize_rows<8>(w, scales, biases, rows, k, group, dst);
+  }
+}
+
 }  // namespace nxmlx::simd

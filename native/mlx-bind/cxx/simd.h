@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace nxmlx::simd {
 
@@ -60,5 +61,26 @@ void normalize_scale_f32(const float* src, float* dst, size_t n, double scale, c
 // The largest (smallest) of src[0..n), n >= 1; NaN if any is NaN.
 float max_f32(const float* src, size_t n);
 float min_f32(const float* src, size_t n);
+
+// Affine quantized rows (MLX's layout: `bits` in {2, 4, 8}, values in order, little-endian
+// within each uint32 word; a scale and a bias per `group` values, group a multiple of 32).
+// A word chunk is kQuantLanes consecutive words of one row; `qmm_permute_f32` reorders a row
+// of x so that value t of word `lane` of each chunk meets its x at [t * kQuantLanes + lane]
+// (a k not a multiple of the chunk keeps its tail in order).
+constexpr size_t kQuantLanes = 8;
+
+void qmm_permute_f32(const float* x, float* xp, size_t k, int bits);
+
+// y[mi * ldy + r] = sum_c x[mi, c] * (scale[r, c / group] * q[r, c] + bias[r, c / group]) for
+// the `rows` rows of w (words_per_row = k * bits / 32) and the m rows of x, given permuted
+// (xp, m x k) and the sums of x over each group (xsum, m x k / group). m <= 16. Accumulated
+// in float: products of a chunk, then the chunks, then the lanes.
+void qmm_rows_f32(const float* xp, const float* xsum, size_t m, size_t k, const uint32_t* w,
+                  const float* scales, const float* biases, size_t rows, size_t group, int bits,
+                  float* y, size_t ldy);
+
+// The values of `rows` quantized rows of k values each, as float rows (dst: rows x k).
+void dequantize_rows_f32(const uint32_t* w, const float* scales, const float* biases, size_t rows,
+                         size_t k, size_t group, int bits, float* dst);
 
 }  // namespace nxmlx::simd

@@ -397,7 +397,9 @@ fn tensordot_contracts_any_axes_as_a_naive_sum() {
 fn quantized_matmul_equals_the_product_of_the_dequantized_weight() {
     let s = cpu();
     let (n, k) = (8usize, 64usize);
-    let w: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
     let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.13).sin()).collect();
     let wa = Array::from_bytes(&f32s(&w), &[n as i64, k as i64], Dtype::F32).unwrap();
     let xa = Array::from_bytes(&f32s(&x), &[1, k as i64], Dtype::F32).unwrap();
@@ -428,7 +430,10 @@ fn quantized_matmul_equals_the_product_of_the_dequantized_weight() {
     let y = read_f32(&quantized_matmul(&inputs, true, q, &s).unwrap(), &s);
     for (row, &got) in y.iter().enumerate() {
         let want: f32 = (0..k).map(|j| x[j] * dq[row * k + j]).sum();
-        assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "{got} vs {want}");
+        assert!(
+            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+            "{got} vs {want}"
+        );
     }
     // Layouts MLX does not run, and operand lists that do not fit, are errors.
     let bad = Quant { bits: 7, ..q };
