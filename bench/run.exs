@@ -39,7 +39,7 @@ alias Bench.{Harness, Plot, Suites}
   unfused
 )
 
-all_suites = ~w(dispatch matmul elementwise transformer mlp fast)
+all_suites = ~w(dispatch matmul elementwise transformer mlp fast quant decode)
 extra_suites = ~w(soak)
 
 {opts, suites, invalid} =
@@ -180,7 +180,7 @@ raw_bin =
      end).()
 
 # The raw bench has no fast suite (its reference is the composed form, run on NxMlx).
-raw_suites = suites -- ["fast"]
+raw_suites = suites -- ["fast", "quant", "decode"]
 
 # The raw bench computes with the TF32 setting NxMlx runs with (given no suite it runs all).
 {raw_out, raw_status} =
@@ -212,13 +212,21 @@ settings =
 
 torch_keys =
   cond do
+    # The quant suite compares weight formats on NxMlx: no PyTorch reference.
+    suites -- ["quant"] == [] ->
+      %{}
+
     path = System.get_env("NX_MLX_TORCH_KEYS") ->
       Harness.parse_keys(File.read!(path))
 
     python = System.find_executable(System.get_env("NX_MLX_TORCH_PYTHON", "python3")) ->
       script = Path.join(root, "bench/reference/torch_bench.py")
       torch_device = if device == :gpu, do: "cuda", else: "cpu"
-      args = [script, "--device", torch_device] ++ if(quick?, do: ["--quick"], else: []) ++ suites
+      torch_suites = suites -- ["quant"]
+
+      args =
+        [script, "--device", torch_device] ++
+          if(quick?, do: ["--quick"], else: []) ++ torch_suites
 
       case System.cmd(python, args, stderr_to_stdout: true) do
         {out, 0} ->
@@ -244,6 +252,8 @@ suite_of = fn
   "layer_norm_" <> _ -> "fast"
   "rope_" <> _ -> "fast"
   "sdpa_" <> _ -> "fast"
+  "qmm_" <> _ -> "quant"
+  "decode_" <> _ -> "decode"
   "softmax_" <> rest -> if String.contains?(rest, "x"), do: "fast", else: "elementwise"
   name when name in ~w(dispatch readback jit_call jit_lookup replay_op while_iter) -> "dispatch"
   name -> if String.match?(name, ~r/^(add|exp|sum|softmax|gelu)_/), do: "elementwise", else: nil
@@ -302,6 +312,8 @@ all_rows =
         "transformer" -> Suites.transformer(settings, backend, device)
         "mlp" -> Suites.mlp(settings, backend, device)
         "fast" -> Suites.fast(settings, backend, device)
+        "quant" -> Suites.quant(settings, backend, device)
+        "decode" -> Suites.decode(settings, backend, device)
       end
 
     refs =
@@ -375,7 +387,10 @@ by_impl = fn impl, c -> Enum.find(all_rows, &(&1.impl == impl and &1.case == c))
 lane_refs = [
   {"defn", ["raw_mlx", "pytorch", "pytorch_sdpa"]},
   {"fast", ["pytorch", "pytorch_sdpa", "defn"]},
-  {"fused", ["raw_mlx_compiled", "pytorch", "pytorch_sdpa", "defn"]}
+  {"fused", ["raw_mlx_compiled", "pytorch", "pytorch_sdpa", "defn"]},
+  {"q4", ["bf16"]},
+  {"q8", ["bf16"]},
+  {"mxfp4", ["bf16"]}
 ]
 
 defn_lines =
@@ -424,7 +439,20 @@ unfused_lines =
       ["fused_unfused_events: #{length(reasons)} (#{reasons |> Enum.uniq() |> Enum.join("; ")})"]
   end
 
-key_lines = key_lines ++ defn_lines ++ unfused_lines
+# decode: tokens per second (the new tokens over prefill and generation), and the 4-bit
+# model's speed against the bf16 one (their times' ratio: higher is faster).
+decode_lines =
+  for %{suite: "decode", case: c, impl: impl, median: ms} <- all_rows do
+    prefix = if impl == "nx_mlx", do: "", else: "#{impl}."
+    "#{prefix}#{c}_tokens_per_s: #{Harness.fmt(Suites.decode_tokens() / (ms / 1.0e3))}"
+  end ++
+    for base <- ["bf16", "f32"],
+        %{median: q} <- [by_impl.("nx_mlx", "decode_gpt2s_q4")],
+        %{median: b} <- [by_impl.("nx_mlx", "decode_gpt2s_#{base}")] do
+      "decode_gpt2s_q4_vs_#{base}: #{:erlang.float_to_binary(b / q, decimals: 3)}"
+    end
+
+key_lines = key_lines ++ defn_lines ++ decode_lines ++ unfused_lines
 
 suites_rows = for s <- suites, do: {s, Enum.filter(all_rows, &(&1.suite == s))}
 Harness.write_markdown(Path.join(results, "tables.md"), machine, suites_rows)

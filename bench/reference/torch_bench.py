@@ -2,7 +2,7 @@
 
     python3 bench/reference/torch_bench.py [--device cuda|cpu] [--quick] [suite ...]
 
-Suites: dispatch, matmul, elementwise, transformer, mlp, blas (bench/README.md defines the
+Suites: dispatch, matmul, elementwise, transformer, mlp, blas, fast, decode (bench/README.md defines the
 cases; blas is the raw bench's model-shaped f32 matmuls, for bench/compare-blas).
 On the CPU, PyTorch runs with as many threads as the machine has cores.
 Each case is timed as in bench/run.exs: warm-up runs, then timed runs (at least 5, at most
@@ -267,7 +267,70 @@ def fast(s, device):
         emit(f"sdpa_causal_{heads}", measure(s, device, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
 
 
-SUITES = {"dispatch": dispatch, "matmul": matmul, "elementwise": elementwise, "transformer": transformer, "mlp": mlp, "blas": blas, "fast": fast}
+VOCAB, LAYERS = 50257, 12
+
+
+def gpt2_params(dtype, device):
+    w = lambda shape, seed: uniform(shape, dtype, seed, 0.02, device)
+    ones = lambda seed: (w((HIDDEN,), seed).float() + 1.0).to(dtype)
+    layers = []
+    for i in range(LAYERS):
+        s = 100 + 20 * i
+        layers.append(dict(
+            ln1_g=ones(s), ln1_b=w((HIDDEN,), s + 1),
+            qkv_w=w((HIDDEN, 3 * HIDDEN), s + 2), qkv_b=w((3 * HIDDEN,), s + 3),
+            proj_w=w((HIDDEN, HIDDEN), s + 4), proj_b=w((HIDDEN,), s + 5),
+            ln2_g=ones(s + 6), ln2_b=w((HIDDEN,), s + 7),
+            fc_w=w((HIDDEN, FF), s + 8), fc_b=w((FF,), s + 9),
+            out_w=w((FF, HIDDEN), s + 10), out_b=w((HIDDEN,), s + 11),
+        ))
+    wte = w((VOCAB, HIDDEN), 90)
+    return dict(wte=wte, wpe=w((1024, HIDDEN), 91), lnf_g=ones(92), lnf_b=w((HIDDEN,), 93),
+                head=wte.t().contiguous(), layers=layers)
+
+
+def gpt2_forward(tokens, pos, caches, p):
+    """bench/run.exs's decode model: pre-LN layers, tanh GELU, F.scaled_dot_product_attention
+    over a static KV cache (preallocated, written in place, attended up to its filled part)."""
+    n = tokens.shape[1]
+    hd = HIDDEN // HEADS
+    x = p["wte"][tokens] + p["wpe"][pos:pos + n][None]
+    for l, (kc, vc) in zip(p["layers"], caches):
+        h = F.layer_norm(x, (HIDDEN,), l["ln1_g"], l["ln1_b"], eps=1e-5)
+        qkv = h @ l["qkv_w"] + l["qkv_b"]
+        q, k, v = (t.reshape(1, n, HEADS, hd).transpose(1, 2) for t in qkv.split(HIDDEN, dim=-1))
+        kc[:, :, pos:pos + n] = k
+        vc[:, :, pos:pos + n] = v
+        a = F.scaled_dot_product_attention(q, kc[:, :, :pos + n], vc[:, :, :pos + n], is_causal=n > 1)
+        x = x + (a.transpose(1, 2).reshape(1, n, HIDDEN) @ l["proj_w"] + l["proj_b"])
+        h = F.layer_norm(x, (HIDDEN,), l["ln2_g"], l["ln2_b"], eps=1e-5)
+        x = x + (F.gelu(h @ l["fc_w"] + l["fc_b"], approximate="tanh") @ l["out_w"] + l["out_b"])
+    h = F.layer_norm(x[:, -1], (HIDDEN,), p["lnf_g"], p["lnf_b"], eps=1e-5)
+    return torch.argmax(h @ p["head"], dim=-1, keepdim=True)
+
+
+def decode(s, device):
+    """GPT-2-small-shaped greedy generation: a 128-token prompt, then 128 new tokens."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    prompt, new = 128, 128
+    p = gpt2_params(dtype, device)
+    tokens = (torch.arange(prompt, device=device) % VOCAB)[None]
+    hd = HIDDEN // HEADS
+
+    def generate():
+        caches = [(torch.zeros(1, HEADS, prompt + new, hd, dtype=dtype, device=device),
+                   torch.zeros(1, HEADS, prompt + new, hd, dtype=dtype, device=device))
+                  for _ in range(LAYERS)]
+        token = gpt2_forward(tokens, 0, caches, p)
+        for i in range(new - 1):
+            token = gpt2_forward(token, prompt + i, caches, p)
+        return token
+
+    with torch.no_grad():
+        emit(f"decode_gpt2s_{NAMES[dtype]}", measure(s, device, generate))
+
+
+SUITES = {"dispatch": dispatch, "matmul": matmul, "elementwise": elementwise, "transformer": transformer, "mlp": mlp, "blas": blas, "fast": fast, "decode": decode}
 
 
 def main():

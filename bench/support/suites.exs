@@ -423,11 +423,232 @@ defmodule Bench.Suites do
     |> List.flatten()
   end
 
+  ## quant: decode-shape matmul chains, bf16 weights against quantized ones
+
+  # A chain of n matmuls x · W1 · W2 ... (x {1, d}, each W {d, d}) in one jitted call, so the
+  # GPU is kept busy and each matmul costs what reading its weights costs: bf16 against
+  # 4- and 8-bit affine weights (group size 64) and mxfp4 where the device runs it. Also one
+  # matmul alone (a call's latency) and the first call of the 4-bit chain (compiling MLX's
+  # kernels: NVRTC on CUDA).
+  def quant(settings, backend, device) do
+    {n, d} = if device == :gpu, do: {32, 4096}, else: {8, 2048}
+    x = uniform({1, d}, {:bf, 16}, 1, 1.0, backend)
+    ws = for i <- 1..n, do: uniform({d, d}, {:bf, 16}, i + 1, 1.0 / :math.sqrt(d), backend)
+    chain = fn x, ws -> Enum.reduce(Tuple.to_list(ws), x, &Nx.dot(&2, &1)) end
+    one = fn x, w -> Nx.dot(x, w) end
+
+    layouts = [
+      {"bf16", nil},
+      {"q4", [bits: 4, group_size: 64]},
+      {"q8", [bits: 8, group_size: 64]},
+      {"mxfp4", [mode: :mxfp4]}
+    ]
+
+    for {impl, opts} <- layouts do
+      try do
+        weights = if opts, do: Enum.map(ws, &NxMlx.Quantized.quantize(&1, opts)), else: ws
+        weights = List.to_tuple(Enum.map(weights, &sync_quantized/1))
+        f = Nx.Defn.jit(chain, compiler: NxMlx, device: device, on_unsupported: :raise)
+        g = Nx.Defn.jit(one, compiler: NxMlx, device: device, on_unsupported: :raise)
+        t0 = System.monotonic_time()
+        sync(f.(x, weights))
+
+        first =
+          System.convert_time_unit(System.monotonic_time() - t0, :native, :microsecond) / 1.0e3
+
+        first = %{median: first, p10: first, p90: first}
+
+        [
+          row(
+            "quant",
+            "qmm_chain#{n}_1x#{d}x#{d}",
+            impl,
+            Harness.measure(settings, fn -> sync(f.(x, weights)) end)
+          ),
+          row(
+            "quant",
+            "qmm_1x#{d}x#{d}",
+            impl,
+            Harness.measure(settings, fn -> sync(g.(x, elem(weights, 0))) end)
+          ),
+          row("quant", "qmm_chain#{n}_first_call", impl, first)
+        ]
+      rescue
+        e in ArgumentError ->
+          IO.puts(:stderr, "quant: #{impl} not run on #{device}: #{Exception.message(e)}")
+          []
+      end
+    end
+    |> List.flatten()
+  end
+
+  defp sync_quantized(%Nx.Tensor{data: %NxMlx.Backend{quant: %NxMlx.Quantized{} = q}} = t) do
+    Enum.each([q.packed, q.scales, q.biases], fn p -> p && sync(p) end)
+    t
+  end
+
+  defp sync_quantized(t), do: sync(t)
+
   ## transformer: one pre-LN encoder block (12 heads, hidden 768, MLP 3072, exact GELU)
 
   @hidden 768
   @heads 12
   @ff 3072
+
+  ## decode: a GPT-2-small-shaped decoder generating greedily with a KV cache
+
+  @vocab 50_257
+  @layers 12
+
+  # 12 pre-LN layers (hidden 768, 12 heads, MLP 3072, tanh GELU), learned positions, a
+  # 50,257-token head; random weights. The prompt (128 tokens) runs as one prefill call, then
+  # each of the 128 new tokens as one jitted step (NxMlx.Fast's layer norm and cached
+  # attention; the caches hold 256 entries and stay on the device, as does each token).
+  # Timed: prefill and the 128 steps, ending when the last token is computed. bf16 on the GPU,
+  # f32 on the CPU, and with 4-bit affine weights (group size 64: every kernel and the head).
+  @prompt 128
+  @new_tokens 128
+
+  @doc "The tokens each decode case generates."
+  def decode_tokens, do: @new_tokens
+
+  def decode(settings, backend, device) do
+    {prompt, new} = {@prompt, @new_tokens}
+    type = if device == :gpu, do: {:bf, 16}, else: {:f, 32}
+    params = gpt2_params(type, backend)
+    tokens = Nx.remainder(Nx.iota({1, prompt}, type: :s32, backend: backend), @vocab)
+    capacity = prompt + new
+
+    variants = [
+      {"decode_gpt2s_#{type_name(type)}", params},
+      {"decode_gpt2s_q4", gpt2_quantized(params, bits: 4, group_size: 64)}
+    ]
+
+    for {name, p} <- variants do
+      caches = gpt2_caches(type, capacity, backend)
+
+      prefill =
+        Nx.Defn.jit(&gpt2_forward/4, compiler: NxMlx, device: device, on_unsupported: :raise)
+
+      step = Nx.Defn.jit(&gpt2_forward/4, compiler: NxMlx, device: device, on_unsupported: :raise)
+
+      generate = fn ->
+        {token, caches} = prefill.(tokens, Nx.tensor(0, type: :s32, backend: backend), caches, p)
+
+        {token, _caches} =
+          Enum.reduce(0..(new - 2)//1, {token, caches}, fn i, {token, caches} ->
+            step.(token, Nx.tensor(prompt + i, type: :s32, backend: backend), caches, p)
+          end)
+
+        sync(token)
+      end
+
+      t = Harness.measure(settings, generate)
+      row("decode", name, "nx_mlx", t)
+    end
+  end
+
+  # One forward over `tokens` {1, n} at `position`: the caches updated and the greedy next
+  # token {1, 1}.
+  @doc false
+  def gpt2_forward(tokens, position, caches, p) do
+    n = elem(tokens.shape, 1)
+    positions = Nx.add(Nx.iota({n}, type: :s32), position)
+    x = Nx.add(Nx.take(p.wte, tokens), Nx.take(p.wpe, positions) |> Nx.new_axis(0))
+
+    {x, caches} =
+      Enum.zip(Tuple.to_list(p.layers), Tuple.to_list(caches))
+      |> Enum.map_reduce(x, fn {l, {kc, vc}}, x ->
+        {x, kc, vc} = gpt2_layer(x, l, kc, vc, position)
+        {{kc, vc}, x}
+      end)
+      |> then(fn {caches, x} -> {x, List.to_tuple(caches)} end)
+
+    last = x[[.., -1, ..]]
+    h = NxMlx.Fast.layer_norm(last, p.lnf_g, p.lnf_b, eps: 1.0e-5)
+    logits = Nx.dot(h, p.head)
+    {Nx.argmax(logits, axis: -1, keep_axis: true) |> Nx.as_type(:s32), caches}
+  end
+
+  defp gpt2_layer(x, l, kc, vc, position) do
+    {b, n, _} = x.shape
+    hd = div(@hidden, @heads)
+    h = NxMlx.Fast.layer_norm(x, l.ln1_g, l.ln1_b, eps: 1.0e-5)
+    qkv = Nx.add(Nx.dot(h, l.qkv_w), l.qkv_b)
+    heads = fn t -> t |> Nx.reshape({b, n, @heads, hd}) |> Nx.transpose(axes: [0, 2, 1, 3]) end
+    q = heads.(qkv[[.., .., 0..(@hidden - 1)]])
+    k = heads.(qkv[[.., .., @hidden..(2 * @hidden - 1)]])
+    v = heads.(qkv[[.., .., (2 * @hidden)..(3 * @hidden - 1)]])
+    {a, kc, vc} = NxMlx.Fast.cached_attention(q, k, v, kc, vc, position)
+    a = a |> Nx.transpose(axes: [0, 2, 1, 3]) |> Nx.reshape({b, n, @hidden})
+    x = Nx.add(x, Nx.add(Nx.dot(a, l.proj_w), l.proj_b))
+    h = NxMlx.Fast.layer_norm(x, l.ln2_g, l.ln2_b, eps: 1.0e-5)
+    f = NxMlx.Fast.gelu(Nx.add(Nx.dot(h, l.fc_w), l.fc_b), approximate: :tanh)
+    {Nx.add(x, Nx.add(Nx.dot(f, l.out_w), l.out_b)), kc, vc}
+  end
+
+  @doc false
+  def gpt2_params(type, backend) do
+    w = fn shape, seed -> uniform(shape, type, seed, 0.02, backend) end
+    ones = fn seed -> Nx.add(w.({@hidden}, seed), 1.0) |> Nx.as_type(type) end
+
+    layers =
+      for i <- 0..(@layers - 1) do
+        s = 100 + 20 * i
+
+        %{
+          ln1_g: ones.(s),
+          ln1_b: w.({@hidden}, s + 1),
+          qkv_w: w.({@hidden, 3 * @hidden}, s + 2),
+          qkv_b: w.({3 * @hidden}, s + 3),
+          proj_w: w.({@hidden, @hidden}, s + 4),
+          proj_b: w.({@hidden}, s + 5),
+          ln2_g: ones.(s + 6),
+          ln2_b: w.({@hidden}, s + 7),
+          fc_w: w.({@hidden, @ff}, s + 8),
+          fc_b: w.({@ff}, s + 9),
+          out_w: w.({@ff, @hidden}, s + 10),
+          out_b: w.({@hidden}, s + 11)
+        }
+      end
+
+    wte = w.({@vocab, @hidden}, 90)
+
+    %{
+      wte: wte,
+      wpe: w.({1024, @hidden}, 91),
+      lnf_g: ones.(92),
+      lnf_b: w.({@hidden}, 93),
+      head: sync(Nx.transpose(wte)),
+      layers: List.to_tuple(layers)
+    }
+  end
+
+  # Every kernel and the head quantized; embeddings, norms and biases as they are.
+  @doc false
+  def gpt2_quantized(p, opts) do
+    q = fn t -> t |> NxMlx.Quantized.quantize(opts) |> sync_quantized() end
+    kernels = [:qkv_w, :proj_w, :fc_w, :out_w]
+
+    layers =
+      p.layers
+      |> Tuple.to_list()
+      |> Enum.map(fn l -> Enum.reduce(kernels, l, &Map.update!(&2, &1, q)) end)
+
+    %{p | head: q.(p.head), layers: List.to_tuple(layers)}
+  end
+
+  @doc false
+  def gpt2_caches(type, capacity, backend) do
+    zeros = fn ->
+      Nx.broadcast(
+        Nx.tensor(0, type: type, backend: backend),
+        {1, @heads, capacity, div(@hidden, @heads)}
+      )
+    end
+
+    List.to_tuple(for _ <- 1..@layers, do: {sync(zeros.()), sync(zeros.())})
+  end
 
   def transformer(settings, backend, device) do
     cases =
