@@ -34,6 +34,16 @@ defmodule NxMlx.Quantized do
   tests for the tolerances). A mode the device's MLX build cannot run raises
   `ArgumentError` naming the op.
 
+  ## Where it runs
+
+  On the GPU, MLX's quantized kernels. On the CPU device MLX's quantized matmul is a scalar
+  loop (1 x 2048 times a 4-bit 2048 x 2048 weight: 5.9 ms with f32 activations, 55 ms with
+  bf16, against 0.77 ms for the f32 matrix-vector product, 2 vCPUs), so affine 2-, 4- and
+  8-bit weights with group sizes 32, 64 and 128 run in our own vectorised, threaded kernel
+  in f32 (1.0-1.6 ms there; 1 x 4096 times 4096 x 4096: 1.9-2.8 ms against 3.2-4.3 ms for f32
+  weights) up to 8 rows of activations, and as the dequantized weight times a BLAS matmul
+  past that; other CPU layouts (3, 5, 6 bits and the float modes) run MLX's loop.
+
   ## More
 
     * `quantize_params/2` quantizes the dense kernels of a parameter map (or an

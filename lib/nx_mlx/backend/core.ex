@@ -141,6 +141,16 @@ defmodule NxMlx.Backend.Core do
   # The MLX array of `t`. Arrays of another queue or device are used in place: the NIF has
   # them evaluated on their own queue first when they are still lazy. Tensors of other
   # backends are copied in.
+  # A tensor received from another node holds a reference to an array of that node's VM.
+  def ref!(%T{data: %NxMlx.Backend{ref: ref}} = t, _device)
+      when is_reference(ref) and node(ref) != node() do
+    raise ArgumentError,
+          "NxMlx.Backend: the #{inspect(t.type)} tensor of shape #{inspect(t.shape)} holds an " <>
+            "MLX array of node #{inspect(node(ref))}, which this node cannot read: copy " <>
+            "tensors to Nx.BinaryBackend before sending them to another node (for Nx.Serving: " <>
+            "distributed_postprocessing and batched_run's distributed_preprocessing)"
+  end
+
   def ref!(%T{data: %NxMlx.Backend{quant: nil, ref: ref}}, _device), do: ref
 
   # A quantized tensor's values (see NxMlx.Backend.Quantized).
