@@ -99,7 +99,11 @@ defmodule NxMlx.ServingTest do
   test "a distributed serving on a peer node running NxMlx answers this node" do
     unless Node.alive?() do
       System.cmd("epmd", ["-daemon"])
-      {:ok, _} = Node.start(:"nx_mlx_test_#{System.unique_integer([:positive])}", :shortnames)
+      name = :"nx_mlx_test_#{System.unique_integer([:positive])}"
+
+      with {:error, reason} <- Node.start(name, :shortnames) do
+        flunk("Erlang distribution did not start on this machine: #{inspect(reason)}")
+      end
     end
 
     paths = Enum.flat_map(:code.get_path(), &[~c"-pa", &1])
