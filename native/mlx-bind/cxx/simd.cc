@@ -479,8 +479,11 @@ void qmm_permute_f32(const float* x, float* xp, size_t k, int bits) {
   size_t c = 0;
   for (; c + chunk <= k; c += chunk) {
     for (size_t lane = 0; lane < kQuantLanes; ++lane) {
+      // Value t < per - 1 is read in place, as q * 2^(t * bits) (masked, not shifted): its x
+      // is scaled by 2^(-t * bits), exactly, so that the product is x * q.
       for (size_t t = 0; t < per; ++t) {
-        xp[c + t * kQuantLanes + lane] = x[c + lane * per + t];
+        const float scale = t + 1 < per ? std::ldexp(1.0f, -static_cast<int>(t) * bits) : 1.0f;
+        xp[c + t * kQuantLanes + lane] = x[c + lane * per + t] * scale;
       }
     }
   }
@@ -491,6 +494,19 @@ void qmm_permute_f32(const float* x, float* xp, size_t k, int bits) {
 // ones or four SSE ones, as the clone compiles them).
 typedef float v16f __attribute__((vector_size(4 * kQuantLanes)));
 typedef uint32_t v16u __attribute__((vector_size(4 * kQuantLanes)));
+
+// Value t of each lane's word as a float: q * 2^(t * bits) for t < per - 1 (a mask, no
+// shift: the permuted x carries the 2^(-t * bits)), q itself for the last (a shift; masking
+// would reach the sign bit of the conversion).
+template <int Bits>
+[[gnu::always_inline]] inline v16f lane_values(v16u word, size_t t) {
+  constexpr size_t per = 32 / Bits;
+  constexpr uint32_t mask = (1u << Bits) - 1u;
+  if (t + 1 < per) {
+    return __builtin_convertvector(word & (mask << static_cast<uint32_t>(t * Bits)), v16f);
+  }
+  return __builtin_convertvector(word >> static_cast<uint32_t>(t * Bits), v16f);
+}
 
 template <int Bits>
 [[gnu::always_inline]] inline void qmm_rows(const float* xp, const float* xsum, size_t m, size_t k,
@@ -526,13 +542,16 @@ template <int Bits>
       for (size_t c = 0; c < full; c += chunk) {
         v16u word;
         std::memcpy(&word, wr + c / per, sizeof(word));
-        v16f partial{};
-        for (size_t t = 0; t < per; ++t) {
-          v16f xv;
+        // Two accumulators: a chain of per dependent multiply-adds would wait on each one.
+        v16f even{}, odd{};
+        for (size_t t = 0; t < per; t += 2) {
+          v16f xv, xw;
           std::memcpy(&xv, xp + c + t * kQuantLanes, sizeof(xv));
-          partial += xv * __builtin_convertvector(
-                              (word >> static_cast<uint32_t>(t * Bits)) & mask, v16f);
+          std::memcpy(&xw, xp + c + (t + 1) * kQuantLanes, sizeof(xw));
+          even += xv * lane_values<Bits>(word, t);
+          odd += xw * lane_values<Bits>(word, t + 1);
         }
+        const v16f partial = even + odd;
         t1 += one_group ? partial * sr[c / group] : partial * chunk_scales(sr + c / group);
       }
       float acc = 0.0f;
@@ -554,9 +573,7 @@ template <int Bits>
     for (size_t c = 0; c < full; c += chunk) {
       v16u word;
       std::memcpy(&word, wr + c / per, sizeof(word));
-      for (size_t t = 0; t < per; ++t) {
-        vals[t] = __builtin_convertvector((word >> static_cast<uint32_t>(t * Bits)) & mask, v16f);
-      }
+      for (size_t t = 0; t < per; ++t) vals[t] = lane_values<Bits>(word, t);
       const v16f sc = one_group ? v16f{} + sr[c / group] : chunk_scales(sr + c / group);
       for (size_t mi = 0; mi < m; ++mi) {
         const float* xc = xp + mi * k + c;
