@@ -33,6 +33,14 @@ defmodule NxMlx.Fast do
   to the type's rounding. Integer inputs are computed as f32. Gradients (`Nx.Defn.grad/2`)
   differentiate the default function. Vectorized tensors are refused with an
   `ArgumentError` (`Nx.devectorize/2` them first).
+
+  ## Tolerances
+
+  Each function equals its default on `Nx.BinaryBackend` (test/nx_mlx/fast_test.exs, on the
+  CPU and GPU devices, eager and jitted, gradients included) within, absolute and relative
+  on values of magnitude about 1: f32 1.0e-5, f16 4.0e-3, bf16 3.0e-2 (two roundings of the
+  type), and twice those for attention in f16 and bf16 (the scores and weights are rounded
+  to the type before the second product).
   """
 
   import Nx.Defn.Kernel, only: [keyword!: 2]
@@ -85,6 +93,11 @@ defmodule NxMlx.Fast do
   RMS norm over the last axis: `x / sqrt(mean(x^2) + eps) * weight`.
 
   `weight` has the last axis's size (`nil`: no scaling). Options: `:eps` (default 1.0e-5).
+
+      iex> x = Nx.tensor([[3.0, 4.0]], backend: NxMlx.Backend)
+      iex> NxMlx.Fast.rms_norm(x, Nx.tensor([1.0, 2.0]), eps: 0.0)
+      ...> |> Nx.to_flat_list() |> Enum.map(&Float.round(&1, 4))
+      [0.8485, 2.2627]
   """
   def rms_norm(x, weight, opts \\ []) do
     opts = keyword!(opts, eps: 1.0e-5)
@@ -156,6 +169,10 @@ defmodule NxMlx.Fast do
 
   @doc """
   Softmax along `:axis` (default -1): `exp(x - max) / sum(exp(x - max))`.
+
+      iex> NxMlx.Fast.softmax(Nx.tensor([[0.0, 0.0], [0.0, 1000.0]], backend: NxMlx.Backend))
+      ...> |> Nx.to_list()
+      [[0.5, 0.5], [0.0, 1.0]]
   """
   def softmax(x, opts \\ []) do
     opts = keyword!(opts, axis: -1)
@@ -283,6 +300,16 @@ defmodule NxMlx.Fast do
       and implementations agree only to that.
     * `:offset` - the position of the first row: an integer, a scalar integer tensor or one
       offset per batch entry (a `{batch}` integer tensor) (default 0).
+
+  Position 0 is not rotated; a rotation keeps each pair's length:
+
+      iex> x = Nx.broadcast(Nx.tensor(1.0, backend: NxMlx.Backend), {1, 1, 2, 4})
+      iex> y = NxMlx.Fast.rope(x)
+      iex> y[[0, 0, 0]] |> Nx.to_flat_list()
+      [1.0, 1.0, 1.0, 1.0]
+      iex> pairs = Nx.add(Nx.pow(y[[0, 0, 1, 0..1]], 2), Nx.pow(y[[0, 0, 1, 2..3]], 2))
+      iex> pairs |> Nx.to_flat_list() |> Enum.map(&Float.round(&1, 4))
+      [2.0, 2.0]
   """
   def rope(x, opts \\ []) do
     opts =
@@ -448,6 +475,18 @@ defmodule NxMlx.Fast do
       Not with `:causal`.
     * `:sinks` - attention sinks, one logit per query head (`{heads}`): each joins its
       row's softmax as an extra key with no value, taking its share of the weight.
+
+  With equal keys every query attends uniformly, so the result is the mean of the values;
+  causally, row `i` averages the first `i + 1` of them:
+
+      iex> q = Nx.broadcast(Nx.tensor(0.5, backend: NxMlx.Backend), {1, 2, 3, 4})
+      iex> v = Nx.iota({1, 1, 3, 4}, backend: NxMlx.Backend) |> Nx.as_type(:f32)
+      iex> k = Nx.broadcast(Nx.tensor(1.0, backend: NxMlx.Backend), {1, 1, 3, 4})
+      iex> out = NxMlx.Fast.scaled_dot_product_attention(q, k, v, causal: true)
+      iex> out.shape
+      {1, 2, 3, 4}
+      iex> out[[0, 1, .., 0]] |> Nx.to_flat_list() |> Enum.map(&Float.round(&1, 4))
+      [0.0, 2.0, 4.0]
   """
   def scaled_dot_product_attention(q, k, v, opts \\ []) do
     opts = keyword!(opts, scale: nil, causal: false, mask: nil, sinks: nil)

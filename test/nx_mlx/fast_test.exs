@@ -13,6 +13,8 @@ defmodule NxMlx.FastTest do
 
   alias NxMlx.Fast
 
+  doctest NxMlx.Fast
+
   @mlx {NxMlx.Backend, device: NxMlx.TestHelpers.oracle_device()}
   @tol %{{:f, 32} => 1.0e-5, {:f, 16} => 4.0e-3, {:bf, 16} => 3.0e-2}
 
