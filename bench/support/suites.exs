@@ -721,7 +721,8 @@ defmodule Bench.Suites do
 
   def encoder12(x, p), do: Enum.reduce(1..12, x, fn _, h -> block(h, p) end)
 
-  defp block_params(type, backend) do
+  @doc false
+  def block_params(type, backend) do
     w = fn shape, seed -> uniform(shape, type, seed, 0.02, backend) end
 
     %{

@@ -252,10 +252,45 @@ bool run_vectorised(AccurateFn fn, const mx::array& in, mx::array& out) {
   return true;
 }
 
+// The same loops for f16 and bf16: blocks widened to float, computed, rounded back (within
+// 1 ulp of the half type: the float result is within 0.6 of its own ulp). libm's double
+// functions one element at a time took 3.7% of a bf16 encoder block on 2 vCPUs.
+template <typename T>
+bool run_vectorised_half(AccurateFn fn, const mx::array& in, mx::array& out) {
+  void (*loop)(const float*, float*, size_t) = nullptr;
+  switch (fn) {
+    case AccurateFn::Exp: loop = simd::exp_f32; break;
+    case AccurateFn::Sigmoid: loop = simd::sigmoid_f32; break;
+    case AccurateFn::Erf: loop = simd::erf_f32; break;
+    case AccurateFn::Gelu: loop = simd::gelu_f32; break;
+    case AccurateFn::Tanh: loop = simd::tanh_f32; break;
+    case AccurateFn::Log: loop = simd::log_f32; break;
+    default: return false;
+  }
+  const T* src = in.data<T>();
+  T* dst = out.data<T>();
+  parallel_for(in.data_size(), kParallelGrain, [src, dst, loop](size_t begin, size_t end) {
+    constexpr size_t block = 1024;
+    float buf[block];
+    for (size_t at = begin; at < end; at += block) {
+      const size_t n = std::min(block, end - at);
+      for (size_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[at + i]);
+      loop(buf, buf, n);
+      for (size_t i = 0; i < n; ++i) dst[at + i] = static_cast<T>(buf[i]);
+    }
+  });
+  return true;
+}
+
 template <typename T>
 void run(AccurateFn fn, const mx::array& in, mx::array& out) {
   if constexpr (std::is_same_v<T, float>) {
     if (run_vectorised(fn, in, out)) {
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<T, mx::float16_t> || std::is_same_v<T, mx::bfloat16_t>) {
+    if (run_vectorised_half<T>(fn, in, out)) {
       return;
     }
   }
