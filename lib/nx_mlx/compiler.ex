@@ -75,6 +75,12 @@ defmodule NxMlx.Compiler do
     * `:max_concurrency` - the number of `Nx.Serving` partitions (default 1); each partition
       gets a command queue of its own (the same one every time for partition i of a device).
 
+  Quantized arguments (`NxMlx.Quantized`) are lowered with their layout, which joins the cache
+  key: their parts become program inputs, a dot along the quantized axis becomes one
+  quantized matmul and any other use reads the dequantized values (so does a quantized
+  argument of a function made with `Nx.Defn.compile/3`, whose arguments are not known when
+  it is compiled).
+
   Options Nx and its libraries pass and this compiler does not use are accepted and ignored:
   `:batch_keys`, `:cache` and anything Axon forwards.
 
