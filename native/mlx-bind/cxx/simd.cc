@@ -495,11 +495,15 @@ void qmm_permute_f32(const float* x, float* xp, size_t k, int bits) {
 typedef float v16f __attribute__((vector_size(4 * kQuantLanes)));
 typedef uint32_t v16u __attribute__((vector_size(4 * kQuantLanes)));
 
+// The helpers below pass vectors by value; they are always inlined, so no call ever uses the
+// ABI GCC warns about (the baseline clone has no AVX).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 // Value t of each lane's word as a float: q * 2^(t * bits) for t < per - 1 (a mask, no
 // shift: the permuted x carries the 2^(-t * bits)), q itself for the last (a shift; masking
 // would reach the sign bit of the conversion).
 template <int Bits>
-[[gnu::always_inline]] inline v16f lane_values(v16u word, size_t t) {
+[[gnu::always_inline]] inline v16f lane_values(const v16u& word, size_t t) {
   constexpr size_t per = 32 / Bits;
   constexpr uint32_t mask = (1u << Bits) - 1u;
   if (t + 1 < per) {
@@ -515,7 +519,6 @@ template <int Bits>
                                             float* y, size_t ldy) {
   constexpr size_t per = 32 / Bits;
   constexpr size_t chunk = kQuantLanes * per;
-  constexpr uint32_t mask = (1u << Bits) - 1u;
   const size_t words = k / per;
   const size_t groups = k / group;
   const size_t full = k / chunk * chunk;
@@ -526,10 +529,8 @@ template <int Bits>
     lane_group[lane] = one_group ? 0 : lane * per / group;
   }
   // The scales of a chunk's lanes: its groups' scales, each repeated over its lanes.
-  auto chunk_scales = [&](const float* sg) __attribute__((always_inline)) {
-    v16f sc;
+  auto chunk_scales = [&](const float* sg, v16f& sc) __attribute__((always_inline)) {
     for (size_t lane = 0; lane < kQuantLanes; ++lane) sc[lane] = sg[lane_group[lane]];
-    return sc;
   };
   v16f vals[per];
   v16f tot[16];
@@ -552,7 +553,13 @@ template <int Bits>
           odd += xw * lane_values<Bits>(word, t + 1);
         }
         const v16f partial = even + odd;
-        t1 += one_group ? partial * sr[c / group] : partial * chunk_scales(sr + c / group);
+        if (one_group) {
+          t1 += partial * sr[c / group];
+        } else {
+          v16f sc;
+          chunk_scales(sr + c / group, sc);
+          t1 += partial * sc;
+        }
       }
       float acc = 0.0f;
       for (size_t lane = 0; lane < kQuantLanes; ++lane) acc += t1[lane];
@@ -574,7 +581,8 @@ template <int Bits>
       v16u word;
       std::memcpy(&word, wr + c / per, sizeof(word));
       for (size_t t = 0; t < per; ++t) vals[t] = lane_values<Bits>(word, t);
-      const v16f sc = one_group ? v16f{} + sr[c / group] : chunk_scales(sr + c / group);
+      v16f sc = v16f{} + sr[c / group];
+      if (!one_group) chunk_scales(sr + c / group, sc);
       for (size_t mi = 0; mi < m; ++mi) {
         const float* xc = xp + mi * k + c;
         v16f partial{};
