@@ -42,7 +42,8 @@ defmodule NxMlx.MixProject do
       {:hex, _missing} ->
         [
           {:nx, "~> 0.13"},
-          {:telemetry, "~> 1.0"}
+          {:telemetry, "~> 1.0"},
+          {:axon, "~> 0.8", only: :test, optional: true}
         ]
     end
   end

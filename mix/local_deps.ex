@@ -9,8 +9,12 @@ defmodule NxMlx.LocalDeps do
   #                         telemetry/; default ~/.local/share/nx_mlx/deps
   #   NX_MLX_NX_PATH, NX_MLX_COMPLEX_PATH, NX_MLX_TELEMETRY_PATH   one checkout each
   #   NX_MLX_DEPS=hex|local force a mode (default: local when all three checkouts exist)
+  #
+  # Test-only, optional: axon/ and polaris/ in the same folder (or NX_MLX_AXON_PATH,
+  # NX_MLX_POLARIS_PATH) add Axon to the test build; without them the Axon tests are skipped.
 
   @names [:nx, :complex, :telemetry]
+  @optional [:axon, :polaris]
 
   def default_dir, do: Path.expand("~/.local/share/nx_mlx/deps")
 
@@ -53,7 +57,27 @@ defmodule NxMlx.LocalDeps do
       {:nx, path: paths.nx, override: true},
       {:complex, path: paths.complex, override: true},
       {:telemetry, path: paths.telemetry, override: true}
-    ]
+    ] ++ optional_deps()
+  end
+
+  @doc "The optional test-only checkouts found (all of `#{inspect(@optional)}` or none)."
+  def optional_paths(env \\ System.get_env()) do
+    dir = Map.get(env, "NX_MLX_DEPS_DIR") || default_dir()
+
+    paths =
+      Map.new(@optional, fn name ->
+        var = "NX_MLX_#{name |> Atom.to_string() |> String.upcase()}_PATH"
+        {name, Path.expand(Map.get(env, var) || Path.join(dir, Atom.to_string(name)))}
+      end)
+
+    if Enum.all?(paths, fn {_, path} -> File.regular?(Path.join(path, "mix.exs")) end),
+      do: paths,
+      else: %{}
+  end
+
+  defp optional_deps do
+    for {name, path} <- Enum.sort(optional_paths()),
+        do: {name, path: path, override: true, only: :test}
   end
 
   defmodule SCM do
@@ -109,6 +133,11 @@ defmodule Mix.Tasks.NxMlx.Deps do
       {:local, paths} ->
         IO.puts("mode: local")
         for {name, path} <- paths, do: IO.puts("#{name}: #{path}")
+
+        case NxMlx.LocalDeps.optional_paths() do
+          empty when map_size(empty) == 0 -> IO.puts("axon: not found (its tests are skipped)")
+          optional -> for {name, path} <- optional, do: IO.puts("#{name}: #{path}")
+        end
 
       {:hex, missing} ->
         IO.puts("mode: hex")

@@ -154,4 +154,13 @@ exclude =
 
 # f64 exists only on the CPU device: leave its tests out when the oracles run on the GPU.
 exclude = if NxMlx.TestHelpers.oracle_device() == :gpu, do: [:f64 | exclude], else: exclude
+# Axon is an optional test dependency (a local checkout or Hex; CONTRIBUTING.md).
+exclude =
+  if Code.ensure_loaded?(Axon) do
+    exclude
+  else
+    IO.puts("Axon not available: the tests tagged :axon are skipped (see CONTRIBUTING.md)")
+    [:axon | exclude]
+  end
+
 ExUnit.start(exclude: exclude)
