@@ -43,7 +43,7 @@ defmodule NxMlx.MixProject do
         [
           {:nx, "~> 0.13"},
           {:telemetry, "~> 1.0"},
-          {:axon, "~> 0.8", only: :test, optional: true}
+          {:axon, "~> 0.8", optional: true}
         ]
     end
   end

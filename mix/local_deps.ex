@@ -10,8 +10,8 @@ defmodule NxMlx.LocalDeps do
   #   NX_MLX_NX_PATH, NX_MLX_COMPLEX_PATH, NX_MLX_TELEMETRY_PATH   one checkout each
   #   NX_MLX_DEPS=hex|local force a mode (default: local when all three checkouts exist)
   #
-  # Test-only, optional: axon/ and polaris/ in the same folder (or NX_MLX_AXON_PATH,
-  # NX_MLX_POLARIS_PATH) add Axon to the test build; without them the Axon tests are skipped.
+  # Optional: axon/ and polaris/ in the same folder (or NX_MLX_AXON_PATH,
+  # NX_MLX_POLARIS_PATH) add Axon to the build (NxMlx.Axon); without them its tests are skipped.
 
   @names [:nx, :complex, :telemetry]
   @optional [:axon, :polaris]
@@ -60,7 +60,7 @@ defmodule NxMlx.LocalDeps do
     ] ++ optional_deps()
   end
 
-  @doc "The optional test-only checkouts found (all of `#{inspect(@optional)}` or none)."
+  @doc "The optional checkouts found (all of `#{inspect(@optional)}` or none)."
   def optional_paths(env \\ System.get_env()) do
     dir = Map.get(env, "NX_MLX_DEPS_DIR") || default_dir()
 
@@ -77,7 +77,7 @@ defmodule NxMlx.LocalDeps do
 
   defp optional_deps do
     for {name, path} <- Enum.sort(optional_paths()),
-        do: {name, path: path, override: true, only: :test}
+        do: {name, path: path, override: true, optional: true}
   end
 
   defmodule SCM do

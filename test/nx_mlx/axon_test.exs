@@ -114,4 +114,75 @@ defmodule NxMlx.AxonTest do
     # The parameters moved.
     refute close?(want.data["head"]["kernel"], params.data["head"]["kernel"], 1.0e-6)
   end
+
+  describe "NxMlx.Axon.rewrite/2" do
+    defp transformerish do
+      x = Axon.input("x", shape: {nil, 16, 64})
+      h = Axon.layer_norm(x, name: "ln", epsilon: 1.0e-6)
+      h = Axon.dense(h, 128, name: "up") |> Axon.activation(:gelu, name: "act")
+      h = Axon.dense(h, 64, name: "down") |> Axon.rms_norm(name: "rms", shift: 1.0)
+      Axon.add(x, h) |> Axon.dense(10, name: "logits") |> Axon.activation(:softmax, name: "sm")
+    end
+
+    defp params_of(model) do
+      {init_fn, _} = Axon.build(model)
+
+      Nx.with_default_backend(Nx.BinaryBackend, fn ->
+        init_fn.(Nx.template({2, 16, 64}, :f32), Axon.ModelState.empty())
+      end)
+    end
+
+    defp ops(model) do
+      # A node's name is a function of its op and the op counts (the given name for those
+      # named here).
+      model.nodes |> Map.values() |> Map.new(&{&1.name.(&1.op_name, %{}), &1.op})
+    end
+
+    test "rewritten nodes run NxMlx.Fast and the outputs equal the unrewritten model's" do
+      model = transformerish()
+      params = params_of(model)
+      rewritten = NxMlx.Axon.rewrite(model)
+
+      # Names, parameters and the graph are kept; only the ops change.
+      assert Map.keys(ops(rewritten)) == Map.keys(ops(model))
+      assert is_function(ops(rewritten)["ln"], 4) and ops(model)["ln"] == :layer_norm
+      assert is_function(ops(rewritten)["act"], 2)
+      assert is_function(ops(rewritten)["rms"], 3)
+      assert is_function(ops(rewritten)["sm"], 2)
+      assert ops(rewritten)["up"] == ops(model)["up"]
+
+      x =
+        Nx.iota({2, 16, 64}, type: :f32, backend: Nx.BinaryBackend)
+        |> Nx.multiply(0.01)
+        |> Nx.sin()
+
+      want = Axon.predict(model, params, x)
+      mlx_params = on(params, @mlx)
+      mlx_x = Nx.backend_copy(x, @mlx)
+
+      for opts <- [[], [compiler: NxMlx, device: @device]] do
+        got = Axon.predict(rewritten, mlx_params, mlx_x, opts)
+        assert close?(got, want, 1.0e-5)
+      end
+
+      # On Nx.BinaryBackend the Fast blocks run their defaults: the same outputs.
+      assert close?(Axon.predict(rewritten, params, x), want, 1.0e-5)
+    end
+
+    test "only, except, and kinds it does not know" do
+      model = transformerish()
+      only = NxMlx.Axon.rewrite(model, only: [:gelu])
+      assert is_function(ops(only)["act"], 2)
+      assert ops(only)["ln"] == :layer_norm
+
+      except = NxMlx.Axon.rewrite(model, except: [:softmax, :rms_norm])
+      assert ops(except)["sm"] == :softmax
+      assert ops(except)["rms"] == :rms_norm
+      assert is_function(ops(except)["ln"], 4)
+
+      assert_raise ArgumentError, ~r/kinds of/, fn ->
+        NxMlx.Axon.rewrite(model, only: [:attention])
+      end
+    end
+  end
 end
