@@ -331,10 +331,10 @@ all_rows =
     Harness.print_table(suite, rows)
     Harness.write_csv(Path.join(results, "#{suite}.csv"), rows)
 
-    png =
+    chart =
       Plot.write(Path.join(results, suite), "#{suite} on #{device} (#{cpu_or_gpu_name})", rows)
 
-    IO.puts("plot: #{Path.relative_to(png, root)} (and .svg)")
+    IO.puts("chart: #{Path.relative_to(chart, root)}")
     rows
   end
   |> List.flatten()
