@@ -535,6 +535,16 @@ defmodule NxMlx.QuantizedTest do
       assert {:error, {:argument, _}} =
                Native.quantized_matmul(worker(), [x, p, s, b], :affine, 32, 4, true)
 
+      # An empty x (no rows): MLX's kernels would divide by zero (SIGFPE) on 3 bits.
+      empty = Runtime.call(:full, [worker(), [0, 64], 0.5, :f32], fn -> "full" end)
+      [p3b, s3b, b3b] = quantize.([w, :affine, 32, 3])
+
+      assert {:error, {:argument, _}} =
+               Native.quantized_matmul(worker(), [empty, p3b, s3b, b3b], :affine, 32, 3, false)
+
+      assert {:error, {:argument, _}} =
+               Native.quantized_matmul(worker(), [empty, p, s, b], :affine, 64, 4, true)
+
       assert {:ok, y} = Native.quantized_matmul(worker(), [x, p, s, b], :affine, 64, 4, true)
       assert is_binary(Runtime.call(:to_binary, [y], fn -> "to_binary" end))
 

@@ -885,6 +885,17 @@ void check_quant(int32_t group_size, int32_t bits, uint8_t mode) {
 // The weight triple of a quantized operand: [w, scales] then the biases in affine mode.
 size_t quant_operands(uint8_t mode) { return mode == 0 ? 3 : 2; }
 
+// MLX's quantized kernels divide by the sizes of their operands (an empty x raised SIGFPE in
+// the CPU matmul): empty arrays are refused. Nx has no empty axes, so only direct callers
+// meet this.
+void check_nonempty(const char* op, const std::vector<array>& in) {
+  for (const auto& a : in) {
+    if (a.size() == 0) {
+      throw std::invalid_argument(std::string(op) + " takes no empty arrays");
+    }
+  }
+}
+
 void check_packed(const array& w, const array& scales) {
   if (w.dtype() != mx::uint32) {
     throw std::invalid_argument("quantization: packed weights are uint32");
@@ -927,6 +938,7 @@ std::unique_ptr<ArrayList> quantize(const array& w, int32_t group_size, int32_t 
   if (w.ndim() < 2 || !mx::issubdtype(w.dtype(), mx::floating)) {
     throw std::invalid_argument("quantize takes a float array of rank 2 or more");
   }
+  check_nonempty("quantize", {w});
   auto list = std::make_unique<ArrayList>();
   list->arrays = mx::quantize(w, group_size, bits, quant_mode(mode), std::nullopt, to_mx(s));
   return list;
@@ -939,6 +951,7 @@ std::unique_ptr<array> dequantize(const ArrayList& inputs, int32_t group_size, i
   if (in.size() != quant_operands(mode)) {
     throw std::invalid_argument("dequantize takes w and scales, and biases in affine mode");
   }
+  check_nonempty("dequantize", in);
   check_packed(in[0], in[1]);
   std::optional<mx::array> biases;
   if (mode == 0) biases = in[2];
@@ -965,6 +978,7 @@ std::unique_ptr<array> quantized_matmul(const ArrayList& inputs, bool transpose,
     throw std::invalid_argument(
         "quantized_matmul takes x, w and scales, and biases in affine mode");
   }
+  check_nonempty("quantized_matmul", in);
   check_packed(in[1], in[2]);
   if (in[0].ndim() < 1 || !mx::issubdtype(in[0].dtype(), mx::floating)) {
     throw std::invalid_argument("quantized_matmul takes a float x");
@@ -1005,6 +1019,7 @@ std::unique_ptr<array> gather_qmm(const ArrayList& inputs, bool has_lhs, bool ha
     throw std::invalid_argument(
         "gather_qmm takes x, w, scales (and biases in affine mode), then the indices asked for");
   }
+  check_nonempty("gather_qmm", in);
   check_packed(in[1], in[2]);
   if (in[0].ndim() < 2 || !mx::issubdtype(in[0].dtype(), mx::floating)) {
     throw std::invalid_argument("gather_qmm takes a float x of rank 2 or more");
