@@ -20,13 +20,7 @@ defmodule NxMlx.LocalDeps do
 
   @doc "`{:local, %{nx: path, ...}}` or `{:hex, missing}` with the missing checkouts."
   def resolve(env \\ System.get_env()) do
-    dir = Map.get(env, "NX_MLX_DEPS_DIR") || default_dir()
-
-    paths =
-      Map.new(@names, fn name ->
-        var = "NX_MLX_#{name |> Atom.to_string() |> String.upcase()}_PATH"
-        {name, Path.expand(Map.get(env, var) || Path.join(dir, Atom.to_string(name)))}
-      end)
+    paths = checkout_paths(@names, env)
 
     missing = for {name, path} <- paths, not File.regular?(Path.join(path, "mix.exs")), do: name
 
@@ -62,17 +56,21 @@ defmodule NxMlx.LocalDeps do
 
   @doc "The optional checkouts found (all of `#{inspect(@optional)}` or none)."
   def optional_paths(env \\ System.get_env()) do
-    dir = Map.get(env, "NX_MLX_DEPS_DIR") || default_dir()
-
-    paths =
-      Map.new(@optional, fn name ->
-        var = "NX_MLX_#{name |> Atom.to_string() |> String.upcase()}_PATH"
-        {name, Path.expand(Map.get(env, var) || Path.join(dir, Atom.to_string(name)))}
-      end)
+    paths = checkout_paths(@optional, env)
 
     if Enum.all?(paths, fn {_, path} -> File.regular?(Path.join(path, "mix.exs")) end),
       do: paths,
       else: %{}
+  end
+
+  # Where each checkout is looked for: NX_MLX_<NAME>_PATH, else <NX_MLX_DEPS_DIR>/<name>.
+  defp checkout_paths(names, env) do
+    dir = Map.get(env, "NX_MLX_DEPS_DIR") || default_dir()
+
+    Map.new(names, fn name ->
+      var = "NX_MLX_#{name |> Atom.to_string() |> String.upcase()}_PATH"
+      {name, Path.expand(Map.get(env, var) || Path.join(dir, Atom.to_string(name)))}
+    end)
   end
 
   defp optional_deps do
