@@ -133,11 +133,18 @@ defmodule NxMlx.Compiler do
   def __jit__(key, vars, fun, args_list, opts) do
     # Quantized inputs (NxMlx.Quantized) are lowered with their layout: the arguments are read
     # here (each function once) so that the layout joins the cache key.
-    lists = Enum.map(args_list, fn args -> Enum.map(args, &read_arg/1) end)
+    lists =
+      Enum.map(args_list, fn args ->
+        args = Enum.map(args, &read_arg/1)
+        {args, quants(args)}
+      end)
 
-    case Enum.uniq_by(lists, &quant_key/1) do
-      [_] -> jit(key, vars, fun, lists, opts)
-      _ -> Enum.flat_map(lists, &jit(key, vars, fun, [&1], opts))
+    case Enum.uniq_by(lists, fn {_, quants} -> layout_key(quants) end) do
+      [{_, quants}] ->
+        jit(key, vars, fun, Enum.map(lists, &elem(&1, 0)), quants, opts)
+
+      _ ->
+        Enum.flat_map(lists, fn {args, quants} -> jit(key, vars, fun, [args], quants, opts) end)
     end
   end
 
@@ -146,25 +153,28 @@ defmodule NxMlx.Compiler do
     fn -> tensor end
   end
 
-  defp quant_key(args) do
-    keys =
+  # The quantized layouts of the arguments (nil for the others), or nil for none.
+  defp quants(args) do
+    quants =
       Enum.map(args, fn f ->
         case f.() do
-          %T{data: %NxMlx.Backend{quant: %NxMlx.Quantized{} = q}} ->
-            {q.mode, q.bits, q.group_size, q.axis}
-
-          _ ->
-            nil
+          %T{data: %NxMlx.Backend{quant: %NxMlx.Quantized{} = q}} -> q
+          _ -> nil
         end
       end)
 
-    if Enum.all?(keys, &is_nil/1), do: nil, else: keys
+    if Enum.all?(quants, &is_nil/1), do: nil, else: quants
   end
 
-  defp jit(key, vars, fun, args_list, opts) do
+  # What of the layouts decides the program (the parts' shapes follow from it).
+  defp layout_key(nil), do: nil
+
+  defp layout_key(quants),
+    do: Enum.map(quants, &(&1 && {&1.mode, &1.bits, &1.group_size, &1.axis}))
+
+  defp jit(key, vars, fun, args_list, quants, opts) do
     start = System.monotonic_time()
-    quants = quants(hd(args_list))
-    cache_key = {key, templates(vars), cache_opts(opts), quant_key(hd(args_list))}
+    cache_key = {key, templates(vars), cache_opts(opts), layout_key(quants)}
 
     {compiled, hit} =
       case Cache.get(cache_key) do
@@ -201,19 +211,6 @@ defmodule NxMlx.Compiler do
     # Nothing is known of the arguments yet: quantized ones are read dequantized.
     compiled = compile(vars, fun, opts, nil)
     fn args_list -> run(compiled, args_list, opts) end
-  end
-
-  # The quantized layouts of the arguments (nil for the others), or nil for none.
-  defp quants(args) do
-    quants =
-      Enum.map(args, fn f ->
-        case f.() do
-          %T{data: %NxMlx.Backend{quant: %NxMlx.Quantized{} = q}} -> q
-          _ -> nil
-        end
-      end)
-
-    if Enum.all?(quants, &is_nil/1), do: nil, else: quants
   end
 
   # One command queue per partition (a worker thread and MLX stream each), so that
