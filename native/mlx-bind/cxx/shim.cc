@@ -930,6 +930,22 @@ bool quantized_on_cpu(const mx::Stream& st, uint8_t mode, int32_t bits, int32_t 
 // 27 ms in the kernel, 19 ms dequantized and multiplied).
 constexpr int64_t kQuantizedKernelRows = 8;
 
+// The checks the ops on a quantized weight share: the layout's ranges, `count` operands (a
+// too-short list is refused before it is indexed), none empty, and the packed weight and its
+// scales at `w`; the biases (at `w + 2`) in affine mode.
+std::optional<array> quantized_operands(const char* op, const std::vector<array>& in,
+                                        size_t count, size_t w, int32_t group_size, int32_t bits,
+                                        uint8_t mode, const char* takes) {
+  check_quant(group_size, bits, mode);
+  if (in.size() != count) {
+    throw std::invalid_argument(std::string(op) + " takes " + takes);
+  }
+  check_nonempty(op, in);
+  check_packed(in[w], in[w + 1]);
+  if (mode == 0) return in[w + 2];
+  return std::nullopt;
+}
+
 }  // namespace
 
 std::unique_ptr<ArrayList> quantize(const array& w, int32_t group_size, int32_t bits, uint8_t mode,
@@ -946,15 +962,9 @@ std::unique_ptr<ArrayList> quantize(const array& w, int32_t group_size, int32_t 
 
 std::unique_ptr<array> dequantize(const ArrayList& inputs, int32_t group_size, int32_t bits,
                                   uint8_t mode, Dtype dtype, StreamRef s) {
-  check_quant(group_size, bits, mode);
   const auto& in = inputs.arrays;
-  if (in.size() != quant_operands(mode)) {
-    throw std::invalid_argument("dequantize takes w and scales, and biases in affine mode");
-  }
-  check_nonempty("dequantize", in);
-  check_packed(in[0], in[1]);
-  std::optional<mx::array> biases;
-  if (mode == 0) biases = in[2];
+  auto biases = quantized_operands("dequantize", in, quant_operands(mode), 0, group_size, bits,
+                                   mode, "w and scales, and biases in affine mode");
   auto out = to_mx(dtype);
   if (!mx::issubdtype(out, mx::floating)) {
     throw std::invalid_argument("dequantize: the result type is a float type");
@@ -972,24 +982,18 @@ std::unique_ptr<array> dequantize(const ArrayList& inputs, int32_t group_size, i
 std::unique_ptr<array> quantized_matmul(const ArrayList& inputs, bool transpose,
                                         int32_t group_size, int32_t bits, uint8_t mode,
                                         StreamRef s) {
-  check_quant(group_size, bits, mode);
   const auto& in = inputs.arrays;
-  if (in.size() != 1 + quant_operands(mode)) {
-    throw std::invalid_argument(
-        "quantized_matmul takes x, w and scales, and biases in affine mode");
-  }
-  check_nonempty("quantized_matmul", in);
-  check_packed(in[1], in[2]);
+  auto biases = quantized_operands("quantized_matmul", in, 1 + quant_operands(mode), 1,
+                                   group_size, bits, mode,
+                                   "x, w and scales, and biases in affine mode");
   if (in[0].ndim() < 1 || !mx::issubdtype(in[0].dtype(), mx::floating)) {
     throw std::invalid_argument("quantized_matmul takes a float x");
   }
-  std::optional<mx::array> biases;
-  if (mode == 0) biases = in[3];
   auto st = to_mx(s);
   const auto& x = in[0];
   if (transpose && quantized_on_cpu(st, mode, bits, group_size, in[1], in[2]) &&
       in[3].shape() == in[2].shape() && real_float(x) &&
-      x.shape(-1) == in[2].shape(1) * group_size && x.size() > 0) {
+      x.shape(-1) == in[2].shape(1) * group_size) {
     const int64_t k = x.shape(-1);
     auto x2 = mx::reshape(mx::astype(x, mx::float32, st), {-1, static_cast<int>(k)}, st);
     auto sc = mx::astype(in[2], mx::float32, st);
@@ -1012,20 +1016,14 @@ std::unique_ptr<array> quantized_matmul(const ArrayList& inputs, bool transpose,
 std::unique_ptr<array> gather_qmm(const ArrayList& inputs, bool has_lhs, bool has_rhs,
                                   bool transpose, int32_t group_size, int32_t bits, uint8_t mode,
                                   StreamRef s) {
-  check_quant(group_size, bits, mode);
   const auto& in = inputs.arrays;
   const size_t q = 1 + quant_operands(mode);
-  if (in.size() != q + (has_lhs ? 1 : 0) + (has_rhs ? 1 : 0)) {
-    throw std::invalid_argument(
-        "gather_qmm takes x, w, scales (and biases in affine mode), then the indices asked for");
-  }
-  check_nonempty("gather_qmm", in);
-  check_packed(in[1], in[2]);
+  auto biases = quantized_operands(
+      "gather_qmm", in, q + (has_lhs ? 1 : 0) + (has_rhs ? 1 : 0), 1, group_size, bits, mode,
+      "x, w, scales (and biases in affine mode), then the indices asked for");
   if (in[0].ndim() < 2 || !mx::issubdtype(in[0].dtype(), mx::floating)) {
     throw std::invalid_argument("gather_qmm takes a float x of rank 2 or more");
   }
-  std::optional<mx::array> biases;
-  if (mode == 0) biases = in[3];
   std::optional<mx::array> lhs;
   std::optional<mx::array> rhs;
   // Indices count matrices: lhs over x's leading axes, rhs over w's; clamped into them.
